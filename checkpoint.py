@@ -1,0 +1,171 @@
+"""Checkpoint files: atomic saves, safe loads, and finding the newest one.
+
+Shared by train.py (save, resume), sample.py, evaluate.py and export.py (load), so there is one
+place that decides how a checkpoint is written and what counts as a readable one:
+- a save goes to a temporary file in the same directory, is flushed and fsynced, then renamed over
+  the final name, so a crash never leaves a truncated file under a checkpoint's name;
+- every load uses `torch.load(weights_only=True)`: a file that would run code is refused;
+- a checkpoint holds only plain data (tensors, numbers, strings, lists, dicts).
+What goes *into* a training checkpoint is train.py's business.
+"""
+
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from config import GPTConfig, TrainConfig, UserError, config_from_dict, fail
+from config import validate as validate_configs
+from model import build_model
+from tokenizer import tokenizer_from_state
+
+STEP_PATTERN = re.compile(r"^gpt_step(\d+)\.pt$")
+TEMPORARY_PREFIX = ".tmp-"
+REQUIRED_KEYS = ("model_state_dict", "gpt_config", "tokenizer")
+
+
+def save_checkpoint(state, path):
+    """Write `state` to `path` atomically; on failure the previous file at `path` is untouched."""
+    path = Path(path)
+    temporary = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        _fsync_directory(path.parent)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        fail(f"could not save checkpoint {path}: {error.strerror or error}; "
+             f"earlier checkpoints are intact")
+
+
+def _fsync_directory(directory):
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # some platforms cannot open a directory; the rename is still atomic
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def remove_temporary_files(directory):
+    """Delete the half-written files a killed run may have left behind."""
+    for leftover in Path(directory).glob(f"{TEMPORARY_PREFIX}*"):
+        leftover.unlink(missing_ok=True)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint safely; every problem with the file is one clear UserError."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        fail(f"checkpoint {path} is refused as unsafe: it holds objects that could run code "
+             f"when loaded (only plain tensors and data are accepted)")
+    except Exception as error:  # torch raises many types for a damaged file; all mean the same
+        fail(f"checkpoint {path} is unreadable (corrupt or truncated): {type(error).__name__}")
+    if not isinstance(checkpoint, dict):
+        fail(f"checkpoint {path} is not a checkpoint of this project (not a dict)")
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    if missing:
+        fail(f"checkpoint {path} is missing {', '.join(repr(k) for k in missing)}")
+    return checkpoint
+
+
+def step_checkpoints(directory):
+    """The gpt_step{N}.pt files in `directory`, oldest step first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory, require_readable=False, report=print):
+    """The newest step checkpoint; with `require_readable`, the newest one that loads."""
+    for path in reversed(step_checkpoints(directory)):
+        if not require_readable:
+            return path
+        try:
+            load_checkpoint(path)
+            return path
+        except UserError as error:
+            report(f"skipping {path.name}: {error}")
+    return None
+
+
+def find_sampling_checkpoint(directory):
+    """gpt_final.pt if it exists, else the newest gpt_step*.pt, else None."""
+    final = Path(directory) / "gpt_final.pt"
+    if final.is_file():
+        return final
+    return latest_checkpoint(directory)
+
+
+def prune_checkpoints(directory, keep_last):
+    """Keep only the `keep_last` newest step checkpoints (0 keeps all); gpt_final.pt is never touched."""
+    if keep_last <= 0:
+        return
+    for path in step_checkpoints(directory)[:-keep_last]:
+        path.unlink(missing_ok=True)
+
+
+def check_room_for_checkpoints(directory, bytes_per_checkpoint):
+    """Fail before training if `directory` is not writable or cannot hold two checkpoints."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f"{TEMPORARY_PREFIX}probe.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        fail(f"checkpoint directory {directory} is not writable: {error.strerror or error}")
+    free = shutil.disk_usage(directory).free
+    if free < 2 * bytes_per_checkpoint:
+        fail(f"checkpoint directory {directory} has {free / 2**20:.1f} MiB free but two checkpoints "
+             f"of this model need about {2 * bytes_per_checkpoint / 2**20:.1f} MiB")
+
+
+def configs_from_checkpoint(checkpoint, path="checkpoint"):
+    """The saved (GPTConfig, TrainConfig), validated; a damaged config is a UserError."""
+    try:
+        gpt_config = config_from_dict(GPTConfig, checkpoint["gpt_config"])
+        train_config = config_from_dict(TrainConfig, checkpoint.get("train_config", {}))
+    except (TypeError, AttributeError) as error:
+        fail(f"checkpoint {path} has a malformed config: {error}")
+    try:
+        validate_configs(gpt_config, train_config)
+    except UserError as error:
+        fail(f"checkpoint {path} has an invalid config: {error}")
+    return gpt_config, train_config
+
+
+def load_model_state(model, state_dict, path="checkpoint"):
+    """Load weights, turning missing keys and wrong shapes into one clear UserError."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        first_problem = str(error).strip().splitlines()[1:2] or [str(error)]
+        fail(f"checkpoint {path} does not fit its model: {first_problem[0].strip()}")
+
+
+def model_from_checkpoint(path, device="cpu"):
+    """(model in eval mode, tokenizer, checkpoint) from a checkpoint file, for sampling and export."""
+    checkpoint = load_checkpoint(path)
+    gpt_config, _ = configs_from_checkpoint(checkpoint, path)
+    try:
+        tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
+    except (KeyError, TypeError, ValueError) as error:
+        fail(f"checkpoint {path} has a damaged tokenizer: {error}")
+    model = build_model(gpt_config)
+    load_model_state(model, checkpoint["model_state_dict"], path)
+    return model.to(device).eval(), tokenizer, checkpoint

@@ -1,0 +1,193 @@
+"""Configuration: the two dataclasses, the command line built from them, and user errors.
+
+`GPTConfig` describes the network, `TrainConfig` the run. Every field is a `--flag` of the same
+name; `parse_args` reads only what the user typed, and `apply_args_to_configs` lays those values
+over the defaults (or over a checkpoint's saved configs on resume). `validate` checks values that
+no type can check. Mistakes a user can make end in `UserError`, which `run_main` turns into one
+line on stderr and exit status 2. What the flags *do* is left to the modules that use them.
+"""
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line and exit status 2, never a traceback."""
+
+
+def fail(message):
+    raise UserError(message)
+
+
+def run_main(main, argv=None):
+    """Run a command-line entry point; a UserError becomes one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 128  # replaced by the tokenizer's vocabulary when the data is known
+    block_size: int = 128  # longest context the model attends to, in tokens
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 192
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear layers and LayerNorms, as in GPT-2
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = ""  # a UTF-8 text file or a directory of *.txt; empty = the built-in corpus
+    tokenizer: str = "char"  # char, byte or bpe
+    bpe_vocab_size: int = 4096  # vocabulary of a trained BPE tokenizer (--tokenizer bpe)
+    val_fraction: float = 0.1  # the last fraction of the token stream is the validation split
+    cache_dir: str = ""  # token cache for text files; empty = ~/.cache/gpt-train/tokens
+    num_workers: int = 0  # DataLoader worker processes
+    # optimisation
+    batch_size: int = 32
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 2e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
+    warmup_iters: int = 100
+    max_iters: int = 2000  # optimizer steps in the whole run
+    min_lr_ratio: float = 0.1  # the cosine ends at this fraction of learning_rate
+    # logging, evaluation, checkpoints
+    log_iter: int = 50
+    eval_iter: int = 500
+    eval_batches: int = 20
+    sample_chars: int = 0  # print this many sampled characters at each evaluation; 0 = off
+    save_iter: int = 1000
+    checkpoint_dir: str = "checkpoints"
+    keep_last: int = 0  # keep only the newest K step checkpoints; 0 = keep all
+    resume: str = ""  # a checkpoint to continue, or "latest"
+    init_from: str = ""  # a checkpoint whose weights start a new run (fine-tuning)
+    skip_nonfinite: int = 0  # skip up to this many batches with a non-finite loss instead of stopping
+    # runtime
+    seed: int = 1337
+    device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
+    dtype: str = "auto"  # auto, float32, bfloat16 or float16
+    compile: bool = False  # torch.compile the model
+    peak_flops: float = 0.0  # the device's peak FLOP/s for MFU; 0 = look it up by device name
+
+
+TOKENIZERS = ("char", "byte", "bpe")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout")
+
+
+def _parse_bool(text):
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a UserError: one line and exit status 2."""
+
+    def error(self, message):
+        # argparse prints usage and exits 2 itself; one line suits a tool people script
+        fail(message)
+
+
+def _add_field(parser, config_field):
+    default = config_field.default
+    name = f"--{config_field.name}"
+    help_text = f"(default: {default!r})"
+    annotation = config_field.type
+    if annotation is bool or annotation == "bool":
+        parser.add_argument(name, type=_parse_bool, metavar="true|false", help=help_text)
+    elif isinstance(default, tuple):
+        parser.add_argument(name, type=type(default[0]), nargs=len(default), help=help_text)
+    else:
+        parser.add_argument(name, type=type(default), help=help_text)
+
+
+def build_parser(description=None):
+    parser = ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    for config_class in (GPTConfig, TrainConfig):
+        group = parser.add_argument_group(config_class.__name__)
+        for config_field in dataclasses.fields(config_class):
+            _add_field(group, config_field)
+    return parser
+
+
+def parse_args(argv=None):
+    """One --flag per config field. Only the flags the user gave appear in the result."""
+    return build_parser("Train a small GPT on a text corpus.").parse_args(argv)
+
+
+def apply_args_to_configs(args, gpt_config, train_config):
+    """Set the fields the user gave on the command line; leave every other field as it is."""
+    given = vars(args)
+    for config in (gpt_config, train_config):
+        for config_field in dataclasses.fields(config):
+            if config_field.name in given:
+                value = given[config_field.name]
+                setattr(config, config_field.name, tuple(value) if isinstance(value, list) else value)
+    return gpt_config, train_config
+
+
+def config_from_dict(config_class, values):
+    """Rebuild a config saved as a plain dict (unknown keys from other versions are ignored)."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    config = config_class(**{k: v for k, v in values.items() if k in names})
+    if isinstance(getattr(config, "betas", None), list):
+        config.betas = tuple(config.betas)
+    return config
+
+
+def validate(gpt_config, train_config):
+    """Check values the types cannot: one clear UserError for the first problem found."""
+    g, t = gpt_config, train_config
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        if getattr(g, name) <= 0:
+            fail(f"--{name} must be positive, got {getattr(g, name)}")
+    if g.n_embd % g.n_head != 0:
+        fail(f"--n_embd ({g.n_embd}) must be divisible by --n_head ({g.n_head})")
+    if not 0.0 <= g.dropout < 1.0:
+        fail(f"--dropout must be in [0, 1), got {g.dropout}")
+    for name in ("batch_size", "grad_accum_steps", "max_iters", "log_iter", "eval_iter",
+                 "eval_batches", "save_iter", "bpe_vocab_size"):
+        if getattr(t, name) <= 0:
+            fail(f"--{name} must be positive, got {getattr(t, name)}")
+    for name in ("warmup_iters", "num_workers", "keep_last", "skip_nonfinite", "sample_chars"):
+        if getattr(t, name) < 0:
+            fail(f"--{name} must not be negative, got {getattr(t, name)}")
+    if t.learning_rate <= 0:
+        fail(f"--learning_rate must be positive, got {t.learning_rate}")
+    if t.weight_decay < 0 or t.grad_clip < 0 or t.peak_flops < 0:
+        fail("--weight_decay, --grad_clip and --peak_flops must not be negative")
+    if not all(0.0 <= beta < 1.0 for beta in t.betas):
+        fail(f"--betas must both be in [0, 1), got {t.betas[0]} {t.betas[1]}")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        fail(f"--min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if t.warmup_iters > t.max_iters:
+        fail(f"--warmup_iters ({t.warmup_iters}) must not exceed --max_iters ({t.max_iters})")
+    if not 0.0 < t.val_fraction < 1.0:
+        fail(f"--val_fraction must be in (0, 1), got {t.val_fraction}")
+    if t.tokenizer not in TOKENIZERS:
+        fail(f"unknown --tokenizer {t.tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+    if t.dtype not in DTYPES:
+        fail(f"unknown --dtype {t.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if t.device != "auto" and t.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        fail(f"unknown --device {t.device!r}; choose auto, cpu, cuda, cuda:N or mps")
+    if t.resume and t.init_from:
+        fail("--resume continues a run and --init_from starts a new one: give only one")
+
+
+def config_to_dict(config):
+    values = dataclasses.asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+

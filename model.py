@@ -1,0 +1,219 @@
+"""A GPT-2 style language model, and text generation with a key/value cache.
+
+Read top-down: attention, MLP, block, the GPT itself, then generation. Notable choices:
+- attention goes through `scaled_dot_product_attention`, which picks a fused kernel per device;
+- the LM head shares the token embedding matrix, and residual projections get a smaller init;
+- `generate_stream` keeps each layer's keys and values, so a new token costs one position of compute.
+The model knows nothing of tokenizers, files or training loops.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from config import GPTConfig
+
+
+@dataclass
+class GPTOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class KVCache:
+    """Each layer's keys and values for the positions seen so far, preallocated to block_size."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_dim)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled, the same in every layer
+
+    def append(self, layer, keys, values):
+        """Store this layer's new keys/values; return all of them, old and new."""
+        end = self.length + keys.size(2)
+        self.keys[layer, :, :, self.length:end] = keys
+        self.values[layer, :, :, self.length:end] = values
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.proj_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None, layer=0):
+        batch, time, channels = x.shape
+        q, k, v = self.qkv(x).split(channels, dim=2)
+        # (batch, time, channels) -> (batch, heads, time, head_dim)
+        q, k, v = (t.view(batch, time, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+        # with earlier positions cached, the new position may see all of them: no mask needed
+        is_causal = cache is None or cache.length == 0
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal)
+        y = y.transpose(1, 2).contiguous().view(batch, time, channels)
+        return self.proj_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU ("gelu_new" in Hugging Face terms)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(self.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm: each sub-layer sees a normalised input and adds to the residual stream."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Tied weights: the map into the embedding space and back out is one matrix, which
+        # saves vocab_size * n_embd parameters and trains rare tokens' rows from both ends.
+        self.lm_head.weight = self.token_embedding.weight
+        self.apply(self._init_weights)
+        # Each block adds two projections to the residual stream; scaling their init by
+        # 1/sqrt(2 * n_layer) keeps the stream's variance from growing with depth (GPT-2).
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids, labels=None, cache=None):
+        """Logits for every position; with `labels`, the mean cross-entropy (labels[t] targets t)."""
+        start = cache.length if cache is not None else 0
+        time = input_ids.size(1)
+        if start + time > self.config.block_size:
+            raise ValueError(f"input of {start + time} tokens is longer than block_size "
+                             f"{self.config.block_size}")
+        positions = torch.arange(start, start + time, device=input_ids.device)
+        x = self.dropout(self.token_embedding(input_ids) + self.position_embedding(positions))
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += time
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), labels.reshape(-1),
+                                   ignore_index=-100)
+        return GPTOutput(logits=logits, loss=loss)
+
+    @torch.no_grad()
+    def generate_stream(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        use_cache=True, generator=None, vocab_limit=None):
+        """Yield (batch,) tensors of new token ids, one position at a time.
+
+        The model sees at most block_size tokens. When the context is full, its oldest quarter
+        is dropped and the cache is rebuilt from the rest, so the cost of sliding is paid once
+        every block_size/4 tokens. `use_cache=False` recomputes the same windows from scratch:
+        the reference the cache must agree with. `vocab_limit` keeps padded ids from being drawn.
+        """
+        block_size = self.config.block_size
+        keep = block_size - max(1, block_size // 4)
+        sequence = input_ids
+        context_start = max(0, sequence.size(1) - block_size)
+        cache = None
+        new_positions = sequence.size(1) - context_start  # tokens the next forward must process
+        for _ in range(max_new_tokens):
+            if use_cache:
+                if cache is None:
+                    cache = KVCache(self.config, sequence.size(0), sequence.device,
+                                    self.token_embedding.weight.dtype)
+                logits = self(sequence[:, sequence.size(1) - new_positions:], cache=cache).logits
+            else:
+                logits = self(sequence[:, context_start:]).logits
+            next_token = sample_next_token(logits[:, -1, :vocab_limit], temperature, top_k, top_p,
+                                           generator)
+            sequence = torch.cat([sequence, next_token[:, None]], dim=1)
+            yield next_token
+            new_positions = 1
+            if sequence.size(1) - context_start > block_size:
+                context_start = sequence.size(1) - keep
+                new_positions = keep
+                if cache is not None:
+                    cache.length = 0  # rebuilt from the kept tokens by the next forward
+
+    def generate(self, input_ids, max_new_tokens, **options):
+        """The prompt followed by `max_new_tokens` generated ids, as one (batch, time) tensor."""
+        new_tokens = list(self.generate_stream(input_ids, max_new_tokens, **options))
+        if not new_tokens:
+            return input_ids
+        return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One id per row of `logits`: greedy at temperature 0, else sampled after top-k / top-p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth_best = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probabilities = sorted_logits.softmax(dim=-1)
+        # drop a token when the more likely ones already cover top_p; the first always stays
+        drop = probabilities.cumsum(dim=-1) - probabilities > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probabilities = logits.softmax(dim=-1)
+    return torch.multinomial(probabilities, num_samples=1, generator=generator).squeeze(-1)
+
+
+def build_model(gpt_config: GPTConfig):
+    return GPT(gpt_config)
+
+
+def count_parameters(model):
+    """Trainable parameters; the tied LM head is counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def flops_per_token(model):
+    """Training FLOPs per token: 6 per non-embedding weight plus attention's 12*layers*width*context."""
+    config = model.config
+    embeddings = model.token_embedding.weight.numel() + model.position_embedding.weight.numel()
+    non_embedding = count_parameters(model) - embeddings
+    return 6 * non_embedding + 12 * config.n_layer * config.n_embd * config.block_size

@@ -1,0 +1,148 @@
+"""Where the computation runs: device, autocast dtype, random seeds and torchrun ranks.
+
+Shared by train.py, sample.py, evaluate.py and the benchmarks, so that every entry point picks
+devices the same way ('auto' = cuda, then mps, then cpu) and rejects a device the machine lacks
+with the same message. Under torchrun, `setup_runtime` joins the process group (NCCL on CUDA, gloo
+on the CPU) and `print0` prints on rank 0 only. What to do on the device is left to the callers.
+"""
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from config import fail
+
+# Peak dense bf16 FLOP/s (no sparsity) of common accelerators, matched against the device name.
+PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("A10G", 125e12),
+              ("L40S", 362e12), ("L4", 121e12), ("4090", 165e12), ("3090", 71e12),
+              ("V100", 125e12), ("T4", 65e12))
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # the autocast dtype; float32 means no autocast
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    def autocast(self):
+        return autocast_context(self.device, self.dtype)
+
+
+def autocast_context(device, dtype):
+    """Mixed precision for the forward pass and loss; float32 means full precision (no autocast)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def print0(*args, **kwargs):
+    """Print on rank 0 only (every process is rank 0 outside torchrun)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        tqdm.write(" ".join(str(a) for a in args), **kwargs)
+
+
+def set_seed(seed):
+    """Seed every random source: Python, numpy, torch on the CPU and every CUDA device."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds all CUDA devices
+
+
+def select_device(name, local_rank=0):
+    """'auto' picks cuda, then mps, then cpu; a named device must exist on this machine."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            fail(f"--device {name} was given but CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device {name} was given but MPS is not available on this machine")
+    return device
+
+
+def select_dtype(name, device):
+    """The autocast dtype. auto: bfloat16 on CUDA GPUs that have it, float16 on older ones,
+    float32 on the CPU (bfloat16 autocast was slower for small models on the CPUs we measured)."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def setup_runtime(train_config):
+    """Join the process group under torchrun, seed, and pick this rank's device and dtype."""
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = select_device(train_config.device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    set_seed(train_config.seed + rank)  # ranks differ in dropout; DDP copies rank 0's weights
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    runtime = Runtime(device, select_dtype(train_config.dtype, device), rank, local_rank,
+                      world_size)
+    print0(f"device: {device}" + (f" x {world_size} processes" if world_size > 1 else "")
+           + f", dtype: {str(runtime.dtype).removeprefix('torch.')}")
+    return runtime
+
+
+
+def peak_flops(train_config, device):
+    if train_config.peak_flops:
+        return train_config.peak_flops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in PEAK_FLOPS:
+            if key in name:
+                return flops
+    return 0.0  # unknown: report tokens/s only
+
+
+def random_states(device):
+    """Every random generator's state, as plain tensors and lists a checkpoint can hold."""
+    _, mt_state, position, *_ = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    states = {"python": [version, list(internal), gauss],
+              "numpy": torch.from_numpy(mt_state.astype(np.int64)), "numpy_position": int(position),
+              "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_random_states(states, device):
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(("MT19937", states["numpy"].numpy().astype(np.uint32),
+                         states["numpy_position"]))
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)

@@ -1,0 +1,98 @@
+"""Generate text from a trained checkpoint: `python sample.py [--prompt TEXT] [...]`.
+
+With no --checkpoint it uses checkpoints/gpt_final.pt, or the newest gpt_step*.pt. Text is
+streamed to stdout as it is generated (a multi-byte character is printed once it is complete),
+and the same --seed gives the same text. The model and its key/value cache live in model.py,
+checkpoint loading in checkpoint.py.
+"""
+
+import argparse
+import contextlib
+import sys
+
+import torch
+
+from checkpoint import find_sampling_checkpoint, model_from_checkpoint
+from config import ArgumentParser, fail, run_main
+from runtime import autocast_context, select_device, select_dtype, set_seed
+from tokenizer import StreamDecoder
+
+
+def parse_sample_args(argv=None):
+    parser = ArgumentParser(description="Generate text from a trained checkpoint.",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", default="", help="checkpoint file; empty = the newest in "
+                        "--checkpoint_dir (gpt_final.pt first)")
+    parser.add_argument("--checkpoint_dir", default="checkpoints")
+    parser.add_argument("--prompt", default="\n", help="text the samples continue")
+    parser.add_argument("--max_new_tokens", type=int, default=500)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest; 0 = all")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 0 or args.num_samples <= 0 or args.top_k < 0:
+        fail("--max_new_tokens and --top_k must not be negative, --num_samples must be positive")
+    if args.temperature < 0:
+        fail(f"--temperature must not be negative, got {args.temperature}")
+    if not 0.0 < args.top_p <= 1.0:
+        fail(f"--top_p must be in (0, 1], got {args.top_p}")
+    return args
+
+
+def encode_prompt(tokenizer, prompt, device):
+    ids = tokenizer.encode(prompt) if prompt else []
+    if len(ids) == 0:
+        ids = [0]  # generation needs at least one token to condition on
+    return torch.tensor(ids, dtype=torch.long, device=device)[None, :]
+
+
+def generate_text(model, tokenizer, prompt, max_new_tokens, temperature=1.0, top_k=None,
+                  top_p=None, generator=None, autocast=contextlib.nullcontext, stream=None):
+    """Generate a continuation of `prompt`; write it to `stream` piece by piece; return it."""
+    device = next(model.parameters()).device
+    decoder = StreamDecoder(tokenizer)
+    pieces = []
+    with autocast():
+        tokens = model.generate_stream(
+            encode_prompt(tokenizer, prompt, device), max_new_tokens, temperature=temperature,
+            top_k=top_k or None, top_p=top_p, generator=generator,
+            vocab_limit=tokenizer.vocab_size)
+        for token in tokens:
+            pieces.append(decoder.push(token[0]))
+            if stream is not None and pieces[-1]:
+                stream.write(pieces[-1])
+                stream.flush()
+    pieces.append(decoder.flush())
+    if stream is not None:
+        stream.write(pieces[-1])
+    return "".join(pieces)
+
+
+def main(argv=None):
+    args = parse_sample_args(argv)
+    path = args.checkpoint or find_sampling_checkpoint(args.checkpoint_dir)
+    if not path:
+        fail(f"no checkpoint in {args.checkpoint_dir}/: train a model first with `python train.py`")
+    device = select_device(args.device)
+    set_seed(args.seed)
+    model, tokenizer, _ = model_from_checkpoint(path, device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    dtype = select_dtype("auto", device)
+
+    def autocast():
+        return autocast_context(device, dtype)
+
+    for index in range(args.num_samples):
+        if index:
+            sys.stdout.write("\n---------------\n")
+        sys.stdout.write(args.prompt)
+        generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+                      args.top_k, args.top_p, generator, autocast, stream=sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    run_main(main)
