@@ -3,22 +3,32 @@
 - `get_dataset(path)`: the training text; with no path, the built-in corpus (the Python language
   reference that ships with CPython in `pydoc_data.topics`).
 - `load_tokens`: the whole corpus as one array of token ids. A text file is tokenized once, in
-  streaming chunks, into a token cache (a flat uint16/uint32 binary plus a JSON with the tokenizer
-  and a fingerprint of the source) that later runs memory-map; the built-in corpus is small and is
-  tokenized in memory.
+  streaming chunks, into a token cache that later runs memory-map; the built-in corpus is small
+  and is tokenized in memory.
+- `cached_tokens`: the token cache. A flat uint16 binary (uint32 when the vocabulary needs it)
+  beside a JSON with the tokenizer and a fingerprint of the source (path, size, mtime); a changed
+  source rebuilds it. It lives in --cache_dir, by default $XDG_CACHE_HOME/gpt-train/tokens, never
+  beside the data. Files are written under temporary names and renamed, and a lock makes
+  concurrent runs (or torchrun's ranks) build a cache once. The char vocabulary is collected in
+  the same pass that writes the ids, so no whole-corpus string is ever held in memory.
 - `build_dataloader`: item `i` of the dataset is micro-batch `i` of the run, drawn from a random
   generator seeded by (seed, i). The data order is therefore a pure function of the seed and the
   position, so a resumed run (or a worker process) rebuilds exactly the batches it would have seen.
   Under data parallelism every rank draws the same global batch and keeps its own slice of it.
+  A memory-mapped corpus is read through a fresh map of its file per batch: a worker started by
+  pickling the dataset (the spawn start method) reopens the file instead of receiving a copy.
 - `validation_batches`: a fixed set of evenly spaced windows of the validation split; it uses no
-  random state at all.
+  random state at all, and like the training batches it depends only on the global batch.
 Tokenizers live in tokenizer.py; what a batch is used for lives in train.py.
 """
 
 import codecs
+import contextlib
 import hashlib
 import json
+import mmap
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +38,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from config import fail
 from tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, tokenizer_from_state
 
+try:
+    import fcntl  # POSIX file locks; where it is missing (Windows), caches are built unlocked
+except ImportError:
+    fcntl = None
+
 CHUNK_BYTES = 1 << 22  # how much text is read, decoded and tokenized at a time
+CACHE_FORMAT = 2  # bumped when the cache layout changes: caches of another format are rebuilt
+UNICODE_SIZE = 0x110000  # code points 0..U+10FFFF: the size of the char pass's lookup table
 
 
 def builtin_corpus():
@@ -60,14 +77,16 @@ def iter_text_chunks(path, chunk_bytes=CHUNK_BYTES):
         fail(f"data {path} is empty")
     for file in files:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
-        offset = 0
+        offset = 0  # of the first byte of `raw` in the file
         with open(file, "rb") as handle:
             while True:
                 raw = handle.read(chunk_bytes)
+                held_back = len(decoder.getstate()[0])  # a character's first bytes, from the last read
                 try:
                     text = decoder.decode(raw, final=not raw)
                 except UnicodeDecodeError as error:
-                    fail(f"{file} is not UTF-8 text (bad byte at offset {offset + error.start})")
+                    position = offset - held_back + error.start
+                    fail(f"{file} is not UTF-8 text (bad byte at offset {position})")
                 offset += len(raw)
                 if text:
                     yield text
@@ -83,17 +102,154 @@ def get_dataset(path=None):
 
 
 def default_cache_dir():
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    """$XDG_CACHE_HOME/gpt-train/tokens, or ~/.cache/gpt-train/tokens: never beside the data."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # the XDG rule: a relative (or empty) value is ignored
+        base = os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "gpt-train", "tokens")
 
 
 def _fingerprint(files):
-    return [{"path": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
-            for f in files]
+    return [{"path": str(f.resolve()), "size": s.st_size, "mtime_ns": s.st_mtime_ns}
+            for f, s in ((f, f.stat()) for f in files)]
+
+
+def _cache_key(settings):
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def _token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path):
+    """Hold an exclusive lock on the file `path`; yields whether a lock is actually held."""
+    if fcntl is None:
+        yield False
+        return
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: go on unlocked, as on Windows
+            yield False
+            return
+        yield True  # closing the file releases the lock
+
+
+@contextlib.contextmanager
+def _atomic_file(path):
+    """A new file open for writing and reading, renamed to `path` only if the block completes."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(descriptor, "w+b") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _complete_cache(bin_path, meta_path, fingerprint):
+    """The cache's JSON if the cache is complete and was built from the source as it is now."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        expected_bytes = meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize
+        complete = (meta["format"] == CACHE_FORMAT and meta["fingerprint"] == fingerprint
+                    and bin_path.stat().st_size == expected_bytes)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if complete else None
+
+
+def cached_tokens(path, kind, cache_dir, val_fraction=0.1, bpe_vocab_size=4096, tokenizer=None,
+                  chunk_bytes=CHUNK_BYTES):
+    """Tokenize a text file or directory once into the cache; return (tokenizer, memmapped ids).
+
+    The cache is keyed by the source path and the tokenizer settings, and rebuilt when the source's
+    size or modification time changes. With `tokenizer` given (a resumed or fine-tuned run), the
+    text is encoded with that tokenizer; a cache a fresh run built with the same tokenizer (the
+    usual resume) is reused rather than written again.
+    """
+    files = corpus_files(path)
+    directory = Path(cache_dir or default_cache_dir())
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        fail(f"cannot create the token cache directory {directory}: {error.strerror}")
+    settings = {"source": str(Path(path).resolve()), "kind": kind,
+                "bpe_vocab_size": bpe_vocab_size if kind == "bpe" else None,
+                "val_fraction": val_fraction if kind == "bpe" else None}
+    wanted = tokenizer.state_dict() if tokenizer is not None else None
+    keys = [_cache_key(settings)]
+    if wanted is not None:
+        keys.append(_cache_key({**settings, "tokenizer": wanted}))
+    try:
+        with _exclusive_lock(directory / f"{keys[0]}.lock") as locked:
+            # taken before the text is read: a file that changes while it is read is rebuilt next time
+            fingerprint = _fingerprint(files)
+            for key in keys:
+                bin_path, meta_path = directory / f"{key}.bin", directory / f"{key}.json"
+                meta = _complete_cache(bin_path, meta_path, fingerprint)
+                if meta is not None and wanted in (None, meta["tokenizer"]):
+                    break
+            else:
+                if locked:  # no one else is building this cache: a killed build's leftovers go
+                    for leftover in directory.glob(f".{key}.*.tmp"):
+                        leftover.unlink(missing_ok=True)
+                meta = _build_token_cache(path, kind, tokenizer, bin_path, meta_path, fingerprint,
+                                          val_fraction, bpe_vocab_size, chunk_bytes)
+            tokenizer = tokenizer_from_state(meta["tokenizer"])
+            if meta["num_tokens"] == 0:
+                return tokenizer, np.zeros(0, dtype=np.int64)
+            # opened under the lock: the map holds this file even if a later build replaces it
+            return tokenizer, np.memmap(bin_path, dtype=meta["dtype"], mode="r",
+                                        shape=(meta["num_tokens"],))
+    except OSError as error:  # a full disk, a read-only directory, an unreadable source file
+        fail(f"cannot build the token cache in {directory} (--cache_dir): {error}")
+
+
+def _build_token_cache(path, kind, tokenizer, bin_path, meta_path, fingerprint, val_fraction,
+                       bpe_vocab_size, chunk_bytes):
+    """Write the ids, then the JSON: a cache is complete exactly when its JSON describes it."""
+    with _atomic_file(bin_path) as handle:
+        if tokenizer is None and kind == "char":
+            tokenizer, dtype, count = _write_char_tokens(path, handle, chunk_bytes)
+        else:
+            if tokenizer is None:
+                tokenizer = _train_tokenizer(kind, path, val_fraction, bpe_vocab_size)
+            dtype = _token_dtype(tokenizer.vocab_size)
+            count = _write_tokens(path, tokenizer, dtype, handle, chunk_bytes)
+    meta = {"format": CACHE_FORMAT, "source": str(Path(path).resolve()), "fingerprint": fingerprint,
+            "dtype": np.dtype(dtype).name, "num_tokens": count, "tokenizer": tokenizer.state_dict()}
+    with _atomic_file(meta_path) as handle:
+        handle.write(json.dumps(meta).encode())
+    return meta
+
+
+def _write_tokens(path, tokenizer, dtype, handle, chunk_bytes):
+    """Encode the text chunk by chunk with a known tokenizer; return the number of ids written."""
+    count = 0
+    for text in _whole_lines(iter_text_chunks(path, chunk_bytes)):
+        ids = tokenizer.encode(text)
+        handle.write(ids.astype(dtype).tobytes())
+        count += len(ids)
+    return count
+
+
+def _whole_lines(chunks):
+    """The same text re-cut after line ends, so BPE does not see a word cut in two by a chunk
+    edge (a chunk without any line end is passed on as it is)."""
+    rest = ""
+    for chunk in chunks:
+        text = rest + chunk
+        cut = text.rfind("\n") + 1 or len(text)
+        rest = text[cut:]
+        yield text[:cut]
+    if rest:
+        yield rest
 
 
 def _train_tokenizer(kind, path, val_fraction, bpe_vocab_size):
@@ -115,60 +271,63 @@ def _train_tokenizer(kind, path, val_fraction, bpe_vocab_size):
     return BPETokenizer.train(training_text(), bpe_vocab_size)
 
 
-def _write_token_cache(path, tokenizer, bin_path, meta_path, fingerprint):
-    dtype = _token_dtype(tokenizer.vocab_size)
-    temporary = bin_path.with_name(bin_path.name + f".tmp{os.getpid()}")
-    count = 0
-    with open(temporary, "wb") as out:
-        for chunk in iter_text_chunks(path):
-            ids = tokenizer.encode(chunk)
-            out.write(ids.astype(dtype).tobytes())
-            count += len(ids)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, bin_path)
-    meta = {"fingerprint": fingerprint, "dtype": np.dtype(dtype).name, "num_tokens": count,
-            "tokenizer": tokenizer.state_dict()}
-    temporary = meta_path.with_name(meta_path.name + f".tmp{os.getpid()}")
-    temporary.write_text(json.dumps(meta))
-    os.replace(temporary, meta_path)  # the JSON is written last: it marks the cache complete
+class _TooManyCharacters(Exception):
+    """More distinct characters than 2-byte ids can number."""
 
 
-def cached_tokens(path, kind, cache_dir, val_fraction=0.1, bpe_vocab_size=4096, tokenizer=None):
-    """Tokenize a text file or directory once into the cache; return (tokenizer, memmapped ids).
+def _write_char_tokens(path, handle, chunk_bytes):
+    """Collect the char vocabulary and write the ids in one pass; return (tokenizer, dtype, count).
 
-    The cache is keyed by the source path and the tokenizer settings, and rebuilt when the source's
-    size or modification time changes. With `tokenizer` given (a resumed or fine-tuned run), the
-    text is encoded with that tokenizer instead of a newly trained one.
+    Ids are first numbered as the characters turn up; at the end the vocabulary is sorted (the
+    CharTokenizer order) and the ids are renumbered in place, one chunk of the file at a time.
     """
-    files = corpus_files(path)
-    fingerprint = _fingerprint(files)
-    settings = {"source": str(Path(path).resolve()), "kind": kind,
-                "bpe_vocab_size": bpe_vocab_size if kind == "bpe" else None,
-                "val_fraction": val_fraction if kind == "bpe" else None,
-                "tokenizer": tokenizer.state_dict() if tokenizer is not None else None}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
-    directory = Path(cache_dir or default_cache_dir())
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        fail(f"cannot create the token cache directory {directory}: {error.strerror}")
-    bin_path, meta_path = directory / f"{key}.bin", directory / f"{key}.json"
-    meta = None
-    if meta_path.exists() and bin_path.exists():
+    for dtype in (np.uint16, np.uint32):  # 4-byte ids only past 65,536 distinct characters
+        handle.seek(0)
+        handle.truncate()
         try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            meta = None
-    if meta is None or meta.get("fingerprint") != fingerprint:
-        if tokenizer is None:
-            tokenizer = _train_tokenizer(kind, path, val_fraction, bpe_vocab_size)
-        _write_token_cache(path, tokenizer, bin_path, meta_path, fingerprint)
-        meta = json.loads(meta_path.read_text())
-    tokenizer = tokenizer_from_state(meta["tokenizer"])
-    if meta["num_tokens"] == 0:
-        return tokenizer, np.zeros(0, dtype=np.int64)
-    return tokenizer, np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
+            code_points, count = _write_ids_in_order_of_appearance(path, handle, dtype, chunk_bytes)
+            break
+        except _TooManyCharacters:
+            continue
+    order = np.argsort(code_points)
+    if np.any(order != np.arange(len(order))):
+        sorted_id = np.empty(len(order), dtype=dtype)
+        sorted_id[order] = np.arange(len(order))
+        _renumber(handle, sorted_id, count, chunk_bytes)
+    return CharTokenizer("".join(map(chr, code_points[order]))), dtype, count
+
+
+def _write_ids_in_order_of_appearance(path, handle, dtype, chunk_bytes):
+    """Write provisional ids; return (code point of each provisional id, number of ids)."""
+    id_of = np.full(UNICODE_SIZE, -1, dtype=np.int32)  # code point -> provisional id
+    found = []  # arrays of code points, in the order their ids were given
+    num_chars = count = 0
+    for text in iter_text_chunks(path, chunk_bytes):
+        code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        ids = id_of[code_points]
+        unseen = ids < 0
+        if unseen.any():
+            new = np.unique(code_points[unseen])
+            if num_chars + len(new) > np.iinfo(dtype).max + 1:
+                raise _TooManyCharacters
+            id_of[new] = np.arange(num_chars, num_chars + len(new))
+            found.append(new)
+            num_chars += len(new)
+            ids = id_of[code_points]
+        handle.write(ids.astype(dtype).tobytes())
+        count += len(ids)
+    return np.concatenate(found), count
+
+
+def _renumber(handle, new_id, count, chunk_bytes):
+    """Replace every id i in the open file by new_id[i], reading and writing a chunk at a time."""
+    itemsize = new_id.dtype.itemsize
+    per_chunk = max(1, chunk_bytes // itemsize)
+    for start in range(0, count, per_chunk):
+        handle.seek(start * itemsize)
+        ids = np.frombuffer(handle.read(min(per_chunk, count - start) * itemsize), dtype=new_id.dtype)
+        handle.seek(start * itemsize)
+        handle.write(new_id[ids].tobytes())
 
 
 def load_tokens(train_config, tokenizer=None):
@@ -207,15 +366,34 @@ def windows_at(tokens, starts, block_size):
     return rows[:, :-1], rows[:, 1:]
 
 
+def _memmap_location(array):
+    """(file name, dtype, byte offset, length) of a 1-D array that views a np.memmap, else None."""
+    root = array
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if not (isinstance(root, np.memmap) and isinstance(root.base, mmap.mmap) and root.filename
+            and array.ndim == 1 and array.flags.c_contiguous and len(array) > 0):
+        return None
+    offset = root.offset + (array.ctypes.data - root.ctypes.data)
+    return str(root.filename), array.dtype.str, offset, len(array)
+
+
 class RandomWindows(Dataset):
     """Item i is micro-batch i of the run: `batch_size` windows at positions drawn from (seed, i).
 
     All ranks draw the same `batch_size * world_size` positions and each keeps its own slice, so
     the global batch depends only on the seed and the step, not on how it is split across ranks.
+
+    Memory-mapped tokens are read through a fresh map of their file for each batch, from a file
+    handle each process opens at its first batch. Pickling (how a spawned DataLoader worker gets
+    its dataset) therefore carries the file's name, not a copy of the tokens, and the pages a
+    batch touched are released with its map, so resident memory does not grow over a long run.
     """
 
     def __init__(self, tokens, block_size, batch_size, seed, rank=0, world_size=1):
         self.tokens = tokens
+        self.location = _memmap_location(tokens)
+        self.file = None
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.num_starts = len(tokens) - block_size  # windows need block_size + 1 tokens
@@ -227,7 +405,21 @@ class RandomWindows(Dataset):
         rng = np.random.default_rng([self.seed, index])
         starts = rng.integers(0, self.num_starts, size=self.batch_size * self.world_size)
         mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return windows_at(self.tokens, mine, self.block_size)
+        return windows_at(self._open_tokens(), mine, self.block_size)
+
+    def _open_tokens(self):
+        if self.location is None:
+            return self.tokens
+        name, dtype, offset, length = self.location
+        if self.file is None:
+            self.file = open(name, "rb")
+        return np.memmap(self.file, dtype=dtype, mode="r", offset=offset, shape=(length,))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self.location is not None:
+            state["tokens"] = state["file"] = None  # the unpickled copy opens the file itself
+        return state
 
 
 class StepSampler(Sampler):
@@ -263,8 +455,14 @@ def build_dataloader(tokens, block_size, batch_size, seed, start=0, stop=None, n
 
 
 def validation_batches(tokens, block_size, batch_size, num_batches, rank=0, world_size=1):
-    """The fixed validation set: `num_batches` batches of evenly spaced windows (this rank's share)."""
-    num_windows = num_batches * batch_size
-    starts = np.linspace(0, len(tokens) - block_size - 1, num_windows).round().astype(np.int64)
-    batches = [starts[i:i + batch_size] for i in range(0, num_windows, batch_size)]
-    return [windows_at(tokens, s, block_size) for s in batches[rank::world_size]]
+    """The fixed validation set: `num_batches` batches of evenly spaced windows (this rank's share).
+
+    Like a training batch, each validation batch is a global batch of `batch_size * world_size`
+    windows of which rank r keeps slice r, so the set depends only on the global batch: two
+    processes with batch B evaluate exactly the windows one process with batch 2B does.
+    """
+    global_batch = batch_size * world_size
+    starts = np.linspace(0, len(tokens) - block_size - 1, num_batches * global_batch)
+    starts = starts.round().astype(np.int64).reshape(num_batches, global_batch)
+    mine = starts[:, rank * batch_size:(rank + 1) * batch_size]
+    return [windows_at(tokens, s, block_size) for s in mine]

@@ -16,12 +16,9 @@ import contextlib
 import json
 import math
 import signal
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -31,13 +28,14 @@ from checkpoint import (check_room_for_checkpoints, configs_from_checkpoint, lat
                         load_checkpoint, load_model_state, prune_checkpoints,
                         remove_temporary_files, save_checkpoint)
 from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, apply_args_to_configs,
-                    config_from_dict, config_to_dict, fail, parse_args, run_main, validate)
+                    config_to_dict, fail, parse_args, run_main, validate)
 from dataset import build_dataloader, load_tokens, split_tokens, validation_batches
 from model import build_model, count_parameters, flops_per_token
 from runtime import peak_flops, print0, random_states, restore_random_states, setup_runtime
 from tokenizer import tokenizer_from_state
 
 # ----------------------------------------------------------------------------- stage 1: configure
+# (stage 2, seeds, devices and ranks, is runtime.setup_runtime)
 
 def configure(argv=None):
     """Flags over the defaults; on --resume or --init_from, flags over the checkpoint's configs.
@@ -76,6 +74,7 @@ def configure(argv=None):
         saved_gpt.block_size = requested_block_size
         saved_gpt.dropout = given.get("dropout", saved_gpt.dropout)
         gpt_config = saved_gpt
+        train_config.tokenizer = checkpoint["tokenizer"].get("kind", train_config.tokenizer)
     validate(gpt_config, train_config)
     return gpt_config, train_config, checkpoint
 
@@ -250,19 +249,27 @@ class StopRequest:
 
 
 @torch.no_grad()
-def estimate_loss(model, batches, runtime):
-    """Mean loss over the fixed validation batches (averaged over all ranks); no random state used."""
+def estimate_loss(model, batches, tokenizer, runtime):
+    """Validation loss and bits per byte over the fixed validation batches, across all ranks.
+
+    Bits per byte (total nats / ln 2 / UTF-8 bytes of the scored tokens) compares runs whose
+    tokenizers differ. No random state is used: dropout is off in eval mode.
+    """
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, device=runtime.device, dtype=torch.float64)
+    piece_bytes = torch.tensor([len(piece) for piece in tokenizer.pieces], dtype=torch.float64)
+    totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # nats, tokens, bytes
     for x, y in batches:
         with runtime.autocast():
             loss = model(input_ids=x.to(runtime.device), labels=y.to(runtime.device)).loss
-        total += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), device=runtime.device)])
+        totals[0] += loss.double() * y.numel()
+        totals[1] += y.numel()
+        totals[2] += piece_bytes[y].sum().item()
     if runtime.distributed:
-        dist.all_reduce(total)
+        dist.all_reduce(totals)
     model.train(was_training)
-    return (total[0] / total[1]).item()
+    nats, tokens, num_bytes = totals.tolist()
+    return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / num_bytes}
 
 
 def checkpoint_state(model, optimizer, scheduler, scaler, step, loss, gpt_config, train_config,
@@ -315,6 +322,35 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
 
 
+def forward_backward(model, train_model, optimizer, scaler, data, train_config, runtime):
+    """Gradients of one optimizer step's micro-batches, unscaled and clipped; no host sync.
+
+    Returns (the step's loss, whether it or the gradient norm is non-finite) as device tensors.
+    """
+    accumulation = train_config.grad_accum_steps
+    step_loss = torch.zeros((), device=runtime.device)
+    for micro_step in range(accumulation):
+        x, y = next(data)
+        x = x.to(runtime.device, non_blocking=True)
+        y = y.to(runtime.device, non_blocking=True)
+        # under DDP, only the last micro-step all-reduces the accumulated gradients
+        if runtime.distributed and micro_step < accumulation - 1:
+            sync = train_model.no_sync()
+        else:
+            sync = contextlib.nullcontext()
+        with sync:
+            with runtime.autocast():
+                loss = train_model(input_ids=x, labels=y).loss / accumulation
+            scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                               train_config.grad_clip or math.inf)
+    if scaler.is_enabled():  # float16: the scaler itself skips steps whose gradients overflowed
+        return step_loss, ~torch.isfinite(step_loss)
+    return step_loss, ~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
+
+
 def run_loop(model, train_model, optimizer, scheduler, scaler, loader, val_set, tokenizer,
              gpt_config, train_config, runtime, start_step):
     """forward -> backward -> clip -> step, with logging, evaluation and checkpoints.
@@ -341,24 +377,7 @@ def run_loop(model, train_model, optimizer, scheduler, scaler, loader, val_set, 
     clock = time.perf_counter()
     with StopRequest(runtime) as stop:
         while step < t.max_iters:
-            step_loss = torch.zeros((), device=runtime.device)
-            for micro_step in range(accumulation):
-                x, y = next(data)
-                x = x.to(runtime.device, non_blocking=True)
-                y = y.to(runtime.device, non_blocking=True)
-                # only the last micro-step all-reduces gradients across ranks
-                last = micro_step == accumulation - 1
-                sync = contextlib.nullcontext() if last or not runtime.distributed else train_model.no_sync()
-                with sync:
-                    with runtime.autocast():
-                        loss = train_model(input_ids=x, labels=y).loss / accumulation
-                    scaler.scale(loss).backward()
-                step_loss += loss.detach()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
-            # a float16 scaler skips steps with overflowing gradients by itself; the loss must be finite
-            bad = ~torch.isfinite(step_loss) if scaler.is_enabled() else \
-                ~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
+            step_loss, bad = forward_backward(model, train_model, optimizer, scaler, data, t, runtime)
             if t.skip_nonfinite and bool(bad):  # opt-in: costs a host sync every step
                 skipped += 1
                 if skipped > t.skip_nonfinite:
@@ -374,6 +393,7 @@ def run_loop(model, train_model, optimizer, scheduler, scaler, loader, val_set, 
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum += step_loss
                 steps_since_log += 1
+            step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             scheduler.step()
             step += 1
             progress.update(1)
@@ -389,12 +409,12 @@ def run_loop(model, train_model, optimizer, scheduler, scaler, loader, val_set, 
                 if steps_since_log:
                     last_loss = (loss_sum / steps_since_log).item()
                 tokens_per_second = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
-                record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                record = {"step": step, "loss": last_loss, "lr": step_lr,
                           "tokens_per_sec": round(tokens_per_second, 1)}
                 if peak:
                     record["mfu"] = round(flops_per_step / tokens_per_step * tokens_per_second / peak, 4)
                 if step % t.eval_iter == 0 or finished:
-                    record["val_loss"] = estimate_loss(model, val_set, runtime)
+                    record.update(estimate_loss(model, val_set, tokenizer, runtime))
                     clock = time.perf_counter()  # evaluation time is not training throughput
                 metrics.write(record)
                 progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
@@ -427,7 +447,7 @@ def stop_nonfinite(step, train_config, reason="the loss or gradient norm is not 
 def format_record(record):
     parts = [f"step {record['step']}", f"loss {record['loss']:.4f}"]
     if "val_loss" in record:
-        parts.append(f"val_loss {record['val_loss']:.4f}")
+        parts.append(f"val_loss {record['val_loss']:.4f} ({record['val_bpb']:.3f} bits/byte)")
     parts += [f"lr {record['lr']:.2e}", f"{record['tokens_per_sec']:,.0f} tok/s"]
     if "mfu" in record:
         parts.append(f"mfu {100 * record['mfu']:.1f}%")
@@ -475,8 +495,9 @@ def train(argv=None):
             save_checkpoint(final_state(model, record["step"], record["loss"], gpt_config,
                                         train_config, tokenizer), final_path)
         if "val_loss" not in record:  # resumed at the end: the loop had nothing left to do
-            record["val_loss"] = estimate_loss(model, val_set, runtime)
-        print0(f"final validation loss: {record['val_loss']:.4f}; weights saved to {final_path}")
+            record.update(estimate_loss(model, val_set, tokenizer, runtime))
+        print0(f"final validation loss: {record['val_loss']:.4f} ({record['val_bpb']:.4f} bits per "
+               f"byte); weights saved to {final_path}")
         return record
     finally:
         if runtime.distributed and dist.is_initialized():

@@ -1,0 +1,209 @@
+"""Time the training step: `python benchmarks/bench_train.py [train.py flags] [--bench_steps K ...]`.
+
+Two measurements of the same model, optimizer and data:
+- the loop: train.run_loop itself, called twice on one model. The first call runs W warm-up
+  steps (compilation, allocator warm-up) and ends with its usual evaluation and checkpoint; the
+  second runs the next K steps and logs only at its last step, so the throughput in the record it
+  returns is the loop's own clock over exactly those K steps, after a device synchronisation;
+- the bare step: forward, backward, gradient clipping and AdamW on one fixed batch already on the
+  device, with no data loading, schedule, logging or checks around it.
+It prints ms/step, tokens/s, MFU (when the device's peak is known or --peak_flops is given), peak
+memory (CUDA max allocated, or the process's max RSS on the CPU) and the loop's overhead over the
+bare step. --synthetic_vocab V trains on uniformly random tokens instead of a corpus. Checkpoints
+and metrics go to a temporary directory that is deleted afterwards.
+"""
+
+import dataclasses
+import math
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's modules
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from config import (GPTConfig, TrainConfig, _parse_bool, apply_args_to_configs,  # noqa: E402
+                    build_parser, fail, run_main, validate)
+from dataset import build_dataloader, split_tokens, validation_batches  # noqa: E402
+from model import flops_per_token  # noqa: E402
+from tokenizer import CharTokenizer  # noqa: E402
+from runtime import peak_flops, print0, setup_runtime  # noqa: E402
+from train import (configure_optimizer, get_cosine_schedule_with_warmup, prepare_data,  # noqa: E402
+                   prepare_model, run_loop)
+
+SYNTHETIC_TOKENS = 1 << 20  # long enough that random windows rarely repeat
+
+
+def parse_bench_args(argv=None):
+    parser = build_parser("Benchmark the training step (every train.py flag is accepted).")
+    group = parser.add_argument_group("benchmark")
+    group.add_argument("--bench_steps", type=int, default=20, help="timed optimizer steps (K)")
+    group.add_argument("--warmup_steps", type=int, default=5,
+                       help="untimed optimizer steps before timing (W)")
+    group.add_argument("--bare", type=_parse_bool, default=True, metavar="true|false",
+                       help="also time a bare forward/backward/clip/AdamW step")
+    group.add_argument("--synthetic_vocab", type=int, default=0,
+                       help="train on random tokens of this vocabulary instead of --data")
+    args = parser.parse_args(argv)
+    if args.bench_steps <= 0 or args.warmup_steps < 0:
+        fail("--bench_steps must be positive and --warmup_steps must not be negative")
+    if args.synthetic_vocab < 0:
+        fail(f"--synthetic_vocab must not be negative, got {args.synthetic_vocab}")
+    if "resume" in args or "init_from" in args:
+        fail("the benchmark always starts from a freshly initialised model: drop --resume/--init_from")
+    return args
+
+
+def configure(args, checkpoint_dir):
+    """train.py's configs, with the run shaped to W + K steps, logging and evaluation at phase ends."""
+    gpt_config, train_config = apply_args_to_configs(args, GPTConfig(), TrainConfig())
+    total = args.warmup_steps + args.bench_steps
+    train_config.max_iters = total
+    train_config.warmup_iters = min(train_config.warmup_iters, total)  # learning-rate warmup
+    train_config.checkpoint_dir = checkpoint_dir
+    train_config.keep_last = 0
+    if "eval_batches" not in args:
+        train_config.eval_batches = 1  # evaluation runs outside the timed interval; keep it short
+    if args.synthetic_vocab:
+        gpt_config.vocab_size = args.synthetic_vocab
+    validate(gpt_config, train_config)
+    return gpt_config, train_config
+
+
+def synthetic_tokenizer(vocab_size):
+    """A char-level tokenizer of `vocab_size` distinct characters, so that evaluation (bits per
+    byte) and checkpoints work on random ids exactly as they do on a corpus."""
+    code_points = (c for c in range(vocab_size + 0x800) if not 0xD800 <= c < 0xE000)  # no surrogates
+    return CharTokenizer("".join(chr(c) for _, c in zip(range(vocab_size), code_points)))
+
+
+def synthetic_data(gpt_config, train_config, runtime):
+    """Uniformly random token ids, with the loader and validation set train.py builds for a corpus."""
+    t = train_config
+    tokenizer = synthetic_tokenizer(gpt_config.vocab_size)
+    rng = np.random.default_rng(t.seed)
+    tokens = rng.integers(0, gpt_config.vocab_size, size=SYNTHETIC_TOKENS).astype(np.int32)
+    train_tokens, val_tokens = split_tokens(tokens, t.val_fraction, gpt_config.block_size)
+    loader = build_dataloader(train_tokens, gpt_config.block_size, t.batch_size, t.seed,
+                              stop=t.max_iters * t.grad_accum_steps, num_workers=t.num_workers,
+                              pin_memory=runtime.device.type == "cuda")
+    val_set = validation_batches(val_tokens, gpt_config.block_size, t.batch_size, t.eval_batches)
+    return tokenizer, loader, val_set
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_loop(model, train_model, optimizer, scheduler, scaler, loader, val_set, tokenizer,
+              gpt_config, train_config, runtime, warmup_steps):
+    """Seconds per optimizer step of train.run_loop, by the loop's own clock, after the warm-up."""
+    t = train_config
+    if warmup_steps:
+        warmup = dataclasses.replace(t, max_iters=warmup_steps, log_iter=warmup_steps,
+                                     eval_iter=warmup_steps, save_iter=warmup_steps)
+        run_loop(model, train_model, optimizer, scheduler, scaler, loader, val_set, tokenizer,
+                 gpt_config, warmup, runtime, start_step=0)
+        loader.sampler.load_state_dict({"position": warmup_steps * t.grad_accum_steps})
+    timed = dataclasses.replace(t, log_iter=t.max_iters, eval_iter=t.max_iters,
+                                save_iter=t.max_iters)
+    record = run_loop(model, train_model, optimizer, scheduler, scaler, loader, val_set, tokenizer,
+                      gpt_config, timed, runtime, start_step=warmup_steps)
+    tokens_per_step = t.batch_size * gpt_config.block_size * t.grad_accum_steps
+    return tokens_per_step / record["tokens_per_sec"]
+
+
+def time_bare_step(model, train_model, optimizer, scaler, batch, train_config, runtime,
+                   warmup_steps, bench_steps):
+    """Seconds per optimizer step of forward/backward/clip/AdamW alone, on one fixed batch."""
+    x, y = (part.to(runtime.device) for part in batch)
+    accumulation = train_config.grad_accum_steps
+    clip = train_config.grad_clip or math.inf
+
+    def step():
+        for _ in range(accumulation):
+            with runtime.autocast():
+                loss = train_model(input_ids=x, labels=y).loss / accumulation
+            scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup_steps):
+        step()
+    synchronize(runtime.device)
+    start = time.perf_counter()
+    for _ in range(bench_steps):
+        step()
+    synchronize(runtime.device)
+    return (time.perf_counter() - start) / bench_steps
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "CUDA max allocated"
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max_rss * (1 if sys.platform == "darwin" else 1024), "process max RSS"
+
+
+def report(name, seconds_per_step, tokens_per_step, flops_per_step, peak):
+    tokens_per_second = tokens_per_step / seconds_per_step
+    line = f"{name}: {1000 * seconds_per_step:.2f} ms/step | {tokens_per_second:,.0f} tokens/s"
+    if peak:
+        line += f" | MFU {100 * flops_per_step / seconds_per_step / peak:.1f}%"
+    print(line)
+
+
+def main(argv=None):
+    args = parse_bench_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_train-") as checkpoint_dir:
+        gpt_config, train_config = configure(args, checkpoint_dir)
+        runtime = setup_runtime(train_config)
+        if runtime.distributed:
+            fail("bench_train.py runs in one process; start it with python, not torchrun")
+        if args.synthetic_vocab:
+            tokenizer, loader, val_set = synthetic_data(gpt_config, train_config, runtime)
+        else:
+            tokenizer, loader, val_set = prepare_data(gpt_config, train_config, runtime)
+        model, train_model = prepare_model(gpt_config, train_config, runtime)
+        optimizer = configure_optimizer(model, train_config, runtime.device)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, train_config.warmup_iters,
+                                                    train_config.max_iters, train_config.min_lr_ratio)
+        scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
+        if runtime.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(runtime.device)
+
+        loop_seconds = time_loop(model, train_model, optimizer, scheduler, scaler, loader, val_set,
+                                 tokenizer, gpt_config, train_config, runtime, args.warmup_steps)
+        bare_seconds = None
+        if args.bare:
+            bare_seconds = time_bare_step(model, train_model, optimizer, scaler,
+                                          loader.dataset[0], train_config, runtime,
+                                          args.warmup_steps, args.bench_steps)
+
+    t = train_config
+    tokens_per_step = t.batch_size * gpt_config.block_size * t.grad_accum_steps
+    flops_per_step = flops_per_token(model) * tokens_per_step
+    peak = peak_flops(t, runtime.device)
+    print0(f"benchmark: {args.warmup_steps} warm-up + {args.bench_steps} timed steps, "
+           f"{tokens_per_step:,} tokens/step, dtype {str(runtime.dtype).removeprefix('torch.')}, "
+           f"compile {t.compile}, device {runtime.device}")
+    report("loop", loop_seconds, tokens_per_step, flops_per_step, peak)
+    if bare_seconds is not None:
+        report("bare", bare_seconds, tokens_per_step, flops_per_step, peak)
+        print(f"loop overhead over the bare step: {100 * (loop_seconds / bare_seconds - 1):+.1f}%")
+    if not peak:
+        print("MFU: peak FLOP/s of this device unknown; give --peak_flops to report it")
+    memory, kind = peak_memory(runtime.device)
+    print(f"peak memory: {memory / 2**20:,.1f} MiB ({kind})")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,160 @@
+"""Score a checkpoint on a text: `python evaluate.py --checkpoint PATH [--data FILE]`.
+
+Prints the mean loss per token, the perplexity, and bits per byte: the total loss in bits divided
+by the UTF-8 bytes of the scored text. Loss and perplexity depend on how the tokenizer cuts the
+text; bits per byte does not, so it is the figure that compares runs with different tokenizers.
+- Without --data it scores the validation split of the checkpoint's own training data (the same
+  corpus, tokenizer and --val_fraction as the run), so the figure is comparable to its val_loss.
+- The text is cut into windows of block_size tokens. By default they do not overlap, so the first
+  tokens of each window see little context. With `--stride S` < block_size a window starts every S
+  tokens and scores only the tokens that are new in it: each token is still scored exactly once,
+  with at least block_size - S tokens of context (except near the start).
+- The first token of the text is never scored (nothing precedes it), so it is left out of the
+  byte count too.
+Checkpoint loading is checkpoint.py's job, tokenizing dataset.py's and tokenizer.py's.
+"""
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from checkpoint import configs_from_checkpoint, find_sampling_checkpoint, model_from_checkpoint
+from config import DTYPES, ArgumentParser, fail, run_main
+from dataset import get_dataset, load_tokens, split_tokens
+from runtime import autocast_context, select_device, select_dtype
+
+IGNORE = -100  # the label of a position that is not scored (cross_entropy's ignore_index)
+
+
+def parse_evaluate_args(argv=None):
+    parser = ArgumentParser(description="Loss, perplexity and bits per byte of a checkpoint.")
+    parser.add_argument("--checkpoint", default="", help="checkpoint file; empty = the newest in "
+                        "--checkpoint_dir (gpt_final.pt first)")
+    parser.add_argument("--checkpoint_dir", default="checkpoints")
+    parser.add_argument("--data", default="", help="a UTF-8 text file or directory of *.txt to "
+                        "score; empty = the validation split of the checkpoint's training data")
+    parser.add_argument("--stride", type=int, default=0,
+                        help="tokens between window starts; 0 = block_size (no overlap)")
+    parser.add_argument("--batch_size", type=int, default=32, help="windows per forward pass")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="autocast dtype; auto = bfloat16 on recent GPUs, float32 on the CPU")
+    args = parser.parse_args(argv)
+    if args.stride < 0 or args.batch_size <= 0:
+        fail("--stride must not be negative and --batch_size must be positive")
+    return args
+
+
+def window_plan(num_tokens, block_size, stride):
+    """(starts, first_scored): where each window starts and the first token index it scores.
+
+    Window k starts at token k * stride and predicts the tokens start+1 .. start+block_size. It
+    scores those not scored by an earlier window, so every token after the first is scored once.
+    """
+    if not 0 < stride <= block_size:
+        raise ValueError(f"stride must be in [1, block_size={block_size}], got {stride}")
+    last = num_tokens - 1  # index of the last token, the last one to predict
+    # the first window whose predictions reach `last` is the final one
+    num_windows = max(1, math.ceil((last - block_size) / stride) + 1)
+    starts = np.arange(num_windows, dtype=np.int64) * stride
+    ends = np.minimum(starts + block_size, last)  # last token index each window predicts
+    first_scored = np.concatenate([[1], ends[:-1] + 1])
+    return starts, first_scored
+
+
+def window_batches(ids, block_size, starts, first_scored, batch_size):
+    """(input_ids, labels) batches; labels are IGNORE where a window scores nothing new or runs
+    past the text (those inputs are padded with id 0, which causal attention never lets earlier
+    positions see)."""
+    offsets = np.arange(block_size + 1)
+    for begin in range(0, len(starts), batch_size):
+        window_starts = starts[begin:begin + batch_size, None]
+        positions = window_starts + offsets  # (windows, block_size + 1)
+        inside = positions < len(ids)
+        rows = np.where(inside, ids[np.minimum(positions, len(ids) - 1)], 0)
+        target_positions = positions[:, 1:]
+        scored = inside[:, 1:] & (target_positions >= first_scored[begin:begin + batch_size, None])
+        labels = np.where(scored, rows[:, 1:], IGNORE)
+        yield torch.from_numpy(rows[:, :-1]), torch.from_numpy(labels)
+
+
+@torch.no_grad()
+def evaluate_tokens(model, ids, block_size, stride=None, batch_size=32,
+                    autocast=contextlib.nullcontext, progress=False):
+    """(total loss in nats, number of scored tokens) of `ids` under `model`, which is in eval mode.
+
+    Every token but the first is scored once; `stride` (default block_size) sets the overlap.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) < 2:
+        fail(f"the text is too short to score: it has {len(ids)} token(s), at least 2 are needed")
+    starts, first_scored = window_plan(len(ids), block_size, stride or block_size)
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync
+    count = torch.zeros((), dtype=torch.long, device=device)
+    batches = window_batches(ids, block_size, starts, first_scored, batch_size)
+    for x, y in tqdm(batches, total=math.ceil(len(starts) / batch_size), disable=not progress,
+                     desc="evaluating", unit="batch", dynamic_ncols=True):
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            logits = model(x).logits
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
+                                 reduction="sum").double()
+        count += (y != IGNORE).sum()
+    return total.item(), int(count)
+
+
+def scored_bytes(tokenizer, ids):
+    """UTF-8 bytes of the text the scored tokens (all but the first) stand for."""
+    piece_lengths = np.array([len(piece) for piece in tokenizer.pieces], dtype=np.int64)
+    return int(piece_lengths[np.asarray(ids[1:], dtype=np.int64)].sum())
+
+
+def summarize(total_nats, num_tokens, num_bytes):
+    """Mean loss, perplexity and bits per byte from the totals."""
+    loss = total_nats / num_tokens
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
+            "bits_per_byte": total_nats / math.log(2) / num_bytes,
+            "tokens": num_tokens, "bytes": num_bytes}
+
+
+def tokens_to_score(checkpoint, tokenizer, data, path):
+    """(ids, description): the text of `data`, or the checkpoint's own validation split."""
+    if data:
+        return tokenizer.encode(get_dataset(data)), data
+    gpt_config, train_config = configs_from_checkpoint(checkpoint, path)
+    _, tokens = load_tokens(train_config, tokenizer)
+    _, val_tokens = split_tokens(tokens, train_config.val_fraction, gpt_config.block_size)
+    source = train_config.data or "the built-in corpus"
+    return np.asarray(val_tokens), f"validation split of {source}"
+
+
+def main(argv=None):
+    args = parse_evaluate_args(argv)
+    path = args.checkpoint or find_sampling_checkpoint(args.checkpoint_dir)
+    if not path:
+        fail(f"no checkpoint in {args.checkpoint_dir}/: train a model first with `python train.py`")
+    device = select_device(args.device)
+    dtype = select_dtype(args.dtype, device)
+    model, tokenizer, checkpoint = model_from_checkpoint(path, device)
+    block_size = model.config.block_size
+    if args.stride > block_size:
+        fail(f"--stride {args.stride} exceeds the model's block_size {block_size}: "
+             f"tokens between windows would never be scored")
+    ids, source = tokens_to_score(checkpoint, tokenizer, args.data, path)
+    total_nats, num_tokens = evaluate_tokens(
+        model, ids, block_size, args.stride or block_size, args.batch_size,
+        autocast=lambda: autocast_context(device, dtype), progress=True)
+    result = summarize(total_nats, num_tokens, scored_bytes(tokenizer, ids))
+    print(f"{path} on {source}: {result['tokens']:,} tokens, {result['bytes']:,} bytes")
+    print(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+          f"bits per byte {result['bits_per_byte']:.4f}")
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,120 @@
+"""Draw a run's loss curve: `python plot.py [checkpoints/metrics.jsonl] [--out loss.png]`.
+
+Reads the metrics.jsonl that train.py writes (one JSON object per line) and draws, against the
+optimizer step:
+- top: the training loss, its smoothed line (an exponential moving average, bias-corrected so it
+  does not start near zero), and the validation loss;
+- bottom: the learning rate.
+A dashed vertical line marks each point where the run was resumed (records {"event": "resume"}).
+The picture is drawn on a matplotlib `Figure` with the Agg (file-only) canvas: no window and no
+global pyplot state. matplotlib is optional; only this script needs it. What the records mean
+is train.py's business.
+"""
+
+import json
+import math
+from pathlib import Path
+
+from config import ArgumentParser, fail, run_main
+
+
+def parse_plot_args(argv=None):
+    parser = ArgumentParser(description="Plot training loss, validation loss and learning rate.")
+    parser.add_argument("metrics", nargs="?", default="checkpoints/metrics.jsonl",
+                        help="metrics file written by train.py (default: checkpoints/metrics.jsonl)")
+    parser.add_argument("--out", default="loss.png", help="image to write (default: loss.png)")
+    parser.add_argument("--smoothing", type=float, default=0.6,
+                        help="weight of the past in the smoothed training loss, in [0, 1)")
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.smoothing < 1.0:
+        fail(f"--smoothing must be in [0, 1), got {args.smoothing}")
+    return args
+
+
+def read_metrics(path):
+    """The series in a metrics file: {"train": [(step, loss)], "val": [...], "lr": [...],
+    "resumes": [step, ...]}. Non-finite losses (a log with no steps behind it) are left out."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"metrics file not found: {path} (train.py writes it into --checkpoint_dir)")
+    series = {"train": [], "val": [], "lr": [], "resumes": []}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            fail(f"{path}, line {number}: not a metrics record")
+        if record.get("event") == "resume":
+            series["resumes"].append(step)
+        for key, name in (("loss", "train"), ("val_loss", "val"), ("lr", "lr")):
+            value = record.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                series[name].append((step, float(value)))
+    if not series["train"] and not series["val"]:
+        fail(f"{path} has no loss records yet")
+    return series
+
+
+def smooth(values, weight):
+    """Exponential moving average, divided by (1 - weight^n) so early points are not pulled to 0."""
+    smoothed, average = [], 0.0
+    for count, value in enumerate(values, start=1):
+        average = weight * average + (1.0 - weight) * value
+        smoothed.append(average / (1.0 - weight ** count))
+    return smoothed
+
+
+def _import_figure():
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        fail("plot.py needs the 'matplotlib' package: pip install matplotlib")
+    return Figure
+
+
+def draw(series, out, smoothing=0.6, title=""):
+    """Render the curves to the image file `out` (its suffix picks the format: png, svg, pdf)."""
+    Figure = _import_figure()
+    figure = Figure(figsize=(9, 6), layout="constrained")
+    loss_axes, lr_axes = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    if series["train"]:
+        steps, losses = zip(*series["train"])
+        loss_axes.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss")
+        loss_axes.plot(steps, smooth(losses, smoothing), color="tab:blue", linewidth=2,
+                       label=f"train loss (smoothed {smoothing:g})")
+    if series["val"]:
+        steps, losses = zip(*series["val"])
+        loss_axes.plot(steps, losses, color="tab:orange", marker="o", markersize=4,
+                       linewidth=1.5, label="validation loss")
+    if series["lr"]:
+        steps, rates = zip(*series["lr"])
+        lr_axes.plot(steps, rates, color="tab:green", linewidth=1.5)
+    for index, step in enumerate(series["resumes"]):
+        for axes in (loss_axes, lr_axes):
+            axes.axvline(step, color="gray", linestyle="--", linewidth=1,
+                         label="resumed" if index == 0 and axes is loss_axes else None)
+    loss_axes.set_ylabel("loss (nats per token)")
+    loss_axes.set_title(title)
+    loss_axes.grid(alpha=0.3)
+    loss_axes.legend()
+    lr_axes.set_ylabel("learning rate")
+    lr_axes.set_xlabel("step")
+    lr_axes.grid(alpha=0.3)
+    try:
+        figure.savefig(out, dpi=100)
+    except (OSError, ValueError) as error:
+        fail(f"could not write {out}: {error}")
+    return Path(out)
+
+
+def main(argv=None):
+    args = parse_plot_args(argv)
+    out = draw(read_metrics(args.metrics), args.out, args.smoothing, title=str(args.metrics))
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    run_main(main)

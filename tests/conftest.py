@@ -1,0 +1,111 @@
+"""Shared helpers for the test suite: the repository path, tiny training runs, and running the CLI.
+
+Every run here is tiny (one or two layers, width 32, context 16, a few steps) so the whole suite
+stays fast on a 2-core CPU. Tests call `train.train(argv)` and `sample.main(argv)` in-process where
+they can; `run_cli` starts a real `python train.py ...` only where the command line itself is tested.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from config import run_main  # noqa: E402  (needs the repository on sys.path)
+
+# The models here are so small that a second intra-op thread only adds synchronisation, which
+# costs seconds when other processes share the 2 cores.
+torch.set_num_threads(1)
+
+# A small corpus with a few dozen distinct characters; about 12 KB, so every split is long enough.
+TINY_TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}.\n"
+                    for i in range(200))
+
+
+class UnsafePayload:
+    """An arbitrary Python object: `torch.load(weights_only=True)` must refuse to rebuild it."""
+
+    def __init__(self):
+        self.message = "a pickle of this class could run code when loaded"
+
+
+@pytest.fixture(autouse=True)
+def private_token_cache(tmp_path, monkeypatch):
+    """Keep token caches out of the user's ~/.cache, for in-process runs and subprocesses alike."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
+def write_corpus(directory, text=TINY_TEXT, name="corpus.txt"):
+    path = Path(directory) / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    return write_corpus(tmp_path)
+
+
+def tiny_argv(checkpoint_dir, data, **flags):
+    """argv for a tiny CPU run; keyword arguments add or replace flags (a list value: several)."""
+    settings = {
+        "data": data, "cache_dir": Path(checkpoint_dir).parent / "token-cache",
+        "checkpoint_dir": checkpoint_dir, "device": "cpu",
+        "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16,
+        "batch_size": 8, "max_iters": 8, "warmup_iters": 2,
+        "log_iter": 2, "eval_iter": 4, "save_iter": 4, "eval_batches": 2,
+    }
+    settings.update(flags)
+    argv = []
+    for name, value in settings.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        argv += [f"--{name}", *(str(v) for v in values)]
+    return argv
+
+
+def exit_status(main, argv):
+    """Run an entry point the way its `__main__` block does; return its exit status."""
+    try:
+        run_main(main, argv)
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+def run_cli(*args, cwd=REPO):
+    """`python <args>` in a subprocess (script paths relative to the repository)."""
+    script, *rest = args
+    script_path = REPO / script if not Path(script).is_absolute() else Path(script)
+    return subprocess.run([sys.executable, str(script_path), *map(str, rest)], cwd=cwd,
+                          capture_output=True, text=True, env=dict(os.environ), timeout=120)
+
+
+def stderr_lines(text):
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def snapshot(directory):
+    """Every file under `directory` with its bytes: to prove a failed run changed nothing."""
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A finished tiny run (8 steps, checkpoints at 4 and 8) shared by the sampling tests.
+
+    Seed 1 differs from the default seed, so a command that failed to protect these files would
+    leave different bytes behind.
+    """
+    root = tmp_path_factory.mktemp("trained")
+    data = write_corpus(root)
+    checkpoint_dir = root / "checkpoints"
+    import train
+    train.train(tiny_argv(checkpoint_dir, data, seed=1))
+    return checkpoint_dir
+
