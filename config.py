@@ -9,6 +9,8 @@ line on stderr and exit status 2. What the flags *do* is left to the modules tha
 
 import argparse
 import dataclasses
+import inspect
+import re
 import sys
 from dataclasses import dataclass
 
@@ -101,10 +103,20 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(message)
 
 
-def _add_field(parser, config_field):
+def _field_comments(config_class):
+    """The `# comment` written beside each field in the class body: the flag's --help text."""
+    comments = {}
+    for line in inspect.getsource(config_class).splitlines():
+        match = re.match(r"\s+(\w+):.*?#\s*(.+)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2)
+    return comments
+
+
+def _add_field(parser, config_field, comment=""):
     default = config_field.default
     name = f"--{config_field.name}"
-    help_text = f"(default: {default!r})"
+    help_text = f"{comment} (default: {default!r})".strip()
     annotation = config_field.type
     if annotation is bool or annotation == "bool":
         parser.add_argument(name, type=_parse_bool, metavar="true|false", help=help_text)
@@ -118,8 +130,9 @@ def build_parser(description=None):
     parser = ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     for config_class in (GPTConfig, TrainConfig):
         group = parser.add_argument_group(config_class.__name__)
+        comments = _field_comments(config_class)
         for config_field in dataclasses.fields(config_class):
-            _add_field(group, config_field)
+            _add_field(group, config_field, comments.get(config_field.name, ""))
     return parser
 
 

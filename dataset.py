@@ -28,6 +28,7 @@ import hashlib
 import json
 import mmap
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -110,8 +111,13 @@ def default_cache_dir():
 
 
 def _fingerprint(files):
-    return [{"path": str(f.resolve()), "size": s.st_size, "mtime_ns": s.st_mtime_ns}
-            for f, s in ((f, f.stat()) for f in files)]
+    """Each source file's path, size and modification time: editing a file changes them."""
+    fingerprint = []
+    for file in files:
+        stat = file.stat()
+        fingerprint.append({"path": str(file.resolve()), "size": stat.st_size,
+                            "mtime_ns": stat.st_mtime_ns})
+    return fingerprint
 
 
 def _cache_key(settings):
@@ -128,13 +134,13 @@ def _exclusive_lock(path):
     if fcntl is None:
         yield False
         return
-    with open(path, "a") as handle:
+    with open(path, "a") as handle:  # closing the file releases the lock
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)
+            locked = True
         except OSError:  # a file system without locks: go on unlocked, as on Windows
-            yield False
-            return
-        yield True  # closing the file releases the lock
+            locked = False
+        yield locked
 
 
 @contextlib.contextmanager
@@ -234,7 +240,7 @@ def _write_tokens(path, tokenizer, dtype, handle, chunk_bytes):
     count = 0
     for text in _whole_lines(iter_text_chunks(path, chunk_bytes)):
         ids = tokenizer.encode(text)
-        handle.write(ids.astype(dtype).tobytes())
+        handle.write(ids.astype(dtype))
         count += len(ids)
     return count
 
@@ -253,10 +259,9 @@ def _whole_lines(chunks):
 
 
 def _train_tokenizer(kind, path, val_fraction, bpe_vocab_size):
+    """The byte or BPE tokenizer for a corpus (char vocabularies are collected while writing)."""
     if kind == "byte":
         return ByteTokenizer()
-    if kind == "char":
-        return CharTokenizer.train(iter_text_chunks(path))
     # BPE learns from the training split only: the leading (1 - val_fraction) of the bytes
     budget = (1.0 - val_fraction) * sum(f.stat().st_size for f in corpus_files(path))
 
@@ -281,14 +286,14 @@ def _write_char_tokens(path, handle, chunk_bytes):
     Ids are first numbered as the characters turn up; at the end the vocabulary is sorted (the
     CharTokenizer order) and the ids are renumbered in place, one chunk of the file at a time.
     """
-    for dtype in (np.uint16, np.uint32):  # 4-byte ids only past 65,536 distinct characters
+    dtype = np.uint16
+    try:
+        code_points, count = _write_ids_in_order_of_appearance(path, handle, dtype, chunk_bytes)
+    except _TooManyCharacters:  # more than 65,536 distinct characters: again, with 4-byte ids
+        dtype = np.uint32
         handle.seek(0)
         handle.truncate()
-        try:
-            code_points, count = _write_ids_in_order_of_appearance(path, handle, dtype, chunk_bytes)
-            break
-        except _TooManyCharacters:
-            continue
+        code_points, count = _write_ids_in_order_of_appearance(path, handle, dtype, chunk_bytes)
     order = np.argsort(code_points)
     if np.any(order != np.arange(len(order))):
         sorted_id = np.empty(len(order), dtype=dtype)
@@ -313,8 +318,8 @@ def _write_ids_in_order_of_appearance(path, handle, dtype, chunk_bytes):
             id_of[new] = np.arange(num_chars, num_chars + len(new))
             found.append(new)
             num_chars += len(new)
-            ids = id_of[code_points]
-        handle.write(ids.astype(dtype).tobytes())
+            ids[unseen] = id_of[code_points[unseen]]
+        handle.write(ids.astype(dtype))
         count += len(ids)
     return np.concatenate(found), count
 
@@ -327,7 +332,7 @@ def _renumber(handle, new_id, count, chunk_bytes):
         handle.seek(start * itemsize)
         ids = np.frombuffer(handle.read(min(per_chunk, count - start) * itemsize), dtype=new_id.dtype)
         handle.seek(start * itemsize)
-        handle.write(new_id[ids].tobytes())
+        handle.write(new_id[ids])
 
 
 def load_tokens(train_config, tokenizer=None):
@@ -378,6 +383,14 @@ def _memmap_location(array):
     return str(root.filename), array.dtype.str, offset, len(array)
 
 
+def _map_again(location, file=None):
+    """A new map of the file region at `location`. Its pages are released with it: the kernel may
+    map a large block of the file around each window read, and a map that lives for the whole run
+    would keep all of them resident."""
+    name, dtype, offset, length = location
+    return np.memmap(file or name, dtype=dtype, mode="r", offset=offset, shape=(length,))
+
+
 class RandomWindows(Dataset):
     """Item i is micro-batch i of the run: `batch_size` windows at positions drawn from (seed, i).
 
@@ -410,10 +423,9 @@ class RandomWindows(Dataset):
     def _open_tokens(self):
         if self.location is None:
             return self.tokens
-        name, dtype, offset, length = self.location
         if self.file is None:
-            self.file = open(name, "rb")
-        return np.memmap(self.file, dtype=dtype, mode="r", offset=offset, shape=(length,))
+            self.file = open(self.location[0], "rb")
+        return _map_again(self.location, self.file)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -450,8 +462,13 @@ def build_dataloader(tokens, block_size, batch_size, seed, start=0, stop=None, n
     # not come from (and shift) the global torch generator that dropout uses.
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                      generator=generator)
+                      pin_memory=pin_memory, generator=generator,
+                      worker_init_fn=_leave_interrupts_to_the_main_process)
+
+
+def _leave_interrupts_to_the_main_process(worker_id):
+    """Ctrl-C reaches every process of the terminal; the training loop, not a worker, handles it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def validation_batches(tokens, block_size, batch_size, num_batches, rank=0, world_size=1):
@@ -461,8 +478,10 @@ def validation_batches(tokens, block_size, batch_size, num_batches, rank=0, worl
     windows of which rank r keeps slice r, so the set depends only on the global batch: two
     processes with batch B evaluate exactly the windows one process with batch 2B does.
     """
+    location = _memmap_location(tokens)
+    source = tokens if location is None else _map_again(location)  # unmapped when this returns
     global_batch = batch_size * world_size
     starts = np.linspace(0, len(tokens) - block_size - 1, num_batches * global_batch)
     starts = starts.round().astype(np.int64).reshape(num_batches, global_batch)
     mine = starts[:, rank * batch_size:(rank + 1) * batch_size]
-    return [windows_at(tokens, s, block_size) for s in mine]
+    return [windows_at(source, s, block_size) for s in mine]

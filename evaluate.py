@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from checkpoint import configs_from_checkpoint, find_sampling_checkpoint, model_from_checkpoint
 from config import DTYPES, ArgumentParser, fail, run_main
-from dataset import get_dataset, load_tokens, split_tokens
+from dataset import cached_tokens, load_tokens, split_tokens
 from runtime import autocast_context, select_device, select_dtype
 
 IGNORE = -100  # the label of a position that is not scored (cross_entropy's ignore_index)
@@ -124,9 +124,10 @@ def summarize(total_nats, num_tokens, num_bytes):
 
 def tokens_to_score(checkpoint, tokenizer, data, path):
     """(ids, description): the text of `data`, or the checkpoint's own validation split."""
-    if data:
-        return tokenizer.encode(get_dataset(data)), data
     gpt_config, train_config = configs_from_checkpoint(checkpoint, path)
+    if data:  # through the token cache: a large file is read in chunks and memory-mapped
+        _, ids = cached_tokens(data, tokenizer.kind, train_config.cache_dir, tokenizer=tokenizer)
+        return np.asarray(ids), data
     _, tokens = load_tokens(train_config, tokenizer)
     _, val_tokens = split_tokens(tokens, train_config.val_fraction, gpt_config.block_size)
     source = train_config.data or "the built-in corpus"

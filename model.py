@@ -69,7 +69,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU ("gelu_new" in Hugging Face terms)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU; "gelu_pytorch_tanh" in Hugging Face
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -160,7 +160,7 @@ class GPT(nn.Module):
             if use_cache:
                 if cache is None:
                     cache = KVCache(self.config, sequence.size(0), sequence.device,
-                                    self.token_embedding.weight.dtype)
+                                    _activation_dtype(sequence.device, self.token_embedding.weight))
                 logits = self(sequence[:, sequence.size(1) - new_positions:], cache=cache).logits
             else:
                 logits = self(sequence[:, context_start:]).logits
@@ -181,6 +181,13 @@ class GPT(nn.Module):
         if not new_tokens:
             return input_ids
         return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+def _activation_dtype(device, weight):
+    """The dtype keys and values are computed in: autocast's when it is on, else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return weight.dtype
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

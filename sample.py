@@ -85,6 +85,7 @@ def main(argv=None):
     def autocast():
         return autocast_context(device, dtype)
 
+    encode_prompt(tokenizer, args.prompt, device)  # a prompt the vocabulary lacks fails before output
     for index in range(args.num_samples):
         if index:
             sys.stdout.write("\n---------------\n")

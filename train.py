@@ -15,6 +15,7 @@ The model lives in model.py, batches in dataset.py, checkpoint files in checkpoi
 import contextlib
 import json
 import math
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -59,7 +60,7 @@ def configure(argv=None):
             fail(f"{path} holds weights only (a final checkpoint); resume from a gpt_step*.pt, "
                  f"or start a new run from it with --init_from")
         saved_gpt, saved_train = configs_from_checkpoint(checkpoint, path)
-        reject_architecture_changes(given, saved_gpt, path)
+        reject_architecture_changes(given, saved_gpt, path, checkpoint["tokenizer"])
         gpt_config, train_config = apply_args_to_configs(args, saved_gpt, saved_train)
         train_config.resume, train_config.init_from = str(path), ""
     elif train_config.init_from:
@@ -70,16 +71,21 @@ def configure(argv=None):
             fail(f"--block_size {requested_block_size} exceeds the checkpoint's "
                  f"{saved_gpt.block_size}: position embeddings can be cropped, not invented")
         reject_architecture_changes({k: v for k, v in given.items() if k != "block_size"},
-                                    saved_gpt, train_config.init_from)
+                                    saved_gpt, train_config.init_from, checkpoint["tokenizer"])
         saved_gpt.block_size = requested_block_size
         saved_gpt.dropout = given.get("dropout", saved_gpt.dropout)
         gpt_config = saved_gpt
-        train_config.tokenizer = checkpoint["tokenizer"].get("kind", train_config.tokenizer)
+        train_config.tokenizer = tokenizer_from_state(checkpoint["tokenizer"]).kind
     validate(gpt_config, train_config)
     return gpt_config, train_config, checkpoint
 
 
-def reject_architecture_changes(given, saved_gpt, path):
+def reject_architecture_changes(given, saved_gpt, path, saved_tokenizer):
+    """The architecture and tokenizer come from the checkpoint; a flag that differs is an error."""
+    saved_kind = saved_tokenizer.get("kind") if isinstance(saved_tokenizer, dict) else None
+    if "tokenizer" in given and given["tokenizer"] != saved_kind:
+        fail(f"--tokenizer {given['tokenizer']} contradicts the checkpoint {path}, whose model was "
+             f"trained with the {saved_kind} tokenizer")
     for name in ARCHITECTURE_FIELDS:
         if name in given and given[name] != getattr(saved_gpt, name):
             fail(f"--{name} {given[name]} contradicts the checkpoint {path}, which has "
@@ -181,6 +187,7 @@ def resume(checkpoint, model, optimizer, scheduler, scaler, loader, train_config
         step = int(checkpoint["step"])
         saved_world_size = int(checkpoint.get("world_size", 1))
         rank_states = checkpoint["random_states"]
+        loader.sampler.load_state_dict(checkpoint["data_state"])
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
         fail(f"checkpoint {path} cannot be resumed: {type(error).__name__}: {error}")
     # the schedule follows this run's flags (a larger --max_iters reshapes the rest of it)
@@ -188,13 +195,15 @@ def resume(checkpoint, model, optimizer, scheduler, scaler, loader, train_config
     for group, base_lr, multiplier in zip(optimizer.param_groups, scheduler.base_lrs,
                                           scheduler.lr_lambdas):
         group["lr"] = base_lr * multiplier(step)
-    if saved_world_size == runtime.world_size:
-        restore_random_states(rank_states[runtime.rank], runtime.device)
-    else:
-        print0(f"note: the checkpoint was written by {saved_world_size} process(es) and this run "
-               f"has {runtime.world_size}: random states restart and the data order changes")
-        restore_random_states(rank_states[0], runtime.device)
-    loader.sampler.load_state_dict(checkpoint["data_state"])
+    try:
+        if saved_world_size == runtime.world_size:
+            restore_random_states(rank_states[runtime.rank], runtime.device)
+        else:
+            print0(f"note: the checkpoint was written by {saved_world_size} process(es) and this "
+                   f"run has {runtime.world_size}: random states restart from the seed and the "
+                   f"data order changes")
+    except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as error:
+        fail(f"checkpoint {path} has damaged random states: {type(error).__name__}: {error}")
     trim_metrics(Path(train_config.checkpoint_dir) / "metrics.jsonl", step, runtime)
     print0(f"resumed from {path} after step {step}")
     return step
@@ -371,11 +380,12 @@ def run_loop(model, train_model, optimizer, scheduler, scaler, loader, val_set, 
     loss_sum = torch.zeros((), device=runtime.device)  # summed on the device, read at log time
     steps_since_log = 0
     first_bad_step = torch.full((), -1, device=runtime.device, dtype=torch.long)
-    data = iter(loader)
+    data = batches(loader)
     progress = tqdm(total=t.max_iters, initial=step, disable=not runtime.is_main,
                     dynamic_ncols=True, desc="training")
     clock = time.perf_counter()
-    with StopRequest(runtime) as stop:
+    # however the loop ends, the bar is closed and DataLoader workers are shut down
+    with StopRequest(runtime) as stop, progress, contextlib.closing(data):
         while step < t.max_iters:
             step_loss, bad = forward_backward(model, train_model, optimizer, scaler, data, t, runtime)
             if t.skip_nonfinite and bool(bad):  # opt-in: costs a host sync every step
@@ -402,10 +412,15 @@ def run_loop(model, train_model, optimizer, scheduler, scaler, loader, val_set, 
             saving = step % t.save_iter == 0 or finished
             stop_signal = stop.requested()
             if step % t.log_iter == 0 or saving or finished or stop_signal:
+                if runtime.distributed:  # every rank stops at the first bad step of any rank
+                    dist.all_reduce(first_bad_step, op=dist.ReduceOp.MAX)
                 bad_step = int(first_bad_step)
                 if bad_step >= 0:
                     stop_nonfinite(bad_step, t)
                 elapsed, clock = time.perf_counter() - clock, time.perf_counter()
+                if runtime.distributed:  # the mean over every rank's micro-batches
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= runtime.world_size
                 if steps_since_log:
                     last_loss = (loss_sum / steps_since_log).item()
                 tokens_per_second = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
@@ -429,13 +444,21 @@ def run_loop(model, train_model, optimizer, scheduler, scaler, loader, val_set, 
                                          gpt_config, t, tokenizer, runtime)
                 path = save_step_checkpoint(state, t, runtime)
             if stop_signal and not finished:
-                progress.close()
+                progress.close()  # before the last lines, so they do not land on the bar
                 print0(f"stopped by {signal.Signals(stop_signal).name} after step {step}; "
                        f"checkpoint {path}")
-                print0(f"resume with: python train.py --resume {path}")
+                print0(f"resume with: python train.py --resume {shlex.quote(str(path))}")
                 raise SystemExit(StopRequest.EXIT_STATUS[stop_signal])
-    progress.close()
     return record
+
+
+def batches(loader):
+    """The loader's batches; closing this generator shuts its worker processes down at once."""
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    finally:
+        del iterator
 
 
 def stop_nonfinite(step, train_config, reason="the loss or gradient norm is not finite"):
@@ -510,6 +533,8 @@ def prepare_checkpoint_dir(model, train_config, runtime):
         bytes_per_checkpoint = 3 * 4 * count_parameters(model) + (1 << 20)  # weights + 2 AdamW moments
         check_room_for_checkpoints(train_config.checkpoint_dir, bytes_per_checkpoint)
         remove_temporary_files(train_config.checkpoint_dir)
+        if not train_config.resume:  # a new run starts a new history
+            (Path(train_config.checkpoint_dir) / "metrics.jsonl").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

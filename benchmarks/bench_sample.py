@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 import torch  # noqa: E402
 
 from checkpoint import model_from_checkpoint  # noqa: E402
-from config import ArgumentParser, GPTConfig, fail, run_main, validate, TrainConfig  # noqa: E402
+from config import DTYPES, ArgumentParser, GPTConfig, TrainConfig, fail, run_main, validate  # noqa: E402
 from model import build_model, count_parameters  # noqa: E402
 from runtime import autocast_context, select_device, select_dtype, set_seed  # noqa: E402
 
@@ -33,8 +33,7 @@ def parse_bench_args(argv=None):
     parser.add_argument("--n_embd", type=int, default=GPTConfig.n_embd)
     parser.add_argument("--vocab_size", type=int, default=65, help="tiny Shakespeare's characters")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="float32", help="autocast dtype: auto, float32, "
-                        "bfloat16 or float16")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="autocast dtype")
     parser.add_argument("--seed", type=int, default=1337)
     args = parser.parse_args(argv)
     if args.max_new_tokens <= 0:
@@ -48,7 +47,7 @@ def load_model(args, device):
         return model
     gpt_config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size,
                            n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-    validate(gpt_config, TrainConfig(dtype=args.dtype))
+    validate(gpt_config, TrainConfig())
     return build_model(gpt_config).to(device).eval()
 
 

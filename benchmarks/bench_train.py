@@ -1,12 +1,13 @@
 """Time the training step: `python benchmarks/bench_train.py [train.py flags] [--bench_steps K ...]`.
 
-Two measurements of the same model, optimizer and data:
-- the loop: train.run_loop itself, called twice on one model. The first call runs W warm-up
-  steps (compilation, allocator warm-up) and ends with its usual evaluation and checkpoint; the
-  second runs the next K steps and logs only at its last step, so the throughput in the record it
-  returns is the loop's own clock over exactly those K steps, after a device synchronisation;
-- the bare step: forward, backward, gradient clipping and AdamW on one fixed batch already on the
-  device, with no data loading, schedule, logging or checks around it.
+Two measurements of the same model, optimizer and data, taken in turn --repeats times so that a
+burst of load on a shared machine hits both; the best (lowest) time of each is reported:
+- the loop: train.run_loop itself. Each call continues the run for K steps and logs only at its
+  last step, so the throughput in the record it returns is the loop's own clock over exactly
+  those K steps, read after a device synchronisation. The evaluation and checkpoint that end
+  each call come after that clock. A first call of W steps warms up (compilation, allocator);
+- the bare step: train.forward_backward (forward, backward, gradient clipping) and the AdamW step
+  on one fixed batch already on the device, with no data loading, schedule or logging around it.
 It prints ms/step, tokens/s, MFU (when the device's peak is known or --peak_flops is given), peak
 memory (CUDA max allocated, or the process's max RSS on the CPU) and the loop's overhead over the
 bare step. --synthetic_vocab V trains on uniformly random tokens instead of a corpus. Checkpoints
@@ -14,7 +15,7 @@ and metrics go to a temporary directory that is deleted afterwards.
 """
 
 import dataclasses
-import math
+import itertools
 import resource
 import sys
 import tempfile
@@ -30,10 +31,10 @@ from config import (GPTConfig, TrainConfig, _parse_bool, apply_args_to_configs, 
                     build_parser, fail, run_main, validate)
 from dataset import build_dataloader, split_tokens, validation_batches  # noqa: E402
 from model import flops_per_token  # noqa: E402
-from tokenizer import CharTokenizer  # noqa: E402
 from runtime import peak_flops, print0, setup_runtime  # noqa: E402
-from train import (configure_optimizer, get_cosine_schedule_with_warmup, prepare_data,  # noqa: E402
-                   prepare_model, run_loop)
+from tokenizer import CharTokenizer  # noqa: E402
+from train import (configure_optimizer, forward_backward,  # noqa: E402
+                   get_cosine_schedule_with_warmup, prepare_data, prepare_model, run_loop)
 
 SYNTHETIC_TOKENS = 1 << 20  # long enough that random windows rarely repeat
 
@@ -44,13 +45,15 @@ def parse_bench_args(argv=None):
     group.add_argument("--bench_steps", type=int, default=20, help="timed optimizer steps (K)")
     group.add_argument("--warmup_steps", type=int, default=5,
                        help="untimed optimizer steps before timing (W)")
+    group.add_argument("--repeats", type=int, default=3,
+                       help="timed rounds of K steps, loop and bare step in turn; the best counts")
     group.add_argument("--bare", type=_parse_bool, default=True, metavar="true|false",
                        help="also time a bare forward/backward/clip/AdamW step")
     group.add_argument("--synthetic_vocab", type=int, default=0,
                        help="train on random tokens of this vocabulary instead of --data")
     args = parser.parse_args(argv)
-    if args.bench_steps <= 0 or args.warmup_steps < 0:
-        fail("--bench_steps must be positive and --warmup_steps must not be negative")
+    if args.bench_steps <= 0 or args.repeats <= 0 or args.warmup_steps < 0:
+        fail("--bench_steps and --repeats must be positive and --warmup_steps must not be negative")
     if args.synthetic_vocab < 0:
         fail(f"--synthetic_vocab must not be negative, got {args.synthetic_vocab}")
     if "resume" in args or "init_from" in args:
@@ -59,13 +62,13 @@ def parse_bench_args(argv=None):
 
 
 def configure(args, checkpoint_dir):
-    """train.py's configs, with the run shaped to W + K steps, logging and evaluation at phase ends."""
+    """train.py's configs, with the run's length set to W + repeats x K steps."""
     gpt_config, train_config = apply_args_to_configs(args, GPTConfig(), TrainConfig())
-    total = args.warmup_steps + args.bench_steps
+    total = args.warmup_steps + args.repeats * args.bench_steps
     train_config.max_iters = total
     train_config.warmup_iters = min(train_config.warmup_iters, total)  # learning-rate warmup
     train_config.checkpoint_dir = checkpoint_dir
-    train_config.keep_last = 0
+    train_config.keep_last = 1
     if "eval_batches" not in args:
         train_config.eval_batches = 1  # evaluation runs outside the timed interval; keep it short
     if args.synthetic_vocab:
@@ -95,55 +98,88 @@ def synthetic_data(gpt_config, train_config, runtime):
     return tokenizer, loader, val_set
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclasses.dataclass
+class Training:
+    """Everything train.run_loop needs, built by train.py's own stage functions."""
+    model: torch.nn.Module
+    train_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    loader: torch.utils.data.DataLoader
+    val_set: list
+    tokenizer: object
+    gpt_config: GPTConfig
+    train_config: TrainConfig
+    runtime: object
+    step: int = 0  # optimizer steps taken by the loop so far
+
+    @property
+    def tokens_per_step(self):
+        t = self.train_config
+        return t.batch_size * self.gpt_config.block_size * t.grad_accum_steps
 
 
-def time_loop(model, train_model, optimizer, scheduler, scaler, loader, val_set, tokenizer,
-              gpt_config, train_config, runtime, warmup_steps):
-    """Seconds per optimizer step of train.run_loop, by the loop's own clock, after the warm-up."""
-    t = train_config
-    if warmup_steps:
-        warmup = dataclasses.replace(t, max_iters=warmup_steps, log_iter=warmup_steps,
-                                     eval_iter=warmup_steps, save_iter=warmup_steps)
-        run_loop(model, train_model, optimizer, scheduler, scaler, loader, val_set, tokenizer,
-                 gpt_config, warmup, runtime, start_step=0)
-        loader.sampler.load_state_dict({"position": warmup_steps * t.grad_accum_steps})
-    timed = dataclasses.replace(t, log_iter=t.max_iters, eval_iter=t.max_iters,
-                                save_iter=t.max_iters)
-    record = run_loop(model, train_model, optimizer, scheduler, scaler, loader, val_set, tokenizer,
-                      gpt_config, timed, runtime, start_step=warmup_steps)
-    tokens_per_step = t.batch_size * gpt_config.block_size * t.grad_accum_steps
-    return tokens_per_step / record["tokens_per_sec"]
+def build_training(args, gpt_config, train_config):
+    runtime = setup_runtime(train_config)
+    if runtime.distributed:
+        fail("bench_train.py runs in one process; start it with python, not torchrun")
+    if args.synthetic_vocab:
+        tokenizer, loader, val_set = synthetic_data(gpt_config, train_config, runtime)
+    else:
+        tokenizer, loader, val_set = prepare_data(gpt_config, train_config, runtime)
+    model, train_model = prepare_model(gpt_config, train_config, runtime)
+    optimizer = configure_optimizer(model, train_config, runtime.device)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, train_config.warmup_iters,
+                                                train_config.max_iters, train_config.min_lr_ratio)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
+    return Training(model, train_model, optimizer, scheduler, scaler, loader, val_set, tokenizer,
+                    gpt_config, train_config, runtime)
 
 
-def time_bare_step(model, train_model, optimizer, scaler, batch, train_config, runtime,
-                   warmup_steps, bench_steps):
-    """Seconds per optimizer step of forward/backward/clip/AdamW alone, on one fixed batch."""
-    x, y = (part.to(runtime.device) for part in batch)
-    accumulation = train_config.grad_accum_steps
-    clip = train_config.grad_clip or math.inf
+def run_loop_for(training, steps):
+    """Continue the run for `steps` optimizer steps in train.run_loop; its seconds per step."""
+    stop = training.step + steps
+    # log (and so read the clock) only at the last step; evaluate and save after that reading
+    segment = dataclasses.replace(training.train_config, max_iters=stop, log_iter=stop,
+                                  eval_iter=stop, save_iter=stop)
+    training.loader.sampler.load_state_dict(
+        {"position": training.step * segment.grad_accum_steps})
+    record = run_loop(training.model, training.train_model, training.optimizer, training.scheduler,
+                      training.scaler, training.loader, training.val_set, training.tokenizer,
+                      training.gpt_config, segment, training.runtime, start_step=training.step)
+    training.step = stop
+    return training.tokens_per_step / record["tokens_per_sec"]
+
+
+def bare_step_timer(training):
+    """A function timing `steps` bare optimizer steps: train.forward_backward (forward, backward,
+    unscale, clip) and the AdamW step, on one fixed batch already on the device."""
+    runtime, optimizer, scaler = training.runtime, training.optimizer, training.scaler
+    batch = tuple(part.to(runtime.device) for part in training.loader.dataset[0])
+    same_batch = itertools.repeat(batch)
 
     def step():
-        for _ in range(accumulation):
-            with runtime.autocast():
-                loss = train_model(input_ids=x, labels=y).loss / accumulation
-            scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        forward_backward(training.model, training.train_model, optimizer, scaler, same_batch,
+                         training.train_config, runtime)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(warmup_steps):
-        step()
-    synchronize(runtime.device)
-    start = time.perf_counter()
-    for _ in range(bench_steps):
-        step()
-    synchronize(runtime.device)
-    return (time.perf_counter() - start) / bench_steps
+    def seconds_per_step(steps):
+        synchronize(runtime.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(runtime.device)
+        return (time.perf_counter() - start) / steps
+
+    return seconds_per_step
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def peak_memory(device):
@@ -165,43 +201,39 @@ def main(argv=None):
     args = parse_bench_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_train-") as checkpoint_dir:
         gpt_config, train_config = configure(args, checkpoint_dir)
-        runtime = setup_runtime(train_config)
-        if runtime.distributed:
-            fail("bench_train.py runs in one process; start it with python, not torchrun")
-        if args.synthetic_vocab:
-            tokenizer, loader, val_set = synthetic_data(gpt_config, train_config, runtime)
-        else:
-            tokenizer, loader, val_set = prepare_data(gpt_config, train_config, runtime)
-        model, train_model = prepare_model(gpt_config, train_config, runtime)
-        optimizer = configure_optimizer(model, train_config, runtime.device)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, train_config.warmup_iters,
-                                                    train_config.max_iters, train_config.min_lr_ratio)
-        scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
-        if runtime.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(runtime.device)
+        training = build_training(args, gpt_config, train_config)
+        device = training.runtime.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if args.warmup_steps:
+            run_loop_for(training, args.warmup_steps)
+        bare_step = bare_step_timer(training) if args.bare else None
+        if bare_step and args.warmup_steps:
+            bare_step(args.warmup_steps)
+        loop_times, bare_times = [], []
+        for _ in range(args.repeats):
+            loop_times.append(run_loop_for(training, args.bench_steps))
+            if bare_step:
+                bare_times.append(bare_step(args.bench_steps))
 
-        loop_seconds = time_loop(model, train_model, optimizer, scheduler, scaler, loader, val_set,
-                                 tokenizer, gpt_config, train_config, runtime, args.warmup_steps)
-        bare_seconds = None
-        if args.bare:
-            bare_seconds = time_bare_step(model, train_model, optimizer, scaler,
-                                          loader.dataset[0], train_config, runtime,
-                                          args.warmup_steps, args.bench_steps)
-
-    t = train_config
-    tokens_per_step = t.batch_size * gpt_config.block_size * t.grad_accum_steps
-    flops_per_step = flops_per_token(model) * tokens_per_step
-    peak = peak_flops(t, runtime.device)
-    print0(f"benchmark: {args.warmup_steps} warm-up + {args.bench_steps} timed steps, "
-           f"{tokens_per_step:,} tokens/step, dtype {str(runtime.dtype).removeprefix('torch.')}, "
-           f"compile {t.compile}, device {runtime.device}")
-    report("loop", loop_seconds, tokens_per_step, flops_per_step, peak)
-    if bare_seconds is not None:
-        report("bare", bare_seconds, tokens_per_step, flops_per_step, peak)
-        print(f"loop overhead over the bare step: {100 * (loop_seconds / bare_seconds - 1):+.1f}%")
+    t = training.train_config
+    tokens_per_step = training.tokens_per_step
+    flops_per_step = flops_per_token(training.model) * tokens_per_step
+    peak = peak_flops(t, device)
+    print0(f"benchmark: {args.warmup_steps} warm-up + {args.repeats} x {args.bench_steps} timed "
+           f"steps, {tokens_per_step:,} tokens/step, dtype "
+           f"{str(training.runtime.dtype).removeprefix('torch.')}, compile {t.compile}, "
+           f"device {device}")
+    print("loop ms/step of each round: " + ", ".join(f"{1000 * s:.2f}" for s in loop_times))
+    report("loop", min(loop_times), tokens_per_step, flops_per_step, peak)
+    if bare_times:
+        print("bare ms/step of each round: " + ", ".join(f"{1000 * s:.2f}" for s in bare_times))
+        report("bare", min(bare_times), tokens_per_step, flops_per_step, peak)
+        overhead = 100 * (min(loop_times) / min(bare_times) - 1)
+        print(f"loop overhead over the bare step: {overhead:+.1f}%")
     if not peak:
         print("MFU: peak FLOP/s of this device unknown; give --peak_flops to report it")
-    memory, kind = peak_memory(runtime.device)
+    memory, kind = peak_memory(device)
     print(f"peak memory: {memory / 2**20:,.1f} MiB ({kind})")
 
 

@@ -1,4 +1,4 @@
-"""Helpers for tests/test_robustness.py: hostile checkpoints, and training runs to kill or interrupt.
+"""Helpers for tests/test_robustness.py: hostile checkpoints, training runs to kill or interrupt.
 
 Imported by the tests, and also run as a script that starts `train.py` with one fault planted:
 
@@ -95,10 +95,12 @@ def start_training(argv, fault=None, log_dir=None):
         command = [sys.executable, str(REPO / "train.py"), *map(str, argv)]
     else:
         mode, number = fault
-        command = [sys.executable, str(Path(__file__).resolve()), mode, str(number), *map(str, argv)]
+        command = [sys.executable, str(Path(__file__).resolve()), mode, str(number),
+                   *map(str, argv)]
     log_dir = Path(log_dir or ".")
     stderr = open(log_dir / f"stderr-{len(list(log_dir.glob('stderr-*')))}.txt", "w")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the same number of threads as this process, so results match in-process runs bit for bit
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                env=env)
     process.stderr_file = stderr
@@ -108,7 +110,7 @@ def start_training(argv, fault=None, log_dir=None):
 
 @contextlib.contextmanager
 def bounded(process, seconds):
-    """Kill `process` if it still runs after `seconds`, so a hung run fails the test, not the suite."""
+    """Kill `process` if it still runs after `seconds`: a hung run fails its test, not the suite."""
     timer = threading.Timer(seconds, process.kill)
     timer.start()
     try:

@@ -53,7 +53,7 @@ def test_exported_model_without_biases_gives_our_logits(bpe_run_without_bias, tm
 
 
 def test_config_declares_our_architecture_and_the_padded_vocabulary(bpe_run_without_bias, tmp_path):
-    export.main(["--checkpoint", str(bpe_run_without_bias / "gpt_final.pt"), "--out", str(tmp_path)])
+    export.export(bpe_run_without_bias / "gpt_final.pt", tmp_path)
     model, tokenizer, _ = model_from_checkpoint(bpe_run_without_bias / "gpt_final.pt")
     config = transformers.GPT2Config.from_pretrained(tmp_path)
     assert model.config.vocab_size % 64 == 0 and model.config.vocab_size > tokenizer.vocab_size
@@ -69,7 +69,7 @@ def test_config_declares_our_architecture_and_the_padded_vocabulary(bpe_run_with
 
 
 def test_bpe_export_loads_with_autotokenizer_and_encodes_like_ours(bpe_run_without_bias, tmp_path):
-    export.main(["--checkpoint", str(bpe_run_without_bias / "gpt_final.pt"), "--out", str(tmp_path)])
+    export.export(bpe_run_without_bias / "gpt_final.pt", tmp_path)
     _, tokenizer, _ = model_from_checkpoint(bpe_run_without_bias / "gpt_final.pt")
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
     text = "the quick brown fox, naïve café\n"

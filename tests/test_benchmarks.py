@@ -1,0 +1,132 @@
+"""The benchmark scripts run on tiny settings and print figures that agree with each other.
+
+These are smoke tests, not timings: no speed is asserted, only that each script finishes, prints
+its figures, and that the figures follow from their definitions (tokens/s from ms/step, MFU from
+FLOPs per token and the peak, the overhead from the two step times).
+"""
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import evaluate
+from config import GPTConfig
+from conftest import REPO, run_cli, write_corpus
+from model import build_model, flops_per_token
+
+TINY_MODEL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16",
+              "--batch_size", "4", "--device", "cpu"]
+NUMBER = r"([\d,]+(?:\.\d+)?)"
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    # the scripts run in subprocesses; a second thread only adds contention on a shared 2-core box
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def figure(pattern, text):
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not found in:\n{text}"
+    return [float(group.replace(",", "")) for group in match.groups()]
+
+
+def test_bench_train_prints_loop_and_bare_step_figures_that_agree_with_each_other():
+    peak = 1e9
+    result = run_cli("benchmarks/bench_train.py", *TINY_MODEL, "--synthetic_vocab", "64",
+                     "--warmup_steps", "1", "--bench_steps", "2", "--repeats", "2",
+                     "--peak_flops", peak)
+    assert result.returncode == 0, result.stderr
+    tokens_per_step = 4 * 16
+    model = build_model(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    step_times = {}
+    for name in ("loop", "bare"):
+        rounds = figure(rf"{name} ms/step of each round: {NUMBER}, {NUMBER}\n", result.stdout)
+        ms, tokens_per_second, mfu = figure(
+            rf"{name}: {NUMBER} ms/step \| {NUMBER} tokens/s \| MFU {NUMBER}%", result.stdout)
+        assert ms == min(rounds)  # the best round is the one reported
+        rounding = 0.005 / ms  # ms/step is printed to 2 decimals: its relative rounding error
+        assert tokens_per_second == pytest.approx(tokens_per_step / (ms / 1000),
+                                                  rel=rounding, abs=0.5)
+        assert mfu == pytest.approx(100 * flops_per_token(model) * tokens_per_second / peak,
+                                    rel=rounding, abs=0.05)
+        step_times[name] = ms
+    (overhead,) = figure(r"loop overhead over the bare step: ([+-]?\d+\.\d)%", result.stdout)
+    ratio = step_times["loop"] / step_times["bare"]
+    tolerance = 100 * ratio * (0.005 / step_times["loop"] + 0.005 / step_times["bare"]) + 0.05
+    assert overhead == pytest.approx(100 * (ratio - 1), abs=tolerance)
+    (memory,) = figure(rf"peak memory: {NUMBER} MiB \(process max RSS\)", result.stdout)
+    assert memory > 0
+
+
+def test_bench_train_on_a_corpus_without_the_bare_step_prints_the_loop_only(tmp_path):
+    data = write_corpus(tmp_path)
+    result = run_cli("benchmarks/bench_train.py", *TINY_MODEL, "--data", data,
+                     "--cache_dir", tmp_path / "cache", "--grad_accum_steps", "2",
+                     "--warmup_steps", "0", "--bench_steps", "2", "--repeats", "1", "--bare", "false")
+    assert result.returncode == 0, result.stderr
+    assert "1 x 2 timed steps, 128 tokens/step" in result.stdout  # batch 4 x block 16 x 2 micro-steps
+    figure(rf"loop: {NUMBER} ms/step \| {NUMBER} tokens/s\n", result.stdout)  # and no MFU
+    assert "bare:" not in result.stdout and "overhead" not in result.stdout
+    assert "MFU: peak FLOP/s of this device unknown" in result.stdout
+
+
+def test_bench_train_refuses_zero_timed_steps_with_one_line_and_status_2():
+    result = run_cli("benchmarks/bench_train.py", "--bench_steps", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --bench_steps and --repeats must be positive and --warmup_steps must not be "
+        "negative"]
+
+
+def test_bench_sample_prints_both_rates_their_ratio_and_identical_greedy_tokens():
+    # 40 new tokens in a 32-token block: the window slides, and both paths must still agree
+    result = run_cli("benchmarks/bench_sample.py", "--n_layer", "1", "--n_head", "2",
+                     "--n_embd", "32", "--block_size", "32", "--max_new_tokens", "40",
+                     "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    (cached,) = figure(rf"with KV cache: {NUMBER} tokens/s", result.stdout)
+    (full,) = figure(rf"without cache: {NUMBER} tokens/s", result.stdout)
+    (ratio,) = figure(rf"speed-up of the cache: {NUMBER}x", result.stdout)
+    assert ratio == pytest.approx(cached / full, rel=0.01, abs=0.01)
+    assert "greedy tokens: identical with and without the cache" in result.stdout
+
+
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+@needs_bash
+def test_cpu_speedrun_reports_wall_time_and_the_evaluated_loss_of_its_final_model(tmp_path):
+    data = write_corpus(tmp_path)
+    out_dir = tmp_path / "out"
+    quick = ["--max_iters", "4", "--warmup_iters", "1", "--n_layer", "1", "--n_head", "2",
+             "--n_embd", "32", "--block_size", "16", "--eval_batches", "2", "--eval_iter", "4"]
+    script = str(REPO / "benchmarks" / "cpu_speedrun.sh")
+    result = subprocess.run(["bash", script, str(data), str(out_dir), *quick],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    (wall_time,) = figure(r"wall time: (\d+\.\d) s \(start-up included\)", result.stdout)
+    assert wall_time > 0
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    (estimate,) = figure(r"in-run validation estimate: (\d+\.\d+) at step 4", result.stdout)
+    assert estimate == pytest.approx(records[-1]["val_loss"], abs=5e-5)
+    (val_loss,) = figure(r"final validation loss: (\d+\.\d+) \(whole validation split",
+                         result.stdout)
+    scored = evaluate.main(["--checkpoint", str(out_dir / "gpt_final.pt"), "--device", "cpu",
+                            "--dtype", "float32"])
+    assert val_loss == pytest.approx(scored["loss"], abs=5e-5)
+
+    again = subprocess.run(["bash", script, str(data), str(out_dir), *quick],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2  # a second run would mix its metrics into the first one's
+    assert "already holds a metrics.jsonl" in again.stderr
+
+
+@needs_bash
+def test_gpu_check_script_is_valid_bash():
+    result = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

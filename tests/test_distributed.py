@@ -1,0 +1,160 @@
+"""Data-parallel training under torchrun: 2 CPU processes (gloo) against 1 process.
+
+With the same global batch (2 processes x batch B against 1 process x batch 2B) both runs see
+the same windows, so their losses and weights agree up to floating-point rounding. Each torchrun
+start costs seconds, so the runs are made once per module and shared between the tests.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, tiny_argv, write_corpus
+from dataset import RandomWindows, validation_batches
+
+BATCH = 4  # per process; the single-process run uses 2 * BATCH
+STEPS = 8
+FLAGS = dict(dropout=0.0, batch_size=BATCH, grad_accum_steps=2, max_iters=STEPS, log_iter=1,
+             eval_iter=4, save_iter=4)
+
+
+def torchrun(argv, cwd):
+    """`torchrun --standalone --nproc_per_node=2 train.py argv` on the CPU; the finished process."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "train.py"), *argv]
+    environment = {**os.environ, "XDG_CACHE_HOME": str(cwd / "xdg-cache"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True,
+                          timeout=120)
+
+
+def metrics(checkpoint_dir):
+    return [json.loads(line) for line in (checkpoint_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model_state_dict"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three torchrun launches and one in-process run, shared by every test of this module."""
+    root = tmp_path_factory.mktemp("distributed")
+    data = write_corpus(root)
+    results = {"root": root}
+    # 2 processes x batch B, and 1 process x batch 2B: the same global batch
+    results["ddp"] = torchrun(tiny_argv(root / "ddp", data, **FLAGS), root)
+    import train
+    results["single"] = train.train(tiny_argv(root / "single", data, **{**FLAGS,
+                                                                        "batch_size": 2 * BATCH}))
+    # with dropout every rank draws its own masks: a resume must restore each rank's random state
+    results["dropout"] = torchrun(tiny_argv(root / "dropout", data, **{**FLAGS, "dropout": 0.2}), root)
+    results["resumed"] = torchrun(["--resume", str(root / "dropout" / "gpt_step4.pt"),
+                                   "--checkpoint_dir", str(root / "resumed")], root)
+    return results
+
+
+def test_a_two_process_run_finishes_with_exit_status_0_and_prints_once(runs):
+    ddp = runs["ddp"]
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("final validation loss") == 1
+    assert "device: cpu x 2 processes" in ddp.stdout
+    tokens = BATCH * 16 * 2 * 2  # batch x block x accumulation x processes
+    assert f"tokens per optimizer step: {tokens:,} = batch {BATCH} x block 16 x accumulation 2 " \
+           f"x processes 2" in ddp.stdout
+
+
+def test_a_two_process_run_writes_one_set_of_checkpoints_and_one_metrics_log(runs):
+    directory = runs["root"] / "ddp"
+    assert sorted(p.name for p in directory.iterdir()) == \
+        ["gpt_final.pt", "gpt_step4.pt", "gpt_step8.pt", "metrics.jsonl"]
+    lines = (directory / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines)) == STEPS
+    assert [record["step"] for record in map(json.loads, lines)] == list(range(1, STEPS + 1))
+
+
+def test_two_ranks_building_the_token_cache_at_once_leave_one_cache(runs):
+    cache = runs["root"] / "token-cache"  # every run of the module tokenized the same corpus
+    names = sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
+    assert [name.rsplit(".", 1)[1] for name in names] == ["bin", "json"], names
+
+
+def test_checkpoints_of_a_two_process_run_hold_the_unwrapped_models_keys(runs):
+    from checkpoint import model_from_checkpoint
+    for name in ("gpt_step4.pt", "gpt_step8.pt", "gpt_final.pt"):
+        keys = list(weights(runs["root"] / "ddp" / name))
+        assert keys and not [key for key in keys if key.startswith("module.")]
+    model, _, _ = model_from_checkpoint(runs["root"] / "ddp" / "gpt_final.pt")  # loads as it is
+    assert model is not None
+
+
+def test_two_processes_evaluate_like_one_process_with_the_same_global_batch(runs):
+    ddp, single = metrics(runs["root"] / "ddp"), metrics(runs["root"] / "single")
+    ddp_val = [(r["step"], r["val_loss"]) for r in ddp if "val_loss" in r]
+    single_val = [(r["step"], r["val_loss"]) for r in single if "val_loss" in r]
+    assert [step for step, _ in ddp_val] == [step for step, _ in single_val] == [4, 8]
+    for (_, mine), (_, theirs) in zip(ddp_val, single_val):
+        assert mine == pytest.approx(theirs, abs=1e-4)
+
+
+def test_two_processes_end_with_the_weights_of_one_process_with_the_same_global_batch(runs):
+    ddp = weights(runs["root"] / "ddp" / "gpt_final.pt")
+    single = weights(runs["root"] / "single" / "gpt_final.pt")
+    assert ddp.keys() == single.keys()
+    worst = max((ddp[key] - single[key]).abs().max().item() for key in ddp)
+    assert worst < 1e-5
+
+
+def test_two_processes_log_the_training_loss_curve_of_one_process_with_the_same_global_batch(runs):
+    ddp, single = metrics(runs["root"] / "ddp"), metrics(runs["root"] / "single")
+    assert [r["step"] for r in ddp] == [r["step"] for r in single]
+    for mine, theirs in zip(ddp, single):
+        assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
+
+
+def test_a_two_process_run_resumed_with_two_processes_ends_with_the_uninterrupted_weights(runs):
+    resumed = runs["resumed"]
+    assert runs["dropout"].returncode == 0, runs["dropout"].stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "data order changes" not in resumed.stdout
+    uninterrupted = weights(runs["root"] / "dropout" / "gpt_final.pt")
+    continued = weights(runs["root"] / "resumed" / "gpt_final.pt")
+    for key in uninterrupted:
+        assert torch.equal(uninterrupted[key], continued[key]), key
+    later = [r for r in metrics(runs["root"] / "dropout") if r["step"] > 4]
+    assert [r["loss"] for r in metrics(runs["root"] / "resumed")] == [r["loss"] for r in later]
+
+
+def test_a_two_process_checkpoint_resumed_in_one_process_says_the_data_order_changed(runs, capsys):
+    import train
+    record = train.train(["--resume", str(runs["root"] / "dropout" / "gpt_step4.pt"),
+                          "--checkpoint_dir", str(runs["root"] / "one-process")])
+    assert record["step"] == STEPS
+    out = capsys.readouterr().out
+    assert "written by 2 process(es) and this run has 1" in out and "data order changes" in out
+
+
+# -------------------------------------------------- why the runs agree: the data, rank by rank
+
+def test_the_ranks_training_batches_together_are_the_single_process_batch():
+    tokens = np.arange(5000, dtype=np.uint16)
+    single = RandomWindows(tokens, block_size=16, batch_size=2 * BATCH, seed=7)
+    ranks = [RandomWindows(tokens, 16, BATCH, seed=7, rank=r, world_size=2) for r in (0, 1)]
+    for index in (0, 1, 50):
+        x, y = single[index]
+        assert torch.equal(torch.cat([rank[index][0] for rank in ranks]), x)
+        assert torch.equal(torch.cat([rank[index][1] for rank in ranks]), y)
+
+
+def test_the_ranks_validation_batches_together_are_the_single_process_batches():
+    tokens = np.arange(3000, dtype=np.uint16)
+    single = validation_batches(tokens, block_size=16, batch_size=2 * BATCH, num_batches=3)
+    ranks = [validation_batches(tokens, 16, BATCH, 3, rank=r, world_size=2) for r in (0, 1)]
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 3
+    for i, (x, y) in enumerate(single):
+        assert torch.equal(torch.cat([ranks[0][i][0], ranks[1][i][0]]), x)
+        assert torch.equal(torch.cat([ranks[0][i][1], ranks[1][i][1]]), y)
