@@ -48,7 +48,7 @@ class TrainConfig:
     # data
     data: str = ""  # a UTF-8 text file or a directory of *.txt; empty = the built-in corpus
     tokenizer: str = "char"  # char, byte or bpe
-    bpe_vocab_size: int = 4096  # vocabulary of a trained BPE tokenizer (--tokenizer bpe)
+    bpe_vocab_size: int = 4096  # vocabulary size when --tokenizer bpe trains one
     val_fraction: float = 0.1  # the last fraction of the token stream is the validation split
     cache_dir: str = ""  # token cache for text files; empty = ~/.cache/gpt-train/tokens
     num_workers: int = 0  # DataLoader worker processes
@@ -71,7 +71,7 @@ class TrainConfig:
     checkpoint_dir: str = "checkpoints"
     keep_last: int = 0  # keep only the newest K step checkpoints; 0 = keep all
     resume: str = ""  # a checkpoint to continue, or "latest"
-    init_from: str = ""  # a checkpoint whose weights start a new run (fine-tuning)
+    init_from: str = ""  # a checkpoint whose weights start a new run: fine-tuning
     skip_nonfinite: int = 0  # skip up to this many batches with a non-finite loss instead of stopping
     # runtime
     seed: int = 1337

@@ -266,11 +266,13 @@ def _train_tokenizer(kind, path, val_fraction, bpe_vocab_size):
     budget = (1.0 - val_fraction) * sum(f.stat().st_size for f in corpus_files(path))
 
     def training_text():
-        seen = 0
+        remaining = int(budget)
         for chunk in iter_text_chunks(path):
-            if seen >= budget:
+            encoded = chunk.encode("utf-8")
+            if len(encoded) >= remaining:  # the chunk that crosses into validation is cut there
+                yield encoded[:remaining].decode("utf-8", errors="ignore")
                 return
-            seen += len(chunk.encode("utf-8"))
+            remaining -= len(encoded)
             yield chunk
 
     return BPETokenizer.train(training_text(), bpe_vocab_size)

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from checkpoint import find_sampling_checkpoint, model_from_checkpoint
-from config import ArgumentParser, fail, run_main
+from config import ArgumentParser, UserError, fail, run_main
 from runtime import autocast_context, select_device, select_dtype, set_seed
 from tokenizer import StreamDecoder
 
@@ -43,9 +43,13 @@ def parse_sample_args(argv=None):
 
 
 def encode_prompt(tokenizer, prompt, device):
-    ids = tokenizer.encode(prompt) if prompt else []
-    if len(ids) == 0:
-        ids = [0]  # generation needs at least one token to condition on
+    """The prompt's ids; an empty prompt starts from a newline (or id 0 if the vocabulary has none)."""
+    try:
+        ids = tokenizer.encode(prompt or "\n")
+    except UserError:
+        if prompt:
+            raise
+        ids = [0]
     return torch.tensor(ids, dtype=torch.long, device=device)[None, :]
 
 

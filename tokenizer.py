@@ -48,9 +48,9 @@ class CharTokenizer:
             missing = sorted({chr(c) for c in code_points[unknown]})
             shown = " ".join(repr(c) for c in missing[:8])
             more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-            fail(f"the text has {len(missing)} character(s) that this char-level vocabulary has never "
-                 f"seen: {shown}{more}; a char-level model reads only the characters of the text it "
-                 f"was built from, a model trained with --tokenizer byte or bpe reads any text")
+            fail(f"the text has {len(missing)} character(s) that this char-level vocabulary has "
+                 f"never seen: {shown}{more}; a char-level model reads only the characters of the "
+                 f"text it was built from, a model trained with --tokenizer byte or bpe reads any text")
         return ids.astype(np.int64)
 
     def decode(self, ids):
@@ -199,6 +199,7 @@ class BPETokenizer:
         return len(self.pieces)
 
     def encode(self, text):
+        """Ids of `text` as an int64 array; a long text is encoded as pieces, in parallel."""
         encodings = self._encode_batch(split_at_line_starts(text), add_special_tokens=False)
         return np.concatenate([np.array(e.ids, dtype=np.int64) for e in encodings])
 

@@ -1,4 +1,4 @@
-"""Fine-tuning: `--init_from` starts a new run from a checkpoint's weights, architecture and tokenizer.
+"""Fine-tuning: `--init_from` starts a new run from a checkpoint's weights, architecture, tokenizer.
 
 Unlike --resume it keeps nothing of the old run's progress: optimizer, schedule and step count
 start afresh. The architecture is fixed by the checkpoint, except that the context may shrink.
@@ -78,7 +78,8 @@ def test_fine_tuning_starts_from_the_checkpoints_weights_with_a_fresh_step_count
     base_path, _ = base_run
     argv = tiny_argv(tmp_path / "tuned", corpus_b, init_from=base_path, max_iters=4, save_iter=2)
     gpt_config, train_config, checkpoint = train.configure(argv)
-    model, _ = train.prepare_model(gpt_config, train_config, setup_runtime(train_config), checkpoint)
+    runtime = setup_runtime(train_config)
+    model, _ = train.prepare_model(gpt_config, train_config, runtime, checkpoint)
     base_weights = load(base_path)["model_state_dict"]
     for name, value in model.state_dict().items():
         assert torch.equal(value, base_weights[name]), name
@@ -109,7 +110,8 @@ def test_a_smaller_block_size_crops_the_position_embeddings(base_run, corpus_b, 
     argv = tiny_argv(tmp_path / "tuned", corpus_b, init_from=base_path, block_size=8, max_iters=2,
                      save_iter=2, eval_iter=2)
     gpt_config, train_config, checkpoint = train.configure(argv)
-    model, _ = train.prepare_model(gpt_config, train_config, setup_runtime(train_config), checkpoint)
+    runtime = setup_runtime(train_config)
+    model, _ = train.prepare_model(gpt_config, train_config, runtime, checkpoint)
     base_positions = load(base_path)["model_state_dict"]["position_embedding.weight"]
     assert torch.equal(model.position_embedding.weight.detach(), base_positions[:8])
 
@@ -155,6 +157,7 @@ def test_a_bpe_model_fine_tunes_on_text_with_characters_its_corpus_never_had(tmp
     data_b = write_corpus(tmp_path, CORPUS_B + "机器学习 😀 café\n" * 20, "corpus_b.txt")
     train.train(tiny_argv(tmp_path / "tuned", data_b, init_from=tmp_path / "base" / "gpt_final.pt",
                           max_iters=2, save_iter=2, eval_iter=2))
-    base, tuned = load(tmp_path / "base" / "gpt_final.pt"), load(tmp_path / "tuned" / "gpt_final.pt")
+    base = load(tmp_path / "base" / "gpt_final.pt")
+    tuned = load(tmp_path / "tuned" / "gpt_final.pt")
     assert tuned["tokenizer"] == base["tokenizer"] and tuned["tokenizer"]["kind"] == "bpe"
     assert tuned["gpt_config"]["vocab_size"] == base["gpt_config"]["vocab_size"]
