@@ -38,7 +38,7 @@ class GPTConfig:
     block_size: int = 128  # longest context the model attends to, in tokens
     n_layer: int = 4
     n_head: int = 4
-    n_embd: int = 192
+    n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms, as in GPT-2
 
@@ -53,7 +53,7 @@ class TrainConfig:
     cache_dir: str = ""  # token cache for text files; empty = ~/.cache/gpt-train/tokens
     num_workers: int = 0  # DataLoader worker processes
     # optimisation
-    batch_size: int = 32
+    batch_size: int = 16
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     learning_rate: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.95)

@@ -28,17 +28,17 @@ class KVCache:
 
     def __init__(self, config, batch_size, device, dtype):
         head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_dim)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, config.block_size, head_dim)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # positions filled, the same in every layer
 
     def append(self, layer, keys, values):
         """Store this layer's new keys/values; return all of them, old and new."""
         end = self.length + keys.size(2)
-        self.keys[layer, :, :, self.length:end] = keys
-        self.values[layer, :, :, self.length:end] = values
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        self.keys[layer][:, :, self.length:end] = keys
+        self.values[layer][:, :, self.length:end] = values
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -52,9 +52,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cache=None, layer=0):
         batch, time, channels = x.shape
-        q, k, v = self.qkv(x).split(channels, dim=2)
-        # (batch, time, channels) -> (batch, heads, time, head_dim)
-        q, k, v = (t.view(batch, time, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+        # (batch, time, 3 * channels) -> 3 x (batch, heads, time, head_dim), in one reshape
+        q, k, v = self.qkv(x).view(batch, time, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
         # with earlier positions cached, the new position may see all of them: no mask needed
         is_causal = cache is None or cache.length == 0
         if cache is not None:
@@ -140,7 +139,7 @@ class GPT(nn.Module):
                                    ignore_index=-100)
         return GPTOutput(logits=logits, loss=loss)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_stream(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         use_cache=True, generator=None, vocab_limit=None):
         """Yield (batch,) tensors of new token ids, one position at a time.
@@ -152,25 +151,30 @@ class GPT(nn.Module):
         """
         block_size = self.config.block_size
         keep = block_size - max(1, block_size // 4)
-        sequence = input_ids
-        context_start = max(0, sequence.size(1) - block_size)
+        batch, prompt_length = input_ids.shape
+        sequence = torch.empty(batch, prompt_length + max_new_tokens, dtype=torch.long,
+                               device=input_ids.device)  # filled as tokens are drawn
+        sequence[:, :prompt_length] = input_ids
+        length = prompt_length
+        context_start = max(0, length - block_size)
+        new_positions = length - context_start  # tokens the next forward must process
         cache = None
-        new_positions = sequence.size(1) - context_start  # tokens the next forward must process
+        if use_cache:
+            cache = KVCache(self.config, batch, input_ids.device,
+                            _activation_dtype(input_ids.device, self.token_embedding.weight))
         for _ in range(max_new_tokens):
             if use_cache:
-                if cache is None:
-                    cache = KVCache(self.config, sequence.size(0), sequence.device,
-                                    _activation_dtype(sequence.device, self.token_embedding.weight))
-                logits = self(sequence[:, sequence.size(1) - new_positions:], cache=cache).logits
+                logits = self(sequence[:, length - new_positions:length], cache=cache).logits
             else:
-                logits = self(sequence[:, context_start:]).logits
+                logits = self(sequence[:, context_start:length]).logits
             next_token = sample_next_token(logits[:, -1, :vocab_limit], temperature, top_k, top_p,
                                            generator)
-            sequence = torch.cat([sequence, next_token[:, None]], dim=1)
+            sequence[:, length] = next_token
+            length += 1
             yield next_token
             new_positions = 1
-            if sequence.size(1) - context_start > block_size:
-                context_start = sequence.size(1) - keep
+            if length - context_start > block_size:
+                context_start = length - keep
                 new_positions = keep
                 if cache is not None:
                     cache.length = 0  # rebuilt from the kept tokens by the next forward

@@ -13,16 +13,17 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1
 
 # ---- the speedrun recipe: the README quotes these flags; tune them here -------------------------
-# Starting point: nanoGPT's CPU recipe for tiny Shakespeare (char-level), with one in-run
-# estimate of the validation loss at the end (20 batches, as nanoGPT prints).
+# nanoGPT's CPU recipe for tiny Shakespeare (char-level, 4 layers x 128 wide, context 64, batch
+# 12), trained harder and shorter: a 4x higher peak learning rate with a short warmup, 1300 steps
+# instead of 2000, no biases, and one validation estimate at the end instead of periodic ones.
 SPEEDRUN_FLAGS=(
     --tokenizer char --val_fraction 0.1
-    --n_layer 4 --n_head 4 --n_embd 128 --block_size 64 --dropout 0.0
-    --batch_size 12 --max_iters 2000
-    --learning_rate 1e-3 --warmup_iters 100 --min_lr_ratio 0.1 --betas 0.9 0.99
+    --n_layer 4 --n_head 4 --n_embd 128 --block_size 64 --dropout 0.0 --bias false
+    --batch_size 12 --max_iters 1300
+    --learning_rate 4e-3 --warmup_iters 50 --min_lr_ratio 0.1 --betas 0.9 0.99
     --weight_decay 0.1 --grad_clip 1.0
     --device cpu --dtype float32 --compile false
-    --eval_iter 2000 --eval_batches 20 --log_iter 100 --save_iter 2000
+    --eval_iter 1300 --eval_batches 20 --log_iter 100 --save_iter 1300
 )
 # -------------------------------------------------------------------------------------------------
 
