@@ -111,6 +111,21 @@ def find_sampling_checkpoint(directory):
     return latest_checkpoint(directory)
 
 
+def add_checkpoint_arguments(parser):
+    """--checkpoint and --checkpoint_dir, as sample.py, evaluate.py and export.py take them."""
+    parser.add_argument("--checkpoint", default="", help="checkpoint file (step or final); empty = "
+                        "the newest in --checkpoint_dir, gpt_final.pt first")
+    parser.add_argument("--checkpoint_dir", default="checkpoints")
+
+
+def checkpoint_to_load(args):
+    """The --checkpoint given, else gpt_final.pt or the newest step file, else a UserError."""
+    path = args.checkpoint or find_sampling_checkpoint(args.checkpoint_dir)
+    if not path:
+        fail(f"no checkpoint in {args.checkpoint_dir}/: train a model first with `python train.py`")
+    return path
+
+
 def prune_checkpoints(directory, keep_last):
     """Keep only the `keep_last` newest step checkpoints (0 keeps all); gpt_final.pt is never touched."""
     if keep_last <= 0:

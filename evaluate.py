@@ -22,7 +22,8 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from checkpoint import configs_from_checkpoint, find_sampling_checkpoint, model_from_checkpoint
+from checkpoint import (add_checkpoint_arguments, checkpoint_to_load, configs_from_checkpoint,
+                        model_from_checkpoint)
 from config import DTYPES, ArgumentParser, fail, run_main
 from dataset import cached_tokens, load_tokens, split_tokens
 from runtime import autocast_context, select_device, select_dtype
@@ -32,9 +33,7 @@ IGNORE = -100  # the label of a position that is not scored (cross_entropy's ign
 
 def parse_evaluate_args(argv=None):
     parser = ArgumentParser(description="Loss, perplexity and bits per byte of a checkpoint.")
-    parser.add_argument("--checkpoint", default="", help="checkpoint file; empty = the newest in "
-                        "--checkpoint_dir (gpt_final.pt first)")
-    parser.add_argument("--checkpoint_dir", default="checkpoints")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--data", default="", help="a UTF-8 text file or directory of *.txt to "
                         "score; empty = the validation split of the checkpoint's training data")
     parser.add_argument("--stride", type=int, default=0,
@@ -136,9 +135,7 @@ def tokens_to_score(checkpoint, tokenizer, data, path):
 
 def main(argv=None):
     args = parse_evaluate_args(argv)
-    path = args.checkpoint or find_sampling_checkpoint(args.checkpoint_dir)
-    if not path:
-        fail(f"no checkpoint in {args.checkpoint_dir}/: train a model first with `python train.py`")
+    path = checkpoint_to_load(args)
     device = select_device(args.device)
     dtype = select_dtype(args.dtype, device)
     model, tokenizer, checkpoint = model_from_checkpoint(path, device)

@@ -28,15 +28,13 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import find_sampling_checkpoint, model_from_checkpoint
+from checkpoint import add_checkpoint_arguments, checkpoint_to_load, model_from_checkpoint
 from config import ArgumentParser, fail, run_main
 
 
 def parse_export_args(argv=None):
     parser = ArgumentParser(description="Export a checkpoint as a Hugging Face GPT-2 directory.")
-    parser.add_argument("--checkpoint", default="", help="checkpoint file (step or final); empty = "
-                        "the newest in --checkpoint_dir, gpt_final.pt first")
-    parser.add_argument("--checkpoint_dir", default="checkpoints")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--out", default="hf_model", help="directory to write (default: hf_model)")
     return parser.parse_args(argv)
 
@@ -140,9 +138,7 @@ def write_json(path, value):
 
 def main(argv=None):
     args = parse_export_args(argv)
-    path = args.checkpoint or find_sampling_checkpoint(args.checkpoint_dir)
-    if not path:
-        fail(f"no checkpoint in {args.checkpoint_dir}/: train a model first with `python train.py`")
+    path = checkpoint_to_load(args)
     out = export(path, args.out)
     print(f"exported {path} to {out}/")
     print(f"load it with: transformers.GPT2LMHeadModel.from_pretrained({str(out)!r})")

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from checkpoint import find_sampling_checkpoint, model_from_checkpoint
+from checkpoint import add_checkpoint_arguments, checkpoint_to_load, model_from_checkpoint
 from config import ArgumentParser, UserError, fail, run_main
 from runtime import autocast_context, select_device, select_dtype, set_seed
 from tokenizer import StreamDecoder
@@ -21,9 +21,7 @@ from tokenizer import StreamDecoder
 def parse_sample_args(argv=None):
     parser = ArgumentParser(description="Generate text from a trained checkpoint.",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", default="", help="checkpoint file; empty = the newest in "
-                        "--checkpoint_dir (gpt_final.pt first)")
-    parser.add_argument("--checkpoint_dir", default="checkpoints")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--prompt", default="\n", help="text the samples continue")
     parser.add_argument("--max_new_tokens", type=int, default=500)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -77,9 +75,7 @@ def generate_text(model, tokenizer, prompt, max_new_tokens, temperature=1.0, top
 
 def main(argv=None):
     args = parse_sample_args(argv)
-    path = args.checkpoint or find_sampling_checkpoint(args.checkpoint_dir)
-    if not path:
-        fail(f"no checkpoint in {args.checkpoint_dir}/: train a model first with `python train.py`")
+    path = checkpoint_to_load(args)
     device = select_device(args.device)
     set_seed(args.seed)
     model, tokenizer, _ = model_from_checkpoint(path, device)

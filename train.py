@@ -432,8 +432,11 @@ def run_loop(model, train_model, optimizer, scheduler, scaler, loader, val_set, 
                     record.update(estimate_loss(model, val_set, tokenizer, runtime))
                     clock = time.perf_counter()  # evaluation time is not training throughput
                 metrics.write(record)
-                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
-                                     tok_s=f"{tokens_per_second:,.0f}", refresh=False)
+                postfix = {"loss": f"{last_loss:.4f}", "lr": f"{record['lr']:.2e}",
+                           "tok/s": f"{tokens_per_second:,.0f}"}
+                if "mfu" in record:
+                    postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+                progress.set_postfix(postfix, refresh=False)
                 print0(format_record(record))
                 loss_sum.zero_()
                 steps_since_log = 0

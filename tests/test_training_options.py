@@ -1,0 +1,70 @@
+"""Training options whose effect is only visible from outside: compiled runs, samples, MFU."""
+
+import functools
+import json
+
+import torch
+
+import sample
+import train
+from config import GPTConfig, config_from_dict
+from conftest import exit_status, tiny_argv, write_corpus
+from model import build_model, flops_per_token
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_a_compiled_run_saves_plain_keys_that_sample_and_an_uncompiled_resume_load(
+        tmp_path, monkeypatch, capsys):
+    # Dynamo's tracing and the compiled wrapper are real; only code generation is skipped
+    # (the "eager" backend), which keeps the test fast on a CPU without a compiler warm-up.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    data = write_corpus(tmp_path)
+    compiled_dir = tmp_path / "compiled"
+    train.train(tiny_argv(compiled_dir, data, compile="true", max_iters=4, save_iter=2))
+    checkpoint = load(compiled_dir / "gpt_step2.pt")
+    plain_keys = set(build_model(config_from_dict(GPTConfig, checkpoint["gpt_config"])).state_dict())
+    saved_keys = set(checkpoint["model_state_dict"])
+    assert saved_keys == plain_keys  # no "_orig_mod." prefix from the compiled wrapper
+
+    assert exit_status(sample.main, ["--checkpoint", str(compiled_dir / "gpt_final.pt"),
+                                     "--max_new_tokens", "10"]) == 0
+    assert capsys.readouterr().out.strip()
+
+    monkeypatch.undo()
+    record = train.train(["--resume", str(compiled_dir / "gpt_step2.pt"), "--compile", "false"])
+    assert record["step"] == 4
+
+
+def test_sample_chars_prints_a_sample_at_each_evaluation(tmp_path, capsys):
+    data = write_corpus(tmp_path)
+    train.train(tiny_argv(tmp_path / "run", data, sample_chars=25, max_iters=4, eval_iter=2))
+    out = capsys.readouterr().out
+    assert out.count("--- sample ---") == 2  # evaluations at steps 2 and 4
+
+
+def test_a_known_peak_adds_mfu_to_the_log_and_metrics(tmp_path, capsys):
+    data = write_corpus(tmp_path)
+    checkpoint_dir = tmp_path / "run"
+    peak = 1e9
+    train.train(tiny_argv(checkpoint_dir, data, peak_flops=peak, max_iters=4))
+    gpt_config = config_from_dict(GPTConfig,
+                                  load(checkpoint_dir / "gpt_final.pt")["gpt_config"])
+    per_token = flops_per_token(build_model(gpt_config))
+    records = [json.loads(line)
+               for line in (checkpoint_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records
+    for record in records:
+        expected = per_token * record["tokens_per_sec"] / peak
+        assert abs(record["mfu"] - expected) <= 1e-4 + 1e-3 * expected
+    assert "mfu " in capsys.readouterr().out
+
+
+def test_without_a_known_peak_only_tokens_per_second_is_reported(tmp_path, capsys):
+    data = write_corpus(tmp_path)
+    train.train(tiny_argv(tmp_path / "run", data, max_iters=2))
+    records = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert "tokens_per_sec" in records and "mfu" not in records
+    assert "mfu" not in capsys.readouterr().out
