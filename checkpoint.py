@@ -179,8 +179,8 @@ def model_from_checkpoint(path, device="cpu"):
     gpt_config, _ = configs_from_checkpoint(checkpoint, path)
     try:
         tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
-    except (KeyError, TypeError, ValueError) as error:
-        fail(f"checkpoint {path} has a damaged tokenizer: {error}")
+    except UserError as error:
+        fail(f"checkpoint {path}: {error}")
     model = build_model(gpt_config)
     load_model_state(model, checkpoint["model_state_dict"], path)
     return model.to(device).eval(), tokenizer, checkpoint

@@ -211,15 +211,18 @@ class BPETokenizer:
 
 
 def tokenizer_from_state(state):
-    """Rebuild a tokenizer from the plain dict saved in a checkpoint."""
+    """Rebuild a tokenizer from the plain dict saved in a checkpoint; a damaged one is a UserError."""
     kind = state.get("kind") if isinstance(state, dict) else None
-    if kind == "char":
-        return CharTokenizer(state["chars"])
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind == "bpe":
-        json.loads(state["json"])  # a damaged string fails here with a clear error upstream
-        return BPETokenizer(state["json"])
+    try:
+        if kind == "char":
+            return CharTokenizer(str(state["chars"]))
+        if kind == "byte":
+            return ByteTokenizer()
+        if kind == "bpe":
+            json.loads(state["json"])
+            return BPETokenizer(state["json"])
+    except (KeyError, TypeError, ValueError) as error:
+        fail(f"the checkpoint's {kind} tokenizer is damaged: {type(error).__name__}: {error}")
     fail(f"unknown tokenizer in checkpoint: {kind!r}")
 
 
