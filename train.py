@@ -484,7 +484,8 @@ def print_training_sample(model, tokenizer, num_tokens, runtime):
     from sample import generate_text  # sampling is sample.py's job; only needed here on request
     model.eval()
     generator = torch.Generator(device=runtime.device).manual_seed(0)  # leaves training's RNG alone
-    text = generate_text(model, tokenizer, "\n", num_tokens, generator=generator, autocast=runtime.autocast)
+    text = generate_text(model, tokenizer, "", num_tokens, generator=generator,
+                         autocast=runtime.autocast)
     model.train()
     print0(f"--- sample ---\n{text}\n--------------")
 
