@@ -30,6 +30,9 @@ def run_main(main, argv=None):
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before training started (the loop handles its own)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 @dataclass

@@ -163,3 +163,11 @@ def test_an_invalid_flag_ends_train_with_one_line_and_exit_status_2(flags, named
 def test_validate_itself_rejects_each_invalid_value(flags, named_flag):
     with pytest.raises(UserError, match=named_flag):
         validate(*configs_from(flags))
+
+
+def test_ctrl_c_before_training_starts_is_one_line_and_exit_status_130(capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert exit_status(interrupted, []) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
