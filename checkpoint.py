@@ -1,14 +1,17 @@
-"""Checkpoint files: atomic saves, safe loads, and finding the newest one.
+"""Checkpoint files and the run directory: atomic saves, safe loads, and finding the newest one.
 
 Shared by train.py (save, resume), sample.py, evaluate.py and export.py (load), so there is one
-place that decides how a checkpoint is written and what counts as a readable one:
+place that names the run directory's files and decides how a checkpoint is written and what
+counts as a readable one:
 - a save goes to a temporary file in the same directory, is flushed and fsynced, then renamed over
-  the final name, so a crash never leaves a truncated file under a checkpoint's name;
+  the final name, so a crash never leaves a truncated file under a checkpoint's name (the token
+  cache writes its files the same way, through `atomic_write`);
 - every load uses `torch.load(weights_only=True)`: a file that would run code is refused;
 - a checkpoint holds only plain data (tensors, numbers, strings, lists, dicts).
 What goes *into* a training checkpoint is train.py's business.
 """
 
+import contextlib
 import os
 import pickle
 import re
@@ -22,24 +25,42 @@ from config import validate as validate_configs
 from model import build_model
 from tokenizer import tokenizer_from_state
 
+# The run directory (--checkpoint_dir): these names are spelled here and nowhere else.
 STEP_PATTERN = re.compile(r"^gpt_step(\d+)\.pt$")
+FINAL_NAME = "gpt_final.pt"
+METRICS_NAME = "metrics.jsonl"
 TEMPORARY_PREFIX = ".tmp-"
 REQUIRED_KEYS = ("model_state_dict", "gpt_config", "tokenizer")
 
 
-def save_checkpoint(state, path):
-    """Write `state` to `path` atomically; on failure the previous file at `path` is untouched."""
+@contextlib.contextmanager
+def atomic_write(path):
+    """A new file, open for writing and reading, that replaces `path` only if the block completes.
+
+    It is written under a temporary name in the same directory, flushed, fsynced and renamed over
+    `path`, so a crash at any moment leaves the old file or the new one, never a truncated one.
+    On any failure the temporary file is removed and the error propagates.
+    """
     path = Path(path)
     temporary = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.{os.getpid()}")
     try:
-        with open(temporary, "wb") as handle:
-            torch.save(state, handle)
+        with open(temporary, "w+b") as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-        _fsync_directory(path.parent)
-    except OSError as error:
+    except BaseException:
         temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def save_checkpoint(state, path):
+    """Write `state` to `path` atomically; on failure the previous file at `path` is untouched."""
+    try:
+        with atomic_write(path) as handle:
+            torch.save(state, handle)
+    except OSError as error:
         fail(f"could not save checkpoint {path}: {error.strerror or error}; "
              f"earlier checkpoints are intact")
 
@@ -55,9 +76,9 @@ def _fsync_directory(directory):
         os.close(descriptor)
 
 
-def remove_temporary_files(directory):
-    """Delete the half-written files a killed run may have left behind."""
-    for leftover in Path(directory).glob(f"{TEMPORARY_PREFIX}*"):
+def remove_temporary_files(directory, names="*"):
+    """Delete the half-written files (of the given final names) a killed process left behind."""
+    for leftover in Path(directory).glob(f"{TEMPORARY_PREFIX}{names}"):
         leftover.unlink(missing_ok=True)
 
 
@@ -79,6 +100,21 @@ def load_checkpoint(path, map_location="cpu"):
     if missing:
         fail(f"checkpoint {path} is missing {', '.join(repr(k) for k in missing)}")
     return checkpoint
+
+
+def step_path(directory, step):
+    """gpt_step{N}.pt: everything needed to continue the run after step N."""
+    return Path(directory) / f"gpt_step{step}.pt"
+
+
+def final_path(directory):
+    """gpt_final.pt: the weights at the end of the run."""
+    return Path(directory) / FINAL_NAME
+
+
+def metrics_path(directory):
+    """metrics.jsonl: one JSON object per log line."""
+    return Path(directory) / METRICS_NAME
 
 
 def step_checkpoints(directory):
@@ -105,7 +141,7 @@ def latest_checkpoint(directory, require_readable=False, report=print):
 
 def find_sampling_checkpoint(directory):
     """gpt_final.pt if it exists, else the newest gpt_step*.pt, else None."""
-    final = Path(directory) / "gpt_final.pt"
+    final = final_path(directory)
     if final.is_file():
         return final
     return latest_checkpoint(directory)

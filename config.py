@@ -69,7 +69,7 @@ class TrainConfig:
     log_iter: int = 50
     eval_iter: int = 500
     eval_batches: int = 20
-    sample_chars: int = 0  # print this many sampled characters at each evaluation; 0 = off
+    sample_tokens: int = 0  # print a sample of this many tokens at each evaluation; 0 = off
     save_iter: int = 1000
     checkpoint_dir: str = "checkpoints"
     keep_last: int = 0  # keep only the newest K step checkpoints; 0 = keep all
@@ -178,7 +178,7 @@ def validate(gpt_config, train_config):
                  "eval_batches", "save_iter", "bpe_vocab_size"):
         if getattr(t, name) <= 0:
             fail(f"--{name} must be positive, got {getattr(t, name)}")
-    for name in ("warmup_iters", "num_workers", "keep_last", "skip_nonfinite", "sample_chars"):
+    for name in ("warmup_iters", "num_workers", "keep_last", "skip_nonfinite", "sample_tokens"):
         if getattr(t, name) < 0:
             fail(f"--{name} must not be negative, got {getattr(t, name)}")
     if t.learning_rate <= 0:

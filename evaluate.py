@@ -19,16 +19,16 @@ import math
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from checkpoint import (add_checkpoint_arguments, checkpoint_to_load, configs_from_checkpoint,
                         model_from_checkpoint)
 from config import DTYPES, ArgumentParser, fail, run_main
-from dataset import cached_tokens, load_tokens, split_tokens
+from dataset import load_tokens, split_tokens
+from tokencache import cached_tokens
+from model import IGNORE_INDEX
 from runtime import autocast_context, select_device, select_dtype
-
-IGNORE = -100  # the label of a position that is not scored (cross_entropy's ignore_index)
+from scoring import piece_lengths, score_batches, summarize
 
 
 def parse_evaluate_args(argv=None):
@@ -66,7 +66,7 @@ def window_plan(num_tokens, block_size, stride):
 
 
 def window_batches(ids, block_size, starts, first_scored, batch_size):
-    """(input_ids, labels) batches; labels are IGNORE where a window scores nothing new or runs
+    """(input_ids, labels) batches; labels are IGNORE_INDEX where a window scores nothing new or runs
     past the text (those inputs are padded with id 0, which causal attention never lets earlier
     positions see)."""
     offsets = np.arange(block_size + 1)
@@ -77,48 +77,27 @@ def window_batches(ids, block_size, starts, first_scored, batch_size):
         rows = np.where(inside, ids[np.minimum(positions, len(ids) - 1)], 0)
         target_positions = positions[:, 1:]
         scored = inside[:, 1:] & (target_positions >= first_scored[begin:begin + batch_size, None])
-        labels = np.where(scored, rows[:, 1:], IGNORE)
+        labels = np.where(scored, rows[:, 1:], IGNORE_INDEX)
         yield torch.from_numpy(rows[:, :-1]), torch.from_numpy(labels)
 
 
-@torch.no_grad()
-def evaluate_tokens(model, ids, block_size, stride=None, batch_size=32,
+def evaluate_tokens(model, tokenizer, ids, stride=None, batch_size=32,
                     autocast=contextlib.nullcontext, progress=False):
-    """(total loss in nats, number of scored tokens) of `ids` under `model`, which is in eval mode.
+    """(total nats, scored tokens, their UTF-8 bytes) of `ids` under `model`, in eval mode.
 
     Every token but the first is scored once; `stride` (default block_size) sets the overlap.
     """
     ids = np.asarray(ids, dtype=np.int64)
+    block_size = model.config.block_size
     if len(ids) < 2:
         fail(f"the text is too short to score: it has {len(ids)} token(s), at least 2 are needed")
     starts, first_scored = window_plan(len(ids), block_size, stride or block_size)
-    device = next(model.parameters()).device
-    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync
-    count = torch.zeros((), dtype=torch.long, device=device)
     batches = window_batches(ids, block_size, starts, first_scored, batch_size)
-    for x, y in tqdm(batches, total=math.ceil(len(starts) / batch_size), disable=not progress,
-                     desc="evaluating", unit="batch", dynamic_ncols=True):
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            logits = model(x).logits
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
-                                 reduction="sum").double()
-        count += (y != IGNORE).sum()
-    return total.item(), int(count)
-
-
-def scored_bytes(tokenizer, ids):
-    """UTF-8 bytes of the text the scored tokens (all but the first) stand for."""
-    piece_lengths = np.array([len(piece) for piece in tokenizer.pieces], dtype=np.int64)
-    return int(piece_lengths[np.asarray(ids[1:], dtype=np.int64)].sum())
-
-
-def summarize(total_nats, num_tokens, num_bytes):
-    """Mean loss, perplexity and bits per byte from the totals."""
-    loss = total_nats / num_tokens
-    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
-            "bits_per_byte": total_nats / math.log(2) / num_bytes,
-            "tokens": num_tokens, "bytes": num_bytes}
+    batches = tqdm(batches, total=math.ceil(len(starts) / batch_size), disable=not progress,
+                   desc="evaluating", unit="batch", dynamic_ncols=True)
+    piece_bytes = piece_lengths(tokenizer, next(model.parameters()).device)
+    total_nats, num_tokens, num_bytes = score_batches(model, batches, piece_bytes, autocast).tolist()
+    return total_nats, int(num_tokens), int(num_bytes)
 
 
 def tokens_to_score(checkpoint, tokenizer, data, path):
@@ -144,10 +123,9 @@ def main(argv=None):
         fail(f"--stride {args.stride} exceeds the model's block_size {block_size}: "
              f"tokens between windows would never be scored")
     ids, source = tokens_to_score(checkpoint, tokenizer, args.data, path)
-    total_nats, num_tokens = evaluate_tokens(
-        model, ids, block_size, args.stride or block_size, args.batch_size,
-        autocast=lambda: autocast_context(device, dtype), progress=True)
-    result = summarize(total_nats, num_tokens, scored_bytes(tokenizer, ids))
+    totals = evaluate_tokens(model, tokenizer, ids, args.stride or block_size, args.batch_size,
+                             autocast=lambda: autocast_context(device, dtype), progress=True)
+    result = summarize(*totals)
     print(f"{path} on {source}: {result['tokens']:,} tokens, {result['bytes']:,} bytes")
     print(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
           f"bits per byte {result['bits_per_byte']:.4f}")

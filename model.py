@@ -16,6 +16,8 @@ from torch.nn import functional as F
 
 from config import GPTConfig
 
+IGNORE_INDEX = -100  # the label of a position that is not scored (cross_entropy's default)
+
 
 @dataclass
 class GPTOutput:
@@ -136,7 +138,7 @@ class GPT(nn.Module):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), labels.reshape(-1),
-                                   ignore_index=-100)
+                                   ignore_index=IGNORE_INDEX)
         return GPTOutput(logits=logits, loss=loss)
 
     @torch.inference_mode()
@@ -223,8 +225,12 @@ def count_parameters(model):
 
 
 def flops_per_token(model):
-    """Training FLOPs per token: 6 per non-embedding weight plus attention's 12*layers*width*context."""
+    """Training FLOPs per token, by the convention nanoGPT and PaLM use for MFU.
+
+    6 per weight that multiplies an activation (2 forward, 4 backward): every parameter except
+    the position embeddings, a lookup. The tied token embedding counts once, as the LM head's
+    matmul. Plus attention's scores and weighted sum, 12 * layers * width * context.
+    """
     config = model.config
-    embeddings = model.token_embedding.weight.numel() + model.position_embedding.weight.numel()
-    non_embedding = count_parameters(model) - embeddings
-    return 6 * non_embedding + 12 * config.n_layer * config.n_embd * config.block_size
+    weights = count_parameters(model) - model.position_embedding.weight.numel()
+    return 6 * weights + 12 * config.n_layer * config.n_embd * config.block_size

@@ -15,13 +15,15 @@ import json
 import math
 from pathlib import Path
 
+from checkpoint import metrics_path
 from config import ArgumentParser, fail, run_main
 
 
 def parse_plot_args(argv=None):
     parser = ArgumentParser(description="Plot training loss, validation loss and learning rate.")
-    parser.add_argument("metrics", nargs="?", default="checkpoints/metrics.jsonl",
-                        help="train.py's metrics file (default: checkpoints/metrics.jsonl)")
+    default = str(metrics_path("checkpoints"))
+    parser.add_argument("metrics", nargs="?", default=default,
+                        help=f"train.py's metrics file (default: {default})")
     parser.add_argument("--out", default="loss.png", help="image to write (default: loss.png)")
     parser.add_argument("--smoothing", type=float, default=0.6,
                         help="weight of the past in the smoothed training loss, in [0, 1)")

@@ -28,7 +28,6 @@ class Runtime:
     device: torch.device
     dtype: torch.dtype  # the autocast dtype; float32 means no autocast
     rank: int = 0
-    local_rank: int = 0
     world_size: int = 1
 
     @property
@@ -107,8 +106,7 @@ def setup_runtime(train_config):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    runtime = Runtime(device, select_dtype(train_config.dtype, device), rank, local_rank,
-                      world_size)
+    runtime = Runtime(device, select_dtype(train_config.dtype, device), rank, world_size)
     print0(f"device: {device}" + (f" x {world_size} processes" if world_size > 1 else "")
            + f", dtype: {str(runtime.dtype).removeprefix('torch.')}")
     return runtime

@@ -3,19 +3,18 @@
 With no --checkpoint it uses checkpoints/gpt_final.pt, or the newest gpt_step*.pt. Text is
 streamed to stdout as it is generated (a multi-byte character is printed once it is complete),
 and the same --seed gives the same text. The model and its key/value cache live in model.py,
-checkpoint loading in checkpoint.py.
+the generation loop in generation.py, checkpoint loading in checkpoint.py.
 """
 
 import argparse
-import contextlib
 import sys
 
 import torch
 
 from checkpoint import add_checkpoint_arguments, checkpoint_to_load, model_from_checkpoint
-from config import ArgumentParser, UserError, fail, run_main
+from config import ArgumentParser, fail, run_main
+from generation import encode_prompt, generate_text
 from runtime import autocast_context, select_device, select_dtype, set_seed
-from tokenizer import StreamDecoder
 
 
 def parse_sample_args(argv=None):
@@ -40,39 +39,6 @@ def parse_sample_args(argv=None):
     return args
 
 
-def encode_prompt(tokenizer, prompt, device):
-    """The prompt's ids; an empty prompt starts from a newline (or id 0 if the vocabulary has none)."""
-    try:
-        ids = tokenizer.encode(prompt or "\n")
-    except UserError:
-        if prompt:
-            raise
-        ids = [0]
-    return torch.tensor(ids, dtype=torch.long, device=device)[None, :]
-
-
-def generate_text(model, tokenizer, prompt, max_new_tokens, temperature=1.0, top_k=None,
-                  top_p=None, generator=None, autocast=contextlib.nullcontext, stream=None):
-    """Generate a continuation of `prompt`; write it to `stream` piece by piece; return it."""
-    device = next(model.parameters()).device
-    decoder = StreamDecoder(tokenizer)
-    pieces = []
-    with autocast():
-        tokens = model.generate_stream(
-            encode_prompt(tokenizer, prompt, device), max_new_tokens, temperature=temperature,
-            top_k=top_k or None, top_p=top_p, generator=generator,
-            vocab_limit=tokenizer.vocab_size)
-        for token in tokens:
-            pieces.append(decoder.push(token[0]))
-            if stream is not None and pieces[-1]:
-                stream.write(pieces[-1])
-                stream.flush()
-    pieces.append(decoder.flush())
-    if stream is not None:
-        stream.write(pieces[-1])
-    return "".join(pieces)
-
-
 def main(argv=None):
     args = parse_sample_args(argv)
     path = checkpoint_to_load(args)
@@ -90,8 +56,9 @@ def main(argv=None):
         if index:
             sys.stdout.write("\n---------------\n")
         sys.stdout.write(args.prompt)
-        generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
-                      args.top_k, args.top_p, generator, autocast, stream=sys.stdout)
+        generate_text(model, tokenizer, args.prompt, args.max_new_tokens, sys.stdout, autocast,
+                      temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                      generator=generator)
     sys.stdout.write("\n")
 
 

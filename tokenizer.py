@@ -27,13 +27,6 @@ class CharTokenizer:
         self.code_points = np.array([ord(c) for c in self.chars], dtype=np.uint32)
         self.pieces = [c.encode("utf-8") for c in self.chars]
 
-    @classmethod
-    def train(cls, chunks):
-        seen = set()
-        for chunk in chunks:
-            seen.update(chunk)
-        return cls("".join(seen))
-
     @property
     def vocab_size(self):
         return len(self.chars)

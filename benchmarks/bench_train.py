@@ -29,12 +29,10 @@ import torch  # noqa: E402
 
 from config import (GPTConfig, TrainConfig, _parse_bool, apply_args_to_configs,  # noqa: E402
                     build_parser, fail, run_main, validate)
-from dataset import build_dataloader, split_tokens, validation_batches  # noqa: E402
 from model import flops_per_token  # noqa: E402
 from runtime import peak_flops, print0, setup_runtime  # noqa: E402
 from tokenizer import CharTokenizer  # noqa: E402
-from train import (configure_optimizer, forward_backward,  # noqa: E402
-                   get_cosine_schedule_with_warmup, prepare_data, prepare_model, run_loop)
+from train import build_run, forward_backward, run_loop  # noqa: E402
 
 SYNTHETIC_TOKENS = 1 << 20  # long enough that random windows rarely repeat
 
@@ -84,84 +82,42 @@ def synthetic_tokenizer(vocab_size):
     return CharTokenizer("".join(chr(c) for _, c in zip(range(vocab_size), code_points)))
 
 
-def synthetic_data(gpt_config, train_config, runtime):
-    """Uniformly random token ids, with the loader and validation set train.py builds for a corpus."""
-    t = train_config
-    tokenizer = synthetic_tokenizer(gpt_config.vocab_size)
-    rng = np.random.default_rng(t.seed)
-    tokens = rng.integers(0, gpt_config.vocab_size, size=SYNTHETIC_TOKENS).astype(np.int32)
-    train_tokens, val_tokens = split_tokens(tokens, t.val_fraction, gpt_config.block_size)
-    loader = build_dataloader(train_tokens, gpt_config.block_size, t.batch_size, t.seed,
-                              stop=t.max_iters * t.grad_accum_steps, num_workers=t.num_workers,
-                              pin_memory=runtime.device.type == "cuda")
-    val_set = validation_batches(val_tokens, gpt_config.block_size, t.batch_size, t.eval_batches)
-    return tokenizer, loader, val_set
+def synthetic_tokens(gpt_config, train_config):
+    """(tokenizer, uniformly random token ids) standing in for a corpus in train.build_run."""
+    rng = np.random.default_rng(train_config.seed)
+    ids = rng.integers(0, gpt_config.vocab_size, size=SYNTHETIC_TOKENS).astype(np.int32)
+    return synthetic_tokenizer(gpt_config.vocab_size), ids
 
 
-@dataclasses.dataclass
-class Training:
-    """Everything train.run_loop needs, built by train.py's own stage functions."""
-    model: torch.nn.Module
-    train_model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: torch.amp.GradScaler
-    loader: torch.utils.data.DataLoader
-    val_set: list
-    tokenizer: object
-    gpt_config: GPTConfig
-    train_config: TrainConfig
-    runtime: object
-    step: int = 0  # optimizer steps taken by the loop so far
-
-    @property
-    def tokens_per_step(self):
-        t = self.train_config
-        return t.batch_size * self.gpt_config.block_size * t.grad_accum_steps
-
-
-def build_training(args, gpt_config, train_config):
+def build_benchmark_run(args, gpt_config, train_config):
+    """train.py's own Run (data, model, optimizer, schedule), on the corpus or synthetic tokens."""
     runtime = setup_runtime(train_config)
     if runtime.distributed:
         fail("bench_train.py runs in one process; start it with python, not torchrun")
-    if args.synthetic_vocab:
-        tokenizer, loader, val_set = synthetic_data(gpt_config, train_config, runtime)
-    else:
-        tokenizer, loader, val_set = prepare_data(gpt_config, train_config, runtime)
-    model, train_model = prepare_model(gpt_config, train_config, runtime)
-    optimizer = configure_optimizer(model, train_config, runtime.device)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, train_config.warmup_iters,
-                                                train_config.max_iters, train_config.min_lr_ratio)
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
-    return Training(model, train_model, optimizer, scheduler, scaler, loader, val_set, tokenizer,
-                    gpt_config, train_config, runtime)
+    tokens = synthetic_tokens(gpt_config, train_config) if args.synthetic_vocab else None
+    return build_run(gpt_config, train_config, runtime, tokens=tokens)
 
 
-def run_loop_for(training, steps):
+def run_loop_for(run, config, steps):
     """Continue the run for `steps` optimizer steps in train.run_loop; its seconds per step."""
-    stop = training.step + steps
+    stop = run.step + steps
     # log (and so read the clock) only at the last step; evaluate and save after that reading
-    segment = dataclasses.replace(training.train_config, max_iters=stop, log_iter=stop,
-                                  eval_iter=stop, save_iter=stop)
-    training.loader.sampler.load_state_dict(
-        {"position": training.step * segment.grad_accum_steps})
-    record = run_loop(training.model, training.train_model, training.optimizer, training.scheduler,
-                      training.scaler, training.loader, training.val_set, training.tokenizer,
-                      training.gpt_config, segment, training.runtime, start_step=training.step)
-    training.step = stop
-    return training.tokens_per_step / record["tokens_per_sec"]
+    run.train_config = dataclasses.replace(config, max_iters=stop, log_iter=stop, eval_iter=stop,
+                                           save_iter=stop)
+    run.loader.sampler.seek(run.step * config.grad_accum_steps)
+    record = run_loop(run)
+    return run.tokens_per_step / record["tokens_per_sec"]
 
 
-def bare_step_timer(training):
+def bare_step_timer(run):
     """A function timing `steps` bare optimizer steps: train.forward_backward (forward, backward,
     unscale, clip) and the AdamW step, on one fixed batch already on the device."""
-    runtime, optimizer, scaler = training.runtime, training.optimizer, training.scaler
-    batch = tuple(part.to(runtime.device) for part in training.loader.dataset[0])
+    runtime, optimizer, scaler = run.runtime, run.optimizer, run.scaler
+    batch = tuple(part.to(runtime.device) for part in run.loader.dataset[0])
     same_batch = itertools.repeat(batch)
 
     def step():
-        forward_backward(training.model, training.train_model, optimizer, scaler, same_batch,
-                         training.train_config, runtime)
+        forward_backward(run, same_batch)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -201,28 +157,28 @@ def main(argv=None):
     args = parse_bench_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_train-") as checkpoint_dir:
         gpt_config, train_config = configure(args, checkpoint_dir)
-        training = build_training(args, gpt_config, train_config)
-        device = training.runtime.device
+        run = build_benchmark_run(args, gpt_config, train_config)
+        device = run.runtime.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if args.warmup_steps:
-            run_loop_for(training, args.warmup_steps)
-        bare_step = bare_step_timer(training) if args.bare else None
+            run_loop_for(run, train_config, args.warmup_steps)
+        bare_step = bare_step_timer(run) if args.bare else None
         if bare_step and args.warmup_steps:
             bare_step(args.warmup_steps)
         loop_times, bare_times = [], []
         for _ in range(args.repeats):
-            loop_times.append(run_loop_for(training, args.bench_steps))
+            loop_times.append(run_loop_for(run, train_config, args.bench_steps))
             if bare_step:
                 bare_times.append(bare_step(args.bench_steps))
 
-    t = training.train_config
-    tokens_per_step = training.tokens_per_step
-    flops_per_step = flops_per_token(training.model) * tokens_per_step
+    t = run.train_config
+    tokens_per_step = run.tokens_per_step
+    flops_per_step = flops_per_token(run.model) * tokens_per_step
     peak = peak_flops(t, device)
     print0(f"benchmark: {args.warmup_steps} warm-up + {args.repeats} x {args.bench_steps} timed "
            f"steps, {tokens_per_step:,} tokens/step, dtype "
-           f"{str(training.runtime.dtype).removeprefix('torch.')}, compile {t.compile}, "
+           f"{str(run.runtime.dtype).removeprefix('torch.')}, compile {t.compile}, "
            f"device {device}")
     print("loop ms/step of each round: " + ", ".join(f"{1000 * s:.2f}" for s in loop_times))
     report("loop", min(loop_times), tokens_per_step, flops_per_step, peak)

@@ -167,9 +167,9 @@ def plant_pause_after_save(pause_step):
 
     save_step_checkpoint = train.save_step_checkpoint
 
-    def save_then_pause(state, train_config, runtime):
-        path = save_step_checkpoint(state, train_config, runtime)
-        if state["step"] == pause_step:
+    def save_then_pause(run, loss):
+        path = save_step_checkpoint(run, loss)
+        if run.step == pause_step:
             print(PAUSED_LINE, flush=True)
             for _ in range(600):  # at most a minute; the test's own timeout is shorter
                 if received.wait(0.1):

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-import dataset
+import tokencache
+import generation
 import sample
 import train
 from config import UserError
@@ -212,7 +213,7 @@ def test_sampling_never_emits_a_padded_id_even_when_padded_ids_are_likeliest(
             emitted.append(int(token_id))
             return super().push(token_id)
 
-    monkeypatch.setattr(sample, "StreamDecoder", RecordingDecoder)
+    monkeypatch.setattr(generation, "StreamDecoder", RecordingDecoder)
     sample.main(["--checkpoint", str(path), "--max_new_tokens", "300", "--temperature", "1.0",
                  "--device", "cpu", "--prompt", "the"])
     assert len(emitted) == 300
@@ -224,7 +225,7 @@ def test_sample_streams_what_the_bpe_model_generates(bpe_run):
     model, tokenizer, _ = sample.model_from_checkpoint(bpe_run / "gpt_final.pt")
     stream = io.StringIO()
     generator = torch.Generator().manual_seed(0)
-    text = sample.generate_text(model, tokenizer, "机器", 200, generator=generator, stream=stream)
+    text = generation.generate_text(model, tokenizer, "机器", 200, generator=generator, stream=stream)
     assert stream.getvalue() == text and len(text) > 0
 
 
@@ -234,7 +235,7 @@ def test_bpe_never_learns_a_word_that_only_the_validation_split_contains(tmp_pat
     training_text = "the cat sat on the mat. " * 400
     validation_text = "zyxwvu " * 100  # 700 of 10,300 characters: inside the last 10%
     path = write_corpus(tmp_path, training_text + validation_text)
-    tokenizer, _ = dataset.cached_tokens(str(path), "bpe", tmp_path / "cache", val_fraction=0.1,
+    tokenizer, _ = tokencache.cached_tokens(str(path), "bpe", tmp_path / "cache", val_fraction=0.1,
                                          bpe_vocab_size=300)
     assert not any(b"zyx" in piece for piece in tokenizer.pieces)
 

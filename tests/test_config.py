@@ -115,7 +115,7 @@ INVALID_VALUES = [
                                                "log_iter", "eval_iter", "eval_batches",
                                                "save_iter", "bpe_vocab_size")],
     *[([f"--{name}", "-1"], name) for name in ("warmup_iters", "num_workers", "keep_last",
-                                                "skip_nonfinite", "sample_chars")],
+                                                "skip_nonfinite", "sample_tokens")],
     (["--learning_rate", "0"], "learning_rate"),
     (["--learning_rate", "-0.001"], "learning_rate"),
     (["--weight_decay", "-0.1"], "weight_decay"),

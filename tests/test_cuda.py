@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+import optim
 import train
 from config import GPTConfig, TrainConfig
 from conftest import tiny_argv, write_corpus
@@ -56,7 +57,7 @@ def assert_equal_nested(a, b, where="state"):
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_optimizer_is_fused_adamw_and_its_step_updates_the_weights(device):
     model = tiny_model(device)
-    optimizer = train.configure_optimizer(model, TrainConfig(), torch.device(device))
+    optimizer = optim.configure_optimizer(model, TrainConfig())
     assert isinstance(optimizer, torch.optim.AdamW)
     assert optimizer.defaults["fused"] is True
     before = [p.detach().clone() for p in model.parameters()]

@@ -8,8 +8,8 @@ import torch
 
 from config import UserError
 from conftest import TINY_TEXT, write_corpus
-from dataset import (build_dataloader, cached_tokens, get_dataset, split_tokens,
-                     validation_batches)
+from dataset import build_dataloader, get_dataset, split_tokens, validation_batches
+from tokencache import cached_tokens
 from tokenizer import ByteTokenizer, CharTokenizer, StreamDecoder, tokenizer_from_state
 
 ASCII_TEXT = "Hello, world!\n\tdef f(x): return x ** 2  # ~`|{}[]\n"

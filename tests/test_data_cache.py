@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 
 from config import TrainConfig, UserError
 from conftest import REPO, TINY_TEXT, write_corpus
-from dataset import (RandomWindows, StepSampler, build_dataloader, cached_tokens,
-                     default_cache_dir, iter_text_chunks, load_tokens, split_tokens)
+from dataset import RandomWindows, StepSampler, build_dataloader, load_tokens, split_tokens
+from tokencache import cached_tokens, default_cache_dir, iter_text_chunks
 from tokenizer import CharTokenizer
 
 # ASCII, 2-byte (é, ß), 3-byte (Chinese) and 4-byte (emoji) characters, mixed on every line
@@ -169,13 +169,13 @@ def test_a_killed_builds_temporary_file_is_removed_by_the_next_build(tmp_path):
     _, ids = cached_tokens(str(path), "char", cache)
     bin_path = Path(ids.filename)
     del ids
-    leftover = cache / f".{bin_path.name}.killed.tmp"
+    leftover = cache / f".tmp-{bin_path.name}.killed"
     leftover.write_bytes(b"half a cache")
     bin_path.with_suffix(".json").unlink()  # as if the build had been killed before its JSON
     tokenizer, ids = cached_tokens(str(path), "char", cache)
     assert tokenizer.decode(ids) == MIXED_TEXT
     assert not leftover.exists()
-    assert not [name for name in cache_files(cache) if name.endswith(".tmp")]
+    assert not [name for name in cache_files(cache) if name.startswith(".tmp-")]
 
 
 def test_a_resume_with_the_runs_own_tokenizer_reuses_its_cache(tmp_path):

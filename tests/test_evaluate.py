@@ -11,6 +11,8 @@ import train
 from checkpoint import model_from_checkpoint
 from conftest import TINY_TEXT, exit_status, tiny_argv, write_corpus
 from dataset import builtin_corpus, split_tokens
+from config import GPTConfig
+from model import build_model
 from tokenizer import CharTokenizer
 
 SHORT_TEXT = TINY_TEXT[:61]  # 61 tokens: not a multiple of the block size (16)
@@ -59,7 +61,7 @@ def test_non_overlapping_windows_give_the_models_own_loss_on_every_token(char_mo
     model, tokenizer = char_model
     ids = tokenizer.encode(SHORT_TEXT)
     block_size = model.config.block_size
-    total, count = evaluate.evaluate_tokens(model, ids, block_size, batch_size=3)
+    total, count, _ = evaluate.evaluate_tokens(model, tokenizer, ids, batch_size=3)
     # non-overlapping windows, computed directly: ids[s:s+16] predicts ids[s+1:s+17]
     expected = 0.0
     for start in range(0, len(ids) - 1, block_size):
@@ -76,8 +78,7 @@ def test_non_overlapping_windows_give_the_models_own_loss_on_every_token(char_mo
 def test_a_stride_scores_each_token_once_with_its_windows_context(char_model, stride):
     model, tokenizer = char_model
     ids = tokenizer.encode(SHORT_TEXT)
-    total, count = evaluate.evaluate_tokens(model, ids, model.config.block_size, stride,
-                                            batch_size=4)
+    total, count, _ = evaluate.evaluate_tokens(model, tokenizer, ids, stride, batch_size=4)
     expected_total, expected_count = reference_total(model, ids, model.config.block_size, stride)
     assert count == expected_count == len(ids) - 1
     assert total == pytest.approx(expected_total, rel=1e-5)
@@ -86,16 +87,20 @@ def test_a_stride_scores_each_token_once_with_its_windows_context(char_model, st
 def test_the_result_does_not_depend_on_the_batch_size(char_model):
     model, tokenizer = char_model
     ids = tokenizer.encode(SHORT_TEXT)
-    one = evaluate.evaluate_tokens(model, ids, model.config.block_size, 5, batch_size=1)
-    many = evaluate.evaluate_tokens(model, ids, model.config.block_size, 5, batch_size=64)
-    assert many[1] == one[1]
+    one = evaluate.evaluate_tokens(model, tokenizer, ids, 5, batch_size=1)
+    many = evaluate.evaluate_tokens(model, tokenizer, ids, 5, batch_size=64)
+    assert many[1:] == one[1:]
     assert many[0] == pytest.approx(one[0], rel=1e-6)
 
 
-def test_scored_bytes_are_the_utf8_bytes_of_all_but_the_first_character():
-    text = "€aé€b"
+@pytest.mark.parametrize("stride", [3, 16])
+def test_scored_bytes_are_the_utf8_bytes_of_all_but_the_first_character(stride):
+    text = "€aé€b" * 7
     tokenizer = CharTokenizer(text)
-    assert evaluate.scored_bytes(tokenizer, tokenizer.encode(text)) == len(text[1:].encode("utf-8"))
+    model = build_model(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1,
+                                  n_head=2, n_embd=32)).eval()
+    _, _, num_bytes = evaluate.evaluate_tokens(model, tokenizer, tokenizer.encode(text), stride)
+    assert num_bytes == len(text[1:].encode("utf-8"))
 
 
 def test_bits_per_byte_of_a_byte_level_model_is_its_loss_over_ln2(byte_run, tmp_path):

@@ -5,6 +5,7 @@ import shutil
 
 import torch
 
+import generation
 import sample
 from checkpoint import find_sampling_checkpoint, model_from_checkpoint
 from conftest import exit_status, run_cli, stderr_lines
@@ -54,8 +55,8 @@ def test_samples_continue_the_prompt(trained_run, capsys):
 def test_streamed_text_is_the_generated_text(trained_run):
     model, tokenizer, _ = model_from_checkpoint(trained_run / "gpt_final.pt")
     stream = io.StringIO()
-    text = sample.generate_text(model, tokenizer, "line", 25, stream=stream,
-                                generator=torch.Generator().manual_seed(0))
+    text = generation.generate_text(model, tokenizer, "line", 25, stream=stream,
+                                    generator=torch.Generator().manual_seed(0))
     assert stream.getvalue() == text and len(text) == 25
 
 

@@ -10,6 +10,7 @@ import signal
 import pytest
 import torch
 
+import optim
 import train
 from config import GPTConfig, TrainConfig
 from conftest import exit_status, snapshot, stderr_lines, tiny_argv, write_corpus
@@ -43,10 +44,10 @@ def assert_same_weights(state_a, state_b):
 def run_stopped_after(monkeypatch, steps, argv):
     """Run train.train as if Ctrl-C arrived during optimizer step `steps`; return the exit status."""
     calls = itertools.count(1)
-    requested = train.StopRequest.requested
+    pending = train.StopRequest.pending_signal
     with monkeypatch.context() as patch:
-        patch.setattr(train.StopRequest, "requested",
-                      lambda self: signal.SIGINT if next(calls) == steps else requested(self))
+        patch.setattr(train.StopRequest, "pending_signal",
+                      lambda self: signal.SIGINT if next(calls) == steps else pending(self))
         try:
             train.train(argv)
         except SystemExit as stop:
@@ -64,7 +65,7 @@ def run_stopped_after(monkeypatch, steps, argv):
 def learning_rates(num_steps, **schedule):
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=1.0)
-    scheduler = train.get_cosine_schedule_with_warmup(optimizer, **schedule)
+    scheduler = optim.get_cosine_schedule_with_warmup(optimizer, **schedule)
     rates = []
     for _ in range(num_steps + 1):  # rates[s] is the rate optimizer step s runs at
         rates.append(optimizer.param_groups[0]["lr"])
@@ -107,8 +108,8 @@ def rate_at_step(step, warmup, max_iters):
 
 def test_weight_decay_applies_only_to_parameters_of_two_or_more_dimensions():
     model = build_model(GPTConfig(vocab_size=30, block_size=8, n_layer=2, n_head=2, n_embd=16))
-    optimizer = train.configure_optimizer(model, TrainConfig(weight_decay=0.25, betas=(0.8, 0.9),
-                                                             learning_rate=3e-3), "cpu")
+    optimizer = optim.configure_optimizer(model, TrainConfig(weight_decay=0.25, betas=(0.8, 0.9),
+                                                             learning_rate=3e-3))
     decayed = [p for g in optimizer.param_groups if g["weight_decay"] == 0.25 for p in g["params"]]
     not_decayed = [p for g in optimizer.param_groups if g["weight_decay"] == 0.0
                    for p in g["params"]]
@@ -200,7 +201,7 @@ def test_a_run_ended_by_an_exception_leaves_no_data_loader_workers_behind(tmp_pa
     data = write_corpus(tmp_path)
     workers_before = set(multiprocessing.active_children())
     calls = itertools.count(1)
-    monkeypatch.setattr(train.StopRequest, "requested",
+    monkeypatch.setattr(train.StopRequest, "pending_signal",
                         lambda self: signal.SIGINT if next(calls) == 2 else 0)
     try:
         train.train(tiny_argv(tmp_path / "checkpoints", data, num_workers=2))

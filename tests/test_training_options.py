@@ -38,9 +38,9 @@ def test_a_compiled_run_saves_plain_keys_that_sample_and_an_uncompiled_resume_lo
     assert record["step"] == 4
 
 
-def test_sample_chars_prints_a_sample_at_each_evaluation(tmp_path, capsys):
+def test_sample_tokens_prints_a_sample_at_each_evaluation(tmp_path, capsys):
     data = write_corpus(tmp_path)
-    train.train(tiny_argv(tmp_path / "run", data, sample_chars=25, max_iters=4, eval_iter=2))
+    train.train(tiny_argv(tmp_path / "run", data, sample_tokens=25, max_iters=4, eval_iter=2))
     out = capsys.readouterr().out
     assert out.count("--- sample ---") == 2  # evaluations at steps 2 and 4
 
