@@ -81,7 +81,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
     compile: bool = False  # torch.compile the model
-    peak_flops: float = 0.0  # the device's peak FLOP/s for MFU; 0 = look it up by device name
+    peak_flops: float = 0.0  # the device's peak FLOP/s for MFU (6 x weights + attention, as nanoGPT/PaLM count); 0 = look it up
 
 
 TOKENIZERS = ("char", "byte", "bpe")

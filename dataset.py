@@ -1,9 +1,9 @@
 """Data: text -> tokens -> a DataLoader of (x, y) batches that a run can resume exactly.
 
-- `get_dataset(path)`: the training text; with no path, the built-in corpus (the Python language
-  reference that ships with CPython in `pydoc_data.topics`).
-- `load_tokens`: the whole corpus as one array of token ids. A text file goes through the token
-  cache (tokencache.py), which later runs memory-map; the built-in corpus is tokenized in memory.
+- `get_dataset`: the whole corpus as one array of token ids, with its tokenizer. A text file or
+  directory goes through the token cache (tokencache.py), which later runs memory-map; with no
+  --data, the built-in corpus (the Python language reference that ships with CPython in
+  `pydoc_data.topics`) is tokenized in memory.
 - `build_dataloader`: item `i` of the dataset is micro-batch `i` of the run, drawn from a random
   generator seeded by (seed, i). The data order is therefore a pure function of the seed and the
   position, so a resumed run (or a worker process) rebuilds exactly the batches it would have seen.
@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from config import fail
-from tokencache import cached_tokens, iter_text_chunks
+from tokencache import cached_tokens
 from tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
 
 def builtin_corpus():
@@ -34,14 +34,10 @@ def builtin_corpus():
              "give a text file with --data")
     return "\n".join(topics[key] for key in sorted(topics))
 
-def get_dataset(path=None):
-    """The training text: the built-in corpus when `path` is empty, else the file or directory."""
-    if not path:
-        return builtin_corpus()
-    return "".join(iter_text_chunks(path))
-
-def load_tokens(train_config, tokenizer=None):
-    """(tokenizer, ids) for the configured corpus; `tokenizer` fixes the vocabulary when given."""
+def get_dataset(train_config, tokenizer=None):
+    """(tokenizer, token ids) of the configured corpus; `tokenizer` fixes the vocabulary when given
+    (a resumed or fine-tuned run), else one is built from the text (BPE learns from the training
+    split only)."""
     t = train_config
     if t.data:
         return cached_tokens(t.data, t.tokenizer, t.cache_dir, t.val_fraction, t.bpe_vocab_size,

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from checkpoint import (add_checkpoint_arguments, checkpoint_to_load, configs_from_checkpoint,
                         model_from_checkpoint)
 from config import DTYPES, ArgumentParser, fail, run_main
-from dataset import load_tokens, split_tokens
+from dataset import get_dataset, split_tokens
 from tokencache import cached_tokens
 from model import IGNORE_INDEX
 from runtime import autocast_context, select_device, select_dtype
@@ -106,7 +106,7 @@ def tokens_to_score(checkpoint, tokenizer, data, path):
     if data:  # through the token cache: a large file is read in chunks and memory-mapped
         _, ids = cached_tokens(data, tokenizer.kind, train_config.cache_dir, tokenizer=tokenizer)
         return np.asarray(ids), data
-    _, tokens = load_tokens(train_config, tokenizer)
+    _, tokens = get_dataset(train_config, tokenizer)
     _, val_tokens = split_tokens(tokens, train_config.val_fraction, gpt_config.block_size)
     source = train_config.data or "the built-in corpus"
     return np.asarray(val_tokens), f"validation split of {source}"

@@ -32,7 +32,7 @@ from checkpoint import (check_room_for_checkpoints, configs_from_checkpoint, fin
                         prune_checkpoints, remove_temporary_files, save_checkpoint, step_path)
 from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, apply_args_to_configs,
                     config_to_dict, fail, parse_args, run_main, validate)
-from dataset import build_dataloader, load_tokens, split_tokens, validation_batches
+from dataset import build_dataloader, get_dataset, split_tokens, validation_batches
 from generation import generate_text
 from model import build_model, count_parameters, flops_per_token
 from optim import configure_optimizer, get_cosine_schedule_with_warmup
@@ -167,7 +167,7 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
 def load_corpus(gpt_config, train_config, checkpoint=None):
     """(tokenizer, token ids) of the configured corpus; a new run's vocabulary sets the model's."""
     saved_tokenizer = tokenizer_from_state(checkpoint["tokenizer"]) if checkpoint else None
-    tokenizer, ids = load_tokens(train_config, saved_tokenizer)
+    tokenizer, ids = get_dataset(train_config, saved_tokenizer)
     if checkpoint is None:
         gpt_config.vocab_size = padded_vocab_size(tokenizer)
     return tokenizer, ids

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from config import UserError
+from config import TrainConfig, UserError
 from conftest import TINY_TEXT, write_corpus
 from dataset import build_dataloader, get_dataset, split_tokens, validation_batches
 from tokencache import cached_tokens
@@ -87,18 +87,22 @@ def test_stream_decoding_one_id_at_a_time_gives_the_whole_text(tokenizer):
 
 # ------------------------------------------------------------------------------------- corpora
 
-def test_the_builtin_corpus_is_the_python_reference_joined_in_sorted_key_order():
+def corpus_text(tmp_path, data=""):
+    tokenizer, ids = get_dataset(TrainConfig(data=data, cache_dir=str(tmp_path / "cache")))
+    return tokenizer.decode(ids)
+
+
+def test_the_builtin_corpus_is_the_python_reference_joined_in_sorted_key_order(tmp_path):
     from pydoc_data.topics import topics
-    corpus = get_dataset()
+    corpus = corpus_text(tmp_path)
     assert corpus == "\n".join(topics[key] for key in sorted(topics))
     assert len(corpus) > 300_000
-    assert get_dataset("") == corpus == get_dataset(None)
 
 
 def test_a_data_file_is_read_as_utf8(tmp_path):
     text = "naïve café 中文\n" * 3
     path = write_corpus(tmp_path, text)
-    assert get_dataset(str(path)) == text
+    assert corpus_text(tmp_path, str(path)) == text
 
 
 def test_a_data_directory_joins_its_txt_files_in_sorted_order(tmp_path):
@@ -106,7 +110,7 @@ def test_a_data_directory_joins_its_txt_files_in_sorted_order(tmp_path):
     for name, text in contents.items():  # written out of order on purpose
         (tmp_path / name).write_text(text, encoding="utf-8")
     expected = "".join(contents[name] for name in sorted(contents) if name.endswith(".txt"))
-    assert get_dataset(str(tmp_path)) == expected == "first second third"
+    assert corpus_text(tmp_path, str(tmp_path)) == expected == "first second third"
 
 
 def test_the_token_cache_is_rebuilt_when_the_file_changes(tmp_path):

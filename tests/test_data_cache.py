@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from config import TrainConfig, UserError
 from conftest import REPO, TINY_TEXT, write_corpus
-from dataset import RandomWindows, StepSampler, build_dataloader, load_tokens, split_tokens
+from dataset import RandomWindows, StepSampler, build_dataloader, get_dataset, split_tokens
 from tokencache import cached_tokens, default_cache_dir, iter_text_chunks
 from tokenizer import CharTokenizer
 
@@ -142,7 +142,7 @@ def test_by_default_the_cache_goes_under_xdg_cache_home_and_never_beside_the_dat
     data = tmp_path / "data"
     data.mkdir()
     path = write_corpus(data, TINY_TEXT)
-    tokenizer, ids = load_tokens(TrainConfig(data=str(path)))  # --cache_dir not given
+    tokenizer, ids = get_dataset(TrainConfig(data=str(path)))  # --cache_dir not given
     assert tokenizer.decode(ids) == TINY_TEXT
     assert sorted(p.name for p in data.iterdir()) == ["corpus.txt"]
     assert Path(ids.filename).parent == tmp_path / "xdg" / "gpt-train" / "tokens"

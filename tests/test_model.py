@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from config import GPTConfig
-from model import build_model, count_parameters, sample_next_token
+from model import build_model, count_parameters, flops_per_token, sample_next_token
 
 VOCAB = 65
 
@@ -80,6 +80,17 @@ def test_parameter_count_matches_the_gpt2_formula_counting_tied_weights_once():
     no_bias = tiny_model(vocab_size=vocab, block_size=block, n_layer=layers, n_embd=width,
                          bias=False)
     assert count_parameters(no_bias) == expected - layers * (11 * width) - width
+
+
+def test_flops_per_token_of_gpt2_124m_is_the_hand_counted_nanogpt_convention():
+    """6 x (the 124M parameters less the 1024 x 768 position table) + 12 x 12 x 768 x 1024."""
+    config = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    model = build_model(config)
+    embedding = 50304 * 768
+    per_layer = 2 * 768 * 2 + (768 * 3 * 768 + 3 * 768) + (768 * 768 + 768) \
+        + (768 * 4 * 768 + 4 * 768) + (4 * 768 * 768 + 768)  # 2 LayerNorms, qkv, proj, fc, proj
+    weights = embedding + 12 * per_layer + 2 * 768  # the tied head once; ln_f
+    assert flops_per_token(model) == 6 * weights + 12 * 12 * 768 * 1024
 
 
 def test_initialisation_uses_std_002_and_scaled_residual_projections():
