@@ -152,15 +152,13 @@ class StepSampler(Sampler):
         self.start = position
 
 
-def build_dataloader(tokens, block_size, batch_size, seed, start=0, stop=None, num_workers=0,
-                     pin_memory=False, rank=0, world_size=1):
-    """A DataLoader of (x, y) batches of shape (batch_size, block_size), micro-batch `start` first."""
-    dataset = RandomWindows(tokens, block_size, batch_size, seed, rank, world_size)
-    sampler = StepSampler(start, stop if stop is not None else len(dataset))
+def build_dataloader(windows, stop, start=0, num_workers=0, pin_memory=False):
+    """A DataLoader of the micro-batches start, ..., stop-1 of `windows` (a RandomWindows)."""
+    sampler = StepSampler(start, stop)
     # The loader's own generator: creating an iterator draws a worker seed from it, which must
     # not come from (and shift) the global torch generator that dropout uses.
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
+    generator = torch.Generator().manual_seed(windows.seed)
+    return DataLoader(windows, batch_size=None, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, generator=generator,
                       worker_init_fn=_leave_interrupts_to_the_main_process)
 

@@ -82,7 +82,7 @@ def window_batches(ids, block_size, starts, first_scored, batch_size):
 
 
 def evaluate_tokens(model, tokenizer, ids, stride=None, batch_size=32,
-                    autocast=contextlib.nullcontext, progress=False):
+                    autocast=contextlib.nullcontext):
     """(total nats, scored tokens, their UTF-8 bytes) of `ids` under `model`, in eval mode.
 
     Every token but the first is scored once; `stride` (default block_size) sets the overlap.
@@ -93,7 +93,7 @@ def evaluate_tokens(model, tokenizer, ids, stride=None, batch_size=32,
         fail(f"the text is too short to score: it has {len(ids)} token(s), at least 2 are needed")
     starts, first_scored = window_plan(len(ids), block_size, stride or block_size)
     batches = window_batches(ids, block_size, starts, first_scored, batch_size)
-    batches = tqdm(batches, total=math.ceil(len(starts) / batch_size), disable=not progress,
+    batches = tqdm(batches, total=math.ceil(len(starts) / batch_size), disable=None,  # shown on a terminal only
                    desc="evaluating", unit="batch", dynamic_ncols=True)
     piece_bytes = piece_lengths(tokenizer, next(model.parameters()).device)
     total_nats, num_tokens, num_bytes = score_batches(model, batches, piece_bytes, autocast).tolist()
@@ -124,7 +124,7 @@ def main(argv=None):
              f"tokens between windows would never be scored")
     ids, source = tokens_to_score(checkpoint, tokenizer, args.data, path)
     totals = evaluate_tokens(model, tokenizer, ids, args.stride or block_size, args.batch_size,
-                             autocast=lambda: autocast_context(device, dtype), progress=True)
+                             autocast=lambda: autocast_context(device, dtype))
     result = summarize(*totals)
     print(f"{path} on {source}: {result['tokens']:,} tokens, {result['bytes']:,} bytes")
     print(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "

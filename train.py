@@ -32,7 +32,8 @@ from checkpoint import (check_room_for_checkpoints, configs_from_checkpoint, fin
                         prune_checkpoints, remove_temporary_files, save_checkpoint, step_path)
 from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, apply_args_to_configs,
                     config_to_dict, fail, parse_args, run_main, validate)
-from dataset import build_dataloader, get_dataset, split_tokens, validation_batches
+from dataset import (RandomWindows, build_dataloader, get_dataset, split_tokens,
+                     validation_batches)
 from generation import generate_text
 from model import build_model, count_parameters, flops_per_token
 from optim import configure_optimizer, get_cosine_schedule_with_warmup
@@ -149,10 +150,10 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
     train_tokens, val_tokens = split_tokens(ids, t.val_fraction, gpt_config.block_size)
     print0(f"data: {len(ids):,} tokens ({len(train_tokens):,} train, {len(val_tokens):,} "
            f"validation), {tokenizer.kind} tokenizer, vocabulary {tokenizer.vocab_size}")
-    loader = build_dataloader(train_tokens, gpt_config.block_size, t.batch_size, t.seed,
-                              stop=t.max_iters * t.grad_accum_steps, num_workers=t.num_workers,
-                              pin_memory=runtime.device.type == "cuda", rank=runtime.rank,
-                              world_size=runtime.world_size)
+    windows = RandomWindows(train_tokens, gpt_config.block_size, t.batch_size, t.seed,
+                            runtime.rank, runtime.world_size)
+    loader = build_dataloader(windows, stop=t.max_iters * t.grad_accum_steps,
+                              num_workers=t.num_workers, pin_memory=runtime.device.type == "cuda")
     val_set = validation_batches(val_tokens, gpt_config.block_size, t.batch_size, t.eval_batches,
                                  runtime.rank, runtime.world_size)
     model, wrapped_model = prepare_model(gpt_config, t, runtime, checkpoint)

@@ -8,7 +8,8 @@ import torch
 
 from config import TrainConfig, UserError
 from conftest import TINY_TEXT, write_corpus
-from dataset import build_dataloader, get_dataset, split_tokens, validation_batches
+from dataset import (RandomWindows, build_dataloader, get_dataset, split_tokens,
+                     validation_batches)
 from tokencache import cached_tokens
 from tokenizer import ByteTokenizer, CharTokenizer, StreamDecoder, tokenizer_from_state
 
@@ -147,7 +148,7 @@ def test_a_split_shorter_than_block_size_plus_one_is_a_user_error(val_fraction, 
 
 def test_batches_are_int64_windows_with_targets_shifted_by_one():
     tokens = np.arange(1000, dtype=np.uint16)  # token value == position: windows are visible
-    x, y = next(iter(build_dataloader(tokens, block_size=16, batch_size=4, seed=0, stop=1)))
+    x, y = next(iter(build_dataloader(RandomWindows(tokens, 16, 4, seed=0), stop=1)))
     assert x.shape == y.shape == (4, 16)
     assert x.dtype == y.dtype == torch.int64
     assert torch.equal(x, x[:, :1] + torch.arange(16))  # contiguous windows of the stream
@@ -156,7 +157,7 @@ def test_batches_are_int64_windows_with_targets_shifted_by_one():
 
 def test_batches_of_real_text_have_y_equal_to_x_shifted_left():
     tokens = CharTokenizer(TINY_TEXT).encode(TINY_TEXT)
-    for x, y in build_dataloader(tokens, block_size=16, batch_size=4, seed=3, stop=5):
+    for x, y in build_dataloader(RandomWindows(tokens, 16, 4, seed=3), stop=5):
         assert torch.equal(x[:, 1:], y[:, :-1])
 
 
@@ -165,20 +166,19 @@ def batches(loader):
 
 
 def test_the_same_seed_and_index_give_the_same_batch():
-    tokens = np.arange(5000)
-    whole_run = batches(build_dataloader(tokens, 16, 4, seed=7, start=0, stop=10))
-    resumed = batches(build_dataloader(tokens, 16, 4, seed=7, start=6, stop=10))
+    windows = RandomWindows(np.arange(5000), 16, 4, seed=7)
+    whole_run = batches(build_dataloader(windows, start=0, stop=10))
+    resumed = batches(build_dataloader(windows, start=6, stop=10))
     assert all(torch.equal(a, b) for a, b in zip(whole_run[6:], resumed, strict=True))
-    other_seed = batches(build_dataloader(tokens, 16, 4, seed=8, start=0, stop=10))
+    other_seed = batches(build_dataloader(RandomWindows(np.arange(5000), 16, 4, seed=8), stop=10))
     assert not any(torch.equal(a, b) for a, b in zip(whole_run, other_seed))
     assert len({tuple(b[:, 0].tolist()) for b in whole_run}) == 10  # each step a new batch
 
 
 def test_worker_processes_produce_the_same_batches_in_the_same_order():
-    tokens = np.arange(5000)
-    in_process = batches(build_dataloader(tokens, 16, 4, seed=7, start=3, stop=11))
-    with_workers = batches(build_dataloader(tokens, 16, 4, seed=7, start=3, stop=11,
-                                            num_workers=2))
+    windows = RandomWindows(np.arange(5000), 16, 4, seed=7)
+    in_process = batches(build_dataloader(windows, start=3, stop=11))
+    with_workers = batches(build_dataloader(windows, start=3, stop=11, num_workers=2))
     assert all(torch.equal(a, b) for a, b in zip(in_process, with_workers, strict=True))
 
 
@@ -186,7 +186,7 @@ def test_drawing_batches_leaves_the_global_random_state_alone():
     torch.manual_seed(0)
     np.random.seed(0)
     torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()[1].copy()
-    batches(build_dataloader(np.arange(5000), 16, 4, seed=7, stop=3))
+    batches(build_dataloader(RandomWindows(np.arange(5000), 16, 4, seed=7), stop=3))
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert np.array_equal(np.random.get_state()[1], numpy_state)
 

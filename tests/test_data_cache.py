@@ -233,7 +233,7 @@ def test_a_dataset_over_the_validation_split_reads_from_the_right_offset(tmp_pat
 
 def test_a_spawned_worker_yields_the_same_batches_as_the_main_process(tmp_path):
     train_tokens = memmapped_train_split(tmp_path)
-    loader = build_dataloader(train_tokens, block_size=16, batch_size=4, seed=5, stop=6)
+    loader = build_dataloader(RandomWindows(train_tokens, 16, 4, seed=5), stop=6)
     in_process = list(loader)
     spawned = DataLoader(loader.dataset, batch_size=None, sampler=StepSampler(0, 6), num_workers=1,
                          multiprocessing_context="spawn")
