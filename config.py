@@ -1,17 +1,21 @@
 """Configuration: the two dataclasses, the command line built from them, and user errors.
 
 `GPTConfig` describes the network, `TrainConfig` the run. Every field is a `--flag` of the same
-name; `parse_args` reads only what the user typed, and `apply_args_to_configs` lays those values
-over the defaults (or over a checkpoint's saved configs on resume). `validate` checks values that
-no type can check. Mistakes a user can make end in `UserError`, which `run_main` turns into one
+name and a key of a `--config` recipe (a TOML file); `parse_args` reads only what the user gave
+(flags over the recipe), and `apply_args_to_configs` lays those values over the defaults (or over
+a checkpoint's saved configs on resume). `validate` checks values that no type can check, and
+`configs_to_toml` writes a recipe back out (`--print_config`). Mistakes a user can make end in `UserError`, which `run_main` turns into one
 line on stderr and exit status 2. What the flags *do* is left to the modules that use them.
 """
 
 import argparse
 import dataclasses
+import difflib
 import inspect
+import json
 import re
 import sys
+import tomllib
 from dataclasses import dataclass
 
 
@@ -82,9 +86,11 @@ class TrainConfig:
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
     compile: bool = False  # torch.compile the model
     peak_flops: float = 0.0  # the device's peak FLOP/s for MFU (6 x weights + attention, as nanoGPT/PaLM count); 0 = look it up
+    log_to: str = "jsonl"  # where metrics go, comma-separated: jsonl, tensorboard, wandb
 
 
 TOKENIZERS = ("char", "byte", "bpe")
+LOG_DESTINATIONS = ("jsonl", "tensorboard", "wandb")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout")
 
@@ -131,6 +137,8 @@ def _add_field(parser, config_field, comment=""):
 
 def build_parser(description=None):
     parser = ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="PATH.toml",
+                        help="a recipe: a TOML file of `field = value` lines; flags override it")
     for config_class in (GPTConfig, TrainConfig):
         group = parser.add_argument_group(config_class.__name__)
         comments = _field_comments(config_class)
@@ -139,13 +147,75 @@ def build_parser(description=None):
     return parser
 
 
-def parse_args(argv=None):
-    """One --flag per config field. Only the flags the user gave appear in the result."""
-    return build_parser("Train a small GPT on a text corpus.").parse_args(argv)
+@dataclass(frozen=True)
+class Recipe:
+    """A --config file: its path and the fields it set that no flag overrode."""
+
+    path: str
+    keys: frozenset
+
+
+def parse_args(argv=None, parser=None):
+    """One --flag per config field, over a --config recipe's values.
+
+    Only the fields the user gave (typed, or in the recipe) appear in the result; `args.config`,
+    when given, is a `Recipe`, so that `check_configs` can name the file a bad value came from.
+    """
+    if parser is None:
+        parser = build_parser("Train a small GPT on a text corpus.")
+        parser.add_argument("--print_config", action="store_true",
+                            help="print the resolved configuration as a TOML recipe and exit")
+    args = parser.parse_args(argv)
+    if "config" in args:
+        recipe = {k: v for k, v in read_recipe(args.config).items() if k not in args}
+        vars(args).update(recipe)
+        args.config = Recipe(args.config, frozenset(recipe))
+    return args
+
+
+def read_recipe(path):
+    """The fields a TOML recipe sets, each checked against its field's type."""
+    try:
+        with open(path, "rb") as handle:
+            values = tomllib.load(handle)
+    except OSError as error:
+        fail(f"--config {path}: cannot read it: {error.strerror}")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        fail(f"{path}: not a valid TOML file: {error}")
+    fields = {f.name: f for config_class in (GPTConfig, TrainConfig)
+              for f in dataclasses.fields(config_class)}
+    recipe = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            fail(f"{path}: unknown key {key!r}{hint}; a recipe sets GPTConfig/TrainConfig fields")
+        recipe[key] = _recipe_value(path, key, value, fields[key].default)
+    return recipe
+
+
+def _recipe_value(path, key, value, default):
+    """`value` as the type of the field whose default is `default`, or a UserError naming both."""
+    def is_number(item):
+        return isinstance(item, (int, float)) and not isinstance(item, bool)
+
+    if isinstance(default, tuple):
+        if isinstance(value, list) and len(value) == len(default) and all(map(is_number, value)):
+            return tuple(float(item) for item in value)
+        expected = f"a list of {len(default)} numbers"
+    elif isinstance(default, float):
+        if is_number(value):
+            return float(value)
+        expected = "a number"
+    elif type(value) is type(default):  # an int field takes no float and no bool
+        return value
+    else:
+        expected = {bool: "true or false", int: "an integer", str: "a string"}[type(default)]
+    fail(f"{path}: {key} must be {expected}, got {value!r}")
 
 
 def apply_args_to_configs(args, gpt_config, train_config):
-    """Set the fields the user gave on the command line; leave every other field as it is."""
+    """Set the fields the user gave (flags or recipe); leave every other field as it is."""
     given = vars(args)
     for config in (gpt_config, train_config):
         for config_field in dataclasses.fields(config):
@@ -153,6 +223,49 @@ def apply_args_to_configs(args, gpt_config, train_config):
                 value = given[config_field.name]
                 setattr(config, config_field.name, tuple(value) if isinstance(value, list) else value)
     return gpt_config, train_config
+
+
+def check_configs(args, gpt_config, train_config):
+    """`validate`, and --log_to; a mistake whose flag the --config file set names that file."""
+    try:
+        validate(gpt_config, train_config)
+        unknown = [name for name in train_config.log_to.split(",") if name not in LOG_DESTINATIONS]
+        if unknown:
+            fail(f"unknown --log_to {unknown[0]!r}; give one or more of "
+                 f"{', '.join(LOG_DESTINATIONS)}, comma-separated")
+    except UserError as error:
+        recipe = vars(args).get("config")
+        if recipe and recipe.keys & set(re.findall(r"--(\w+)", str(error))):
+            fail(f"{recipe.path}: {error}")
+        raise
+
+
+def configs_to_toml(gpt_config, train_config):
+    """The configs as a recipe that --config reads back: every field, with its help as a comment.
+
+    vocab_size is left out: a new run takes it from its tokenizer, a resumed one from its checkpoint.
+    """
+    lines = ["# python train.py --config THIS_FILE  (flags given as well override these values)"]
+    for config in (gpt_config, train_config):
+        lines += ["", f"# {type(config).__name__}"]
+        comments = _field_comments(type(config))
+        for config_field in dataclasses.fields(config):
+            if config_field.name == "vocab_size":
+                continue
+            line = f"{config_field.name} = {_toml_value(getattr(config, config_field.name))}"
+            comment = comments.get(config_field.name)
+            lines.append(f"{line}  # {comment}" if comment else line)
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
+    return repr(value)  # ints, and floats (repr round-trips; inf and nan are TOML too)
 
 
 def config_from_dict(config_class, values):

@@ -15,7 +15,6 @@ and the run directory's names in checkpoint.py.
 """
 
 import contextlib
-import json
 import math
 import shlex
 import signal
@@ -31,10 +30,12 @@ from checkpoint import (check_room_for_checkpoints, configs_from_checkpoint, fin
                         latest_checkpoint, load_checkpoint, load_model_state, metrics_path,
                         prune_checkpoints, remove_temporary_files, save_checkpoint, step_path)
 from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, apply_args_to_configs,
-                    config_to_dict, fail, parse_args, run_main, validate)
+                    check_configs, config_to_dict, configs_to_toml, fail, parse_args, run_main,
+                    validate)
 from dataset import (RandomWindows, build_dataloader, get_dataset, split_tokens,
                      validation_batches)
 from generation import generate_text
+from loggers import MetricsLog
 from model import build_model, count_parameters, flops_per_token
 from optim import configure_optimizer, get_cosine_schedule_with_warmup
 from runtime import peak_flops, print0, random_states, restore_random_states, setup_runtime
@@ -58,7 +59,8 @@ def train(argv=None):
 
 
 def configure(argv=None):
-    """Flags over the defaults; on --resume or --init_from, flags over the checkpoint's configs.
+    """Flags (over a --config recipe) over the defaults; on --resume or --init_from, over the
+    checkpoint's configs. --print_config prints the result as a recipe and exits.
 
     Returns (gpt_config, train_config, checkpoint), checkpoint being the loaded file or None.
     """
@@ -95,7 +97,10 @@ def configure(argv=None):
         saved_gpt.dropout = given.get("dropout", saved_gpt.dropout)
         gpt_config = saved_gpt
         train_config.tokenizer = tokenizer_from_state(checkpoint["tokenizer"]).kind
-    validate(gpt_config, train_config)
+    check_configs(args, gpt_config, train_config)
+    if given.get("print_config"):
+        print0(configs_to_toml(gpt_config, train_config), end="")
+        raise SystemExit(0)
     return gpt_config, train_config, checkpoint
 
 
@@ -239,28 +244,6 @@ def resume(run, checkpoint):
         fail(f"checkpoint {path} has damaged random states: {type(error).__name__}: {error}")
     run.metrics.trim_after(run.step)
     print0(f"resumed from {path} after step {run.step}")
-
-
-class MetricsLog:
-    """One JSON object per line in checkpoint_dir/metrics.jsonl, written by rank 0 only."""
-
-    def __init__(self, path, runtime):
-        self.path = path
-        self.enabled = runtime.is_main
-
-    def write(self, record):
-        if self.enabled:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-    def trim_after(self, step):
-        """Drop records after `step` so the file tells one consistent history; mark the resume."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        kept.append(json.dumps({"step": step, "event": "resume"}))
-        self.path.write_text("\n".join(kept) + "\n")
 
 
 class StopRequest:

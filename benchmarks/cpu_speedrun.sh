@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The README's "CPU speedrun": train on DATA (tiny Shakespeare), then report the training's wall
-# time and the final model's validation loss.
+# The README's "CPU speedrun": train on DATA (tiny Shakespeare) with recipes/cpu_speedrun.toml,
+# then report the training's wall time and the final model's validation loss.
 # Usage: benchmarks/cpu_speedrun.sh DATA [OUT_DIR] [extra train.py flags]
 # OUT_DIR (default: a new temporary directory) receives the checkpoints, metrics.jsonl and the
-# token cache. Extra flags come after the recipe's and override them (for quick smoke runs).
+# token cache. Extra flags override the recipe's values (for quick smoke runs); another recipe
+# is `--config recipes/nanogpt_cpu.toml`.
 # - wall time: the whole `python train.py` process, start-up and tokenizing included (the token
 #   cache starts empty in OUT_DIR);
 # - validation loss: evaluate.py on gpt_final.pt, in float32, over the whole validation split
@@ -11,21 +12,6 @@
 #   stops: measuring the result is not part of producing it.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
-
-# ---- the speedrun recipe: the README quotes these flags; tune them here -------------------------
-# nanoGPT's CPU recipe for tiny Shakespeare (char-level, 4 layers x 128 wide, context 64, batch
-# 12), trained harder and shorter: a 4x higher peak learning rate with a short warmup, 1300 steps
-# instead of 2000, no biases, and one validation estimate at the end instead of periodic ones.
-SPEEDRUN_FLAGS=(
-    --tokenizer char --val_fraction 0.1
-    --n_layer 4 --n_head 4 --n_embd 128 --block_size 64 --dropout 0.0 --bias false
-    --batch_size 12 --max_iters 1300
-    --learning_rate 4e-3 --warmup_iters 50 --min_lr_ratio 0.1 --betas 0.9 0.99
-    --weight_decay 0.1 --grad_clip 1.0
-    --device cpu --dtype float32 --compile false
-    --eval_iter 1300 --eval_batches 20 --log_iter 100 --save_iter 1300
-)
-# -------------------------------------------------------------------------------------------------
 
 if [[ $# -lt 1 ]]; then
     echo "usage: $0 DATA [OUT_DIR] [extra train.py flags]" >&2
@@ -43,7 +29,7 @@ fi
 
 now() { "$PYTHON" -c 'import time; print(time.time())'; }
 
-command=("$PYTHON" "$REPO/train.py" --data "$DATA" "${SPEEDRUN_FLAGS[@]}"
+command=("$PYTHON" "$REPO/train.py" --config "$REPO/recipes/cpu_speedrun.toml" --data "$DATA"
          --checkpoint_dir "$OUT_DIR" --cache_dir "$OUT_DIR/token-cache" "$@")
 echo "running: ${command[*]}"
 start=$(now)
