@@ -6,8 +6,10 @@ Three kinds share one small interface (`encode`, `decode`, `vocab_size`, `state_
 - `BPETokenizer`: byte-level BPE trained with the optional `tokenizers` package; any text
   encodes, and a large corpus is sampled evenly so training takes seconds.
 Every tokenizer also knows the bytes of each id (`pieces`), so decoding is one rule for all three
-and a stream of ids can be printed as it is generated (`StreamDecoder`). This module is shared
-by dataset.py (encoding corpora), sample.py and evaluate.py (decoding); it reads no files.
+and a stream of ids can be printed as it is generated (`StreamDecoder`), and can write itself as a
+`tokenizers` JSON file that encodes to the same ids (`hugging_face_json`, for export.py). This
+module is shared by dataset.py (encoding corpora), sample.py and evaluate.py (decoding); it reads
+no files.
 """
 
 import codecs
@@ -52,6 +54,23 @@ class CharTokenizer:
     def state_dict(self):
         return {"kind": self.kind, "chars": self.chars}
 
+    def hugging_face_json(self):
+        """A `tokenizers` JSON file with our ids: a word-level model whose words are characters.
+
+        Every code point is split off as a word of its own (`[\\s\\S]` matches any one, newlines
+        included) with no normalizer, so whitespace and combining marks stay characters as they are
+        here. The unknown token is left out of the vocabulary, so a character outside it is refused
+        ("Missing [UNK] token"), as `encode` refuses it, rather than read as some other id.
+        """
+        tokenizers = _import_tokenizers("exporting a char-level tokenizer")
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+
+        vocabulary = {character: index for index, character in enumerate(self.chars)}
+        backend = tokenizers.Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        backend.decoder = decoders.Fuse()  # characters join with nothing between them
+        return backend.to_str()
+
 
 class ByteTokenizer:
     kind = "byte"
@@ -66,6 +85,18 @@ class ByteTokenizer:
 
     def state_dict(self):
         return {"kind": self.kind}
+
+    def hugging_face_json(self):
+        """A `tokenizers` JSON file with our ids: byte-level BPE with no merges, so each UTF-8 byte
+        is one token and the id of byte b is b, whatever the text."""
+        tokenizers = _import_tokenizers("exporting a byte-level tokenizer")
+        from tokenizers import decoders, models, pre_tokenizers
+
+        backend = tokenizers.Tokenizer(models.BPE(_byte_level_alphabet(), merges=[]))
+        # without merges there is nothing to keep apart, so the text need not be split into words
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        return backend.to_str()
 
 
 def _byte_level_alphabet():
@@ -83,12 +114,12 @@ def _byte_level_alphabet():
     return {character: byte for byte, character in characters.items()}
 
 
-def _import_tokenizers():
+def _import_tokenizers(purpose="the BPE tokenizer"):
     try:
         import tokenizers
     except ImportError:
-        fail("the BPE tokenizer needs the 'tokenizers' package, which is not installed: "
-             "pip install tokenizers")
+        fail(f"{purpose} needs the 'tokenizers' package, which is not installed: "
+             f"pip install tokenizers")
     return tokenizers
 
 
@@ -201,6 +232,9 @@ class BPETokenizer:
 
     def state_dict(self):
         return {"kind": self.kind, "json": self.tokenizer_json}
+
+    def hugging_face_json(self):
+        return self.tokenizer_json
 
 
 def tokenizer_from_state(state):

@@ -1,4 +1,6 @@
-"""export.py: a checkpoint becomes a Hugging Face GPT-2 directory that computes the same logits."""
+"""export.py: a checkpoint becomes a Hugging Face GPT-2 directory that computes the same logits,
+written only where no user file would be lost. (Its tokenizer and generation in transformers:
+test_export_pipeline.py.)"""
 
 import json
 import sys
@@ -9,7 +11,7 @@ import torch
 import export
 import train
 from checkpoint import model_from_checkpoint
-from conftest import exit_status, tiny_argv, write_corpus
+from conftest import exit_status, snapshot, tiny_argv, write_corpus
 from tokenizer import tokenizer_from_state
 
 transformers = pytest.importorskip("transformers")
@@ -68,15 +70,6 @@ def test_config_declares_our_architecture_and_the_padded_vocabulary(bpe_run_with
     assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == 0.0
 
 
-def test_bpe_export_loads_with_autotokenizer_and_encodes_like_ours(bpe_run_without_bias, tmp_path):
-    export.export(bpe_run_without_bias / "gpt_final.pt", tmp_path)
-    _, tokenizer, _ = model_from_checkpoint(bpe_run_without_bias / "gpt_final.pt")
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    text = "the quick brown fox, naïve café\n"
-    assert hf_tokenizer.encode(text) == tokenizer.encode(text).tolist()
-    assert hf_tokenizer.decode(tokenizer.encode(text).tolist()) == text
-
-
 @pytest.mark.parametrize("run", ["trained_run", "bpe_run_without_bias"])
 def test_tokenizer_vocab_json_decodes_ids_without_this_project(run, request, tmp_path):
     checkpoint_path = request.getfixturevalue(run) / "gpt_final.pt"
@@ -112,3 +105,52 @@ def test_export_of_a_missing_checkpoint_is_one_line_and_status_2(tmp_path, capsy
     error = capsys.readouterr().err.strip().splitlines()
     assert status == 2
     assert len(error) == 1 and "checkpoint not found" in error[0]
+
+
+def export_status(checkpoint_path, *flags):
+    return exit_status(export.main, ["--checkpoint", str(checkpoint_path), *map(str, flags)])
+
+
+def test_export_into_a_users_non_empty_directory_is_refused_and_changes_nothing(trained_run,
+                                                                               tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text('{"my": "own config"}')
+    (out / "notes.txt").write_text("keep me")
+    before = snapshot(out)
+    status = export_status(trained_run / "gpt_final.pt", "--out", out)
+    error = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert len(error) == 1 and "--overwrite true" in error[0] and str(out) in error[0]
+    assert snapshot(out) == before
+
+
+def test_overwrite_true_replaces_files_of_the_same_names_and_keeps_the_rest(trained_run, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text('{"my": "own config"}')
+    (out / "notes.txt").write_text("keep me")
+    assert export_status(trained_run / "gpt_final.pt", "--out", out, "--overwrite", "true") == 0
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
+
+
+def test_exporting_again_into_an_earlier_export_replaces_it(trained_run, tmp_path):
+    out = tmp_path / "hf"
+    assert export_status(trained_run / "gpt_step4.pt", "--out", out) == 0
+    step4 = snapshot(out)
+    assert export_status(trained_run / "gpt_final.pt", "--out", out) == 0
+    assert snapshot(out).keys() == step4.keys()
+    assert snapshot(out)["model.safetensors"] != step4["model.safetensors"]
+
+
+@pytest.mark.parametrize("flag", ["--out", "--checkpoint_dir"])
+def test_an_empty_directory_name_is_an_error_not_the_current_directory(trained_run, tmp_path,
+                                                                      monkeypatch, capsys, flag):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--checkpoint_dir", str(trained_run), "--out", str(tmp_path / "hf"), flag, ""]
+    status = exit_status(export.main, argv)
+    error = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert len(error) == 1 and flag in error[0]
+    assert list(tmp_path.iterdir()) == []
