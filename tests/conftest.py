@@ -1,10 +1,12 @@
-"""Shared helpers for the test suite: the repository path, tiny training runs, and running the CLI.
+"""Shared helpers for the test suite: the repository path, tiny training runs, running the CLI, and
+reading what a run leaves behind (checkpoints, metrics, the one error line of a user's mistake).
 
 Every run here is tiny (one or two layers, width 32, context 16, a few steps) so the whole suite
 stays fast on a 2-core CPU. Tests call `train.train(argv)` and `sample.main(argv)` in-process where
 they can; `run_cli` starts a real `python train.py ...` only where the command line itself is tested.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +18,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from config import run_main  # noqa: E402  (needs the repository on sys.path)
+from config import GPTConfig, run_main  # noqa: E402  (needs the repository on sys.path)
+from model import build_model  # noqa: E402
 
 # The models here are so small that a second intra-op thread only adds synchronisation, which
 # costs seconds when other processes share the 2 cores.
@@ -89,6 +92,23 @@ def stderr_lines(text):
     return [line for line in text.splitlines() if line.strip()]
 
 
+def one_error_line(stderr, *fragments):
+    """The `error: ...` line a user's mistake ends in, checked to be all that stderr holds.
+
+    Frames of the training progress bar (carriage-return separated) may come first, but the error
+    starts a line of its own, and nothing else (a traceback, a warning) is printed. Each fragment
+    must appear in the line, which is returned.
+    """
+    lines = [line for line in stderr.split("\n") if line.strip()]
+    messages = [line for line in lines
+                if not all(frame.strip().startswith("training:")
+                           for frame in line.split("\r") if frame.strip())]
+    assert len(messages) == 1 and messages[0].startswith("error: "), stderr
+    for fragment in fragments:
+        assert fragment in messages[0], messages[0]
+    return messages[0]
+
+
 def snapshot(directory):
     """Every file under `directory` with its bytes: to prove a failed run changed nothing."""
     return {str(p.relative_to(directory)): p.read_bytes()
@@ -109,3 +129,40 @@ def trained_run(tmp_path_factory):
     train.train(tiny_argv(checkpoint_dir, data, seed=1))
     return checkpoint_dir
 
+
+# ----------------------------------------------------------------- what a run leaves behind
+
+def read_checkpoint(path):
+    """A checkpoint's contents as plain data on the CPU (weights_only: no code is unpickled)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_weights(path):
+    return read_checkpoint(path)["model_state_dict"]
+
+
+def metrics_records(checkpoint_dir):
+    """Every record of a run's metrics.jsonl, in the order written."""
+    lines = (Path(checkpoint_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def assert_same_weights(ours, reference):
+    """Equal bit for bit, tensor by tensor; each side is a state dict or a checkpoint's path."""
+    ours, reference = (checkpoint_weights(side) if isinstance(side, (str, os.PathLike)) else side
+                       for side in (ours, reference))
+    assert ours.keys() == reference.keys()
+    different = [name for name in ours if not torch.equal(ours[name], reference[name])]
+    assert not different, f"the weights differ in {different}"
+
+
+TINY_VOCAB = 65  # tiny_model's vocabulary
+
+
+def tiny_model(seed=0, **overrides):
+    """A freshly initialised 2-layer GPT of width 32 and context 16, without dropout."""
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=TINY_VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=32,
+                    dropout=0.0)
+    settings.update(overrides)
+    return build_model(GPTConfig(**settings)).eval()

@@ -14,7 +14,7 @@ import pytest
 
 import evaluate
 from config import GPTConfig
-from conftest import REPO, run_cli, write_corpus
+from conftest import REPO, one_error_line, run_cli, write_corpus
 from model import build_model, flops_per_token
 
 TINY_MODEL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16",
@@ -77,9 +77,9 @@ def test_bench_train_on_a_corpus_without_the_bare_step_prints_the_loop_only(tmp_
 def test_bench_train_refuses_zero_timed_steps_with_one_line_and_status_2():
     result = run_cli("benchmarks/bench_train.py", "--bench_steps", "0")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    assert one_error_line(result.stderr) == (
         "error: --bench_steps and --repeats must be positive and --warmup_steps must not be "
-        "negative"]
+        "negative")
 
 
 def test_bench_sample_prints_both_rates_their_ratio_and_identical_greedy_tokens():

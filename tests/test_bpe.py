@@ -16,7 +16,7 @@ import generation
 import sample
 import train
 from config import UserError
-from conftest import TINY_TEXT, exit_status, tiny_argv, write_corpus
+from conftest import TINY_TEXT, exit_status, one_error_line, tiny_argv, write_corpus
 from tokenizer import (BPETokenizer, StreamDecoder, even_sample, split_at_line_starts,
                        tokenizer_from_state)
 
@@ -246,9 +246,7 @@ def test_without_the_tokenizers_package_a_bpe_run_names_it_and_exits_2(tmp_path,
     data = write_corpus(tmp_path)
     status = exit_status(train.train, tiny_argv(tmp_path / "checkpoints", data, tokenizer="bpe"))
     assert status == 2
-    error = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(error) == 1
-    assert "'tokenizers' package" in error[0] and "pip install tokenizers" in error[0]
+    one_error_line(capsys.readouterr().err, "'tokenizers' package", "pip install tokenizers")
 
 
 def test_without_the_tokenizers_package_sampling_a_bpe_checkpoint_names_it(bpe_run, monkeypatch,
@@ -257,4 +255,4 @@ def test_without_the_tokenizers_package_sampling_a_bpe_checkpoint_names_it(bpe_r
     status = exit_status(sample.main, ["--checkpoint", str(bpe_run / "gpt_final.pt"),
                                        "--device", "cpu"])
     assert status == 2
-    assert "pip install tokenizers" in capsys.readouterr().err
+    one_error_line(capsys.readouterr().err, "pip install tokenizers")

@@ -8,7 +8,7 @@ import pytest
 import train
 from config import (GPTConfig, TrainConfig, UserError, apply_args_to_configs, config_from_dict,
                     config_to_dict, parse_args, validate)
-from conftest import exit_status, stderr_lines
+from conftest import exit_status, one_error_line
 
 ALL_FIELDS = [(config_class, f) for config_class in (GPTConfig, TrainConfig)
               for f in dataclasses.fields(config_class)]
@@ -152,10 +152,8 @@ def test_an_invalid_flag_ends_train_with_one_line_and_exit_status_2(flags, named
                                                                      capsys):
     checkpoint_dir = tmp_path / "checkpoints"
     status = exit_status(train.train, ["--checkpoint_dir", str(checkpoint_dir), *flags])
-    lines = stderr_lines(capsys.readouterr().err)
     assert status == 2
-    assert len(lines) == 1 and lines[0].startswith("error: ")
-    assert named_flag in lines[0]
+    one_error_line(capsys.readouterr().err, named_flag)
     assert not checkpoint_dir.exists()  # rejected before anything was written
 
 

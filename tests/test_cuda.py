@@ -13,29 +13,18 @@ import torch
 
 import optim
 import train
-from config import GPTConfig, TrainConfig
-from conftest import tiny_argv, write_corpus
-from model import build_model
+from config import TrainConfig
+from conftest import TINY_VOCAB, read_checkpoint, tiny_argv, tiny_model, write_corpus
 from runtime import autocast_context
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
-def tiny_model(device):
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
-    return build_model(config).to(device)
-
-
 def random_batch(device, batch_size=4):
     generator = torch.Generator().manual_seed(0)
-    x, y = torch.randint(0, 64, (2, batch_size, 16), generator=generator)
+    x, y = torch.randint(0, TINY_VOCAB, (2, batch_size, 16), generator=generator)
     return x.to(device), y.to(device)
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def assert_equal_nested(a, b, where="state"):
@@ -56,7 +45,7 @@ def assert_equal_nested(a, b, where="state"):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_optimizer_is_fused_adamw_and_its_step_updates_the_weights(device):
-    model = tiny_model(device)
+    model = tiny_model().to(device).train()
     optimizer = optim.configure_optimizer(model, TrainConfig())
     assert isinstance(optimizer, torch.optim.AdamW)
     assert optimizer.defaults["fused"] is True
@@ -69,7 +58,7 @@ def test_the_optimizer_is_fused_adamw_and_its_step_updates_the_weights(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bfloat16_autocast_runs_the_matmuls_in_bfloat16_and_returns_a_finite_float32_loss(device):
-    model = tiny_model(device)
+    model = tiny_model().to(device).train()
     matmul_outputs = []
     model.blocks[0].attn.qkv.register_forward_hook(lambda m, i, out: matmul_outputs.append(out.dtype))
     x, y = random_batch(device)
@@ -87,11 +76,11 @@ def test_a_bfloat16_run_trains_below_the_uniform_loss_without_a_gradient_scaler(
     data = write_corpus(tmp_path)
     record = train.train(tiny_argv(tmp_path / "run", data, device=device, dtype="bfloat16",
                                    max_iters=30, warmup_iters=2, save_iter=30, eval_iter=30))
-    vocab_size = load(tmp_path / "run" / "gpt_final.pt")["gpt_config"]["vocab_size"]
+    vocab_size = read_checkpoint(tmp_path / "run" / "gpt_final.pt")["gpt_config"]["vocab_size"]
     # ln(vocab_size) is the loss of a uniform guess, about what the untrained model scores
     assert math.isfinite(record["val_loss"])
     assert record["val_loss"] < math.log(vocab_size) - 0.5
-    assert "scaler_state_dict" not in load(tmp_path / "run" / "gpt_step30.pt")
+    assert "scaler_state_dict" not in read_checkpoint(tmp_path / "run" / "gpt_step30.pt")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -102,9 +91,10 @@ def test_a_float16_run_with_a_gradient_scaler_resumes_bit_for_bit(device, tmp_pa
     halfway = tmp_path / "whole" / "gpt_step4.pt"
     train.train(tiny_argv(tmp_path / "resumed", data, resume=halfway, **flags))
 
-    saved = load(halfway)
+    saved = read_checkpoint(halfway)
     assert saved["scaler_state_dict"]["scale"] > 0  # float16 trains with the scaler on
-    whole, resumed = load(tmp_path / "whole" / "gpt_step8.pt"), load(tmp_path / "resumed" / "gpt_step8.pt")
+    whole = read_checkpoint(tmp_path / "whole" / "gpt_step8.pt")
+    resumed = read_checkpoint(tmp_path / "resumed" / "gpt_step8.pt")
     for key in ("model_state_dict", "optimizer_state_dict", "scheduler_state_dict",
                 "scaler_state_dict", "loss"):
         assert_equal_nested(whole[key], resumed[key], key)

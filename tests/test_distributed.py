@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, tiny_argv, write_corpus
+from conftest import (REPO, assert_same_weights, checkpoint_weights, metrics_records, tiny_argv,
+                      write_corpus)
 from dataset import RandomWindows, validation_batches
 
 BATCH = 4  # per process; the single-process run uses 2 * BATCH
@@ -30,14 +31,6 @@ def torchrun(argv, cwd):
     environment = {**os.environ, "XDG_CACHE_HOME": str(cwd / "xdg-cache"), "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True,
                           timeout=120)
-
-
-def metrics(checkpoint_dir):
-    return [json.loads(line) for line in (checkpoint_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(path):
-    return torch.load(path, weights_only=True)["model_state_dict"]
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +79,14 @@ def test_two_ranks_building_the_token_cache_at_once_leave_one_cache(runs):
 def test_checkpoints_of_a_two_process_run_hold_the_unwrapped_models_keys(runs):
     from checkpoint import model_from_checkpoint
     for name in ("gpt_step4.pt", "gpt_step8.pt", "gpt_final.pt"):
-        keys = list(weights(runs["root"] / "ddp" / name))
+        keys = list(checkpoint_weights(runs["root"] / "ddp" / name))
         assert keys and not [key for key in keys if key.startswith("module.")]
     model, _, _ = model_from_checkpoint(runs["root"] / "ddp" / "gpt_final.pt")  # loads as it is
     assert model is not None
 
 
 def test_two_processes_evaluate_like_one_process_with_the_same_global_batch(runs):
-    ddp, single = metrics(runs["root"] / "ddp"), metrics(runs["root"] / "single")
+    ddp, single = metrics_records(runs["root"] / "ddp"), metrics_records(runs["root"] / "single")
     ddp_val = [(r["step"], r["val_loss"]) for r in ddp if "val_loss" in r]
     single_val = [(r["step"], r["val_loss"]) for r in single if "val_loss" in r]
     assert [step for step, _ in ddp_val] == [step for step, _ in single_val] == [4, 8]
@@ -102,15 +95,15 @@ def test_two_processes_evaluate_like_one_process_with_the_same_global_batch(runs
 
 
 def test_two_processes_end_with_the_weights_of_one_process_with_the_same_global_batch(runs):
-    ddp = weights(runs["root"] / "ddp" / "gpt_final.pt")
-    single = weights(runs["root"] / "single" / "gpt_final.pt")
+    ddp = checkpoint_weights(runs["root"] / "ddp" / "gpt_final.pt")
+    single = checkpoint_weights(runs["root"] / "single" / "gpt_final.pt")
     assert ddp.keys() == single.keys()
     worst = max((ddp[key] - single[key]).abs().max().item() for key in ddp)
     assert worst < 1e-5
 
 
 def test_two_processes_log_the_training_loss_curve_of_one_process_with_the_same_global_batch(runs):
-    ddp, single = metrics(runs["root"] / "ddp"), metrics(runs["root"] / "single")
+    ddp, single = metrics_records(runs["root"] / "ddp"), metrics_records(runs["root"] / "single")
     assert [r["step"] for r in ddp] == [r["step"] for r in single]
     for mine, theirs in zip(ddp, single):
         assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
@@ -121,12 +114,11 @@ def test_a_two_process_run_resumed_with_two_processes_ends_with_the_uninterrupte
     assert runs["dropout"].returncode == 0, runs["dropout"].stderr[-3000:]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "data order changes" not in resumed.stdout
-    uninterrupted = weights(runs["root"] / "dropout" / "gpt_final.pt")
-    continued = weights(runs["root"] / "resumed" / "gpt_final.pt")
-    for key in uninterrupted:
-        assert torch.equal(uninterrupted[key], continued[key]), key
-    later = [r for r in metrics(runs["root"] / "dropout") if r["step"] > 4]
-    assert [r["loss"] for r in metrics(runs["root"] / "resumed")] == [r["loss"] for r in later]
+    assert_same_weights(runs["root"] / "resumed" / "gpt_final.pt",
+                        runs["root"] / "dropout" / "gpt_final.pt")
+    later = [r for r in metrics_records(runs["root"] / "dropout") if r["step"] > 4]
+    continued = metrics_records(runs["root"] / "resumed")
+    assert [r["loss"] for r in continued] == [r["loss"] for r in later]
 
 
 def test_a_two_process_checkpoint_resumed_in_one_process_says_the_data_order_changed(runs, capsys):

@@ -9,7 +9,7 @@ import torch
 import evaluate
 import train
 from checkpoint import model_from_checkpoint
-from conftest import TINY_TEXT, exit_status, tiny_argv, write_corpus
+from conftest import TINY_TEXT, exit_status, one_error_line, tiny_argv, write_corpus
 from dataset import builtin_corpus, split_tokens
 from config import GPTConfig
 from model import build_model
@@ -141,9 +141,8 @@ def test_text_the_char_vocabulary_never_saw_is_one_clear_line(trained_run, tmp_p
     data = write_corpus(tmp_path, "the quick € fox\n", "unknown.txt")
     status = exit_status(evaluate.main, ["--checkpoint", str(trained_run / "gpt_final.pt"),
                                          "--data", str(data), "--device", "cpu"])
-    error = capsys.readouterr().err.strip().splitlines()
     assert status == 2
-    assert len(error) == 1 and "never seen" in error[0] and "'€'" in error[0]
+    one_error_line(capsys.readouterr().err, "never seen", "'€'")
 
 
 @pytest.mark.parametrize("flags", [["--stride", "17"], ["--stride", "-1"], ["--batch_size", "0"]])
@@ -159,4 +158,4 @@ def test_a_one_token_text_cannot_be_scored(trained_run, tmp_path, capsys):
     status = exit_status(evaluate.main, ["--checkpoint", str(trained_run / "gpt_final.pt"),
                                          "--data", str(data), "--device", "cpu"])
     assert status == 2
-    assert "too short" in capsys.readouterr().err
+    one_error_line(capsys.readouterr().err, "too short")

@@ -10,24 +10,14 @@ import torch
 import evaluate
 import train
 from config import ARCHITECTURE_FIELDS
-from conftest import TINY_TEXT, exit_status, tiny_argv, write_corpus
+from conftest import (TINY_TEXT, assert_same_weights, exit_status, one_error_line, read_checkpoint,
+                      tiny_argv, write_corpus)
 from runtime import setup_runtime
 
 # Corpus B says new things with the characters of corpus A (TINY_TEXT), so a char model reads it.
 CORPUS_B = "".join(f"dog {i % 17}: a lazy fox sleeps in the quiet box then jumps {i * 3 % 11}.\n"
                    for i in range(200))
 BASE_STEPS, FINE_TUNE_STEPS = 40, 40
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def one_error_line(capsys):
-    lines = [line for line in capsys.readouterr().err.splitlines()
-             if line.strip() and not line.startswith("training:")]
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +55,7 @@ def test_fine_tuning_lowers_the_loss_on_the_new_corpus_and_keeps_tokenizer_and_a
     tuned_path = tmp_path / "tuned" / "gpt_final.pt"
     assert loss_on_b(tuned_path) < loss_on_b(base_path) - 0.1
 
-    base, tuned = load(base_path), load(tuned_path)
+    base, tuned = read_checkpoint(base_path), read_checkpoint(tuned_path)
     assert tuned["tokenizer"] == base["tokenizer"]
     for name in ARCHITECTURE_FIELDS:
         assert tuned["gpt_config"][name] == base["gpt_config"][name], name
@@ -80,15 +70,13 @@ def test_fine_tuning_starts_from_the_checkpoints_weights_with_a_fresh_step_count
     gpt_config, train_config, checkpoint = train.configure(argv)
     runtime = setup_runtime(train_config)
     model, _ = train.prepare_model(gpt_config, train_config, runtime, checkpoint)
-    base_weights = load(base_path)["model_state_dict"]
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, base_weights[name]), name
+    assert_same_weights(model.state_dict(), base_path)
 
     record = train.train(argv)
     assert record["step"] == 4  # not BASE_STEPS + 4
     step_files = sorted(p.name for p in (tmp_path / "tuned").glob("gpt_step*.pt"))
     assert step_files == ["gpt_step2.pt", "gpt_step4.pt"]
-    first = load(tmp_path / "tuned" / "gpt_step2.pt")
+    first = read_checkpoint(tmp_path / "tuned" / "gpt_step2.pt")
     assert first["step"] == 2
     assert first["scheduler_state_dict"]["last_epoch"] == 2  # the new run's own schedule
     assert all(int(state["step"]) == 2 for state in first["optimizer_state_dict"]["state"].values())
@@ -101,7 +89,7 @@ def test_an_architecture_flag_with_init_from_exits_2_and_writes_nothing(
     base_path, _ = base_run
     argv = tiny_argv(tmp_path / "tuned", corpus_b, init_from=base_path, **{flag: value})
     assert exit_status(train.train, argv) == 2
-    assert f"--{flag}" in one_error_line(capsys)
+    assert f"--{flag}" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "tuned").exists()
 
 
@@ -112,11 +100,11 @@ def test_a_smaller_block_size_crops_the_position_embeddings(base_run, corpus_b, 
     gpt_config, train_config, checkpoint = train.configure(argv)
     runtime = setup_runtime(train_config)
     model, _ = train.prepare_model(gpt_config, train_config, runtime, checkpoint)
-    base_positions = load(base_path)["model_state_dict"]["position_embedding.weight"]
+    base_positions = read_checkpoint(base_path)["model_state_dict"]["position_embedding.weight"]
     assert torch.equal(model.position_embedding.weight.detach(), base_positions[:8])
 
     train.train(argv)
-    tuned = load(tmp_path / "tuned" / "gpt_final.pt")
+    tuned = read_checkpoint(tmp_path / "tuned" / "gpt_final.pt")
     assert tuned["gpt_config"]["block_size"] == 8
     assert tuned["model_state_dict"]["position_embedding.weight"].shape == (8, 32)
 
@@ -125,7 +113,7 @@ def test_a_larger_block_size_exits_2(base_run, corpus_b, tmp_path, capsys):
     base_path, _ = base_run
     argv = tiny_argv(tmp_path / "tuned", corpus_b, init_from=base_path, block_size=32)
     assert exit_status(train.train, argv) == 2
-    assert "--block_size 32" in one_error_line(capsys)
+    assert "--block_size 32" in one_error_line(capsys.readouterr().err)
 
 
 def test_text_with_characters_the_char_vocabulary_never_saw_names_them_and_suggests_byte_or_bpe(
@@ -134,7 +122,7 @@ def test_text_with_characters_the_char_vocabulary_never_saw_names_them_and_sugge
     data = write_corpus(tmp_path, CORPUS_B + "café 你好 ü\n" * 20, "corpus_c.txt")
     argv = tiny_argv(tmp_path / "tuned", data, init_from=base_path)
     assert exit_status(train.train, argv) == 2
-    error = one_error_line(capsys)
+    error = one_error_line(capsys.readouterr().err)
     for character in "é你好üC":
         assert repr(character) in error or character == "C", error
     assert "byte" in error and "bpe" in error
@@ -146,7 +134,7 @@ def test_a_tokenizer_flag_that_contradicts_the_checkpoint_exits_2(base_run, corp
     base_path, _ = base_run
     argv = tiny_argv(tmp_path / "tuned", corpus_b, init_from=base_path, tokenizer="byte")
     assert exit_status(train.train, argv) == 2
-    assert "--tokenizer" in one_error_line(capsys)
+    assert "--tokenizer" in one_error_line(capsys.readouterr().err)
 
 
 def test_a_bpe_model_fine_tunes_on_text_with_characters_its_corpus_never_had(tmp_path):
@@ -157,7 +145,7 @@ def test_a_bpe_model_fine_tunes_on_text_with_characters_its_corpus_never_had(tmp
     data_b = write_corpus(tmp_path, CORPUS_B + "机器学习 😀 café\n" * 20, "corpus_b.txt")
     train.train(tiny_argv(tmp_path / "tuned", data_b, init_from=tmp_path / "base" / "gpt_final.pt",
                           max_iters=2, save_iter=2, eval_iter=2))
-    base = load(tmp_path / "base" / "gpt_final.pt")
-    tuned = load(tmp_path / "tuned" / "gpt_final.pt")
+    base = read_checkpoint(tmp_path / "base" / "gpt_final.pt")
+    tuned = read_checkpoint(tmp_path / "tuned" / "gpt_final.pt")
     assert tuned["tokenizer"] == base["tokenizer"] and tuned["tokenizer"]["kind"] == "bpe"
     assert tuned["gpt_config"]["vocab_size"] == base["gpt_config"]["vocab_size"]

@@ -7,25 +7,17 @@ import torch
 from torch.nn import functional as F
 
 from config import GPTConfig
+from conftest import TINY_VOCAB, tiny_model
 from model import build_model, count_parameters, flops_per_token, sample_next_token
 
-VOCAB = 65
 
-
-def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    settings = dict(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
-    settings.update(overrides)
-    return build_model(GPTConfig(**settings)).eval()
-
-
-def random_ids(batch, time, seed=1, vocab=VOCAB):
+def random_ids(batch, time, seed=1, vocab=TINY_VOCAB):
     return torch.randint(0, vocab, (batch, time), generator=torch.Generator().manual_seed(seed))
 
 
 def test_logits_have_one_row_of_vocabulary_scores_per_position():
     output = tiny_model()(input_ids=random_ids(3, 11))
-    assert output.logits.shape == (3, 11, VOCAB)
+    assert output.logits.shape == (3, 11, TINY_VOCAB)
 
 
 def test_labels_none_gives_loss_none():
@@ -36,7 +28,7 @@ def test_loss_is_the_cross_entropy_of_each_position_against_its_label():
     model = tiny_model()
     x, y = random_ids(2, 8, seed=1), random_ids(2, 8, seed=2)
     output = model(input_ids=x, labels=y)
-    expected = F.cross_entropy(output.logits.reshape(-1, VOCAB), y.reshape(-1))
+    expected = F.cross_entropy(output.logits.reshape(-1, TINY_VOCAB), y.reshape(-1))
     assert output.loss.shape == ()
     assert torch.allclose(output.loss, expected)
 
@@ -52,7 +44,7 @@ def test_changing_a_later_token_leaves_earlier_logits_unchanged():
     model = tiny_model()
     x = random_ids(1, 16)
     changed = x.clone()
-    changed[0, 10] = (x[0, 10] + 1) % VOCAB
+    changed[0, 10] = (x[0, 10] + 1) % TINY_VOCAB
     before, after = model(input_ids=x).logits, model(input_ids=changed).logits
     assert torch.allclose(before[:, :10], after[:, :10], atol=1e-6, rtol=0)
     assert not torch.allclose(before[:, 10:], after[:, 10:], atol=1e-6, rtol=0)

@@ -7,7 +7,7 @@ import pytest
 
 import plot
 import train
-from conftest import exit_status, tiny_argv, write_corpus
+from conftest import exit_status, one_error_line, tiny_argv, write_corpus
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -62,9 +62,8 @@ def test_plot_without_matplotlib_says_which_package_to_install(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     out = tmp_path / "loss.png"
     status = exit_status(plot.main, [str(metrics), "--out", str(out)])
-    error = capsys.readouterr().err.strip().splitlines()
     assert status == 2
-    assert len(error) == 1 and "pip install matplotlib" in error[0]
+    one_error_line(capsys.readouterr().err, "pip install matplotlib")
     assert not out.exists()
 
 
@@ -78,6 +77,5 @@ def test_a_missing_empty_or_damaged_metrics_file_is_one_line(tmp_path, capsys, c
     if content is not None:
         metrics.write_text(content)
     status = exit_status(plot.main, [str(metrics), "--out", str(tmp_path / "loss.png")])
-    error = capsys.readouterr().err.strip().splitlines()
     assert status == 2
-    assert len(error) == 1 and message in error[0]
+    one_error_line(capsys.readouterr().err, message)

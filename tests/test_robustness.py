@@ -7,7 +7,6 @@ calls the entry points in-process, the way their `__main__` blocks do. All runs 
 import errno
 import importlib
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -19,7 +18,8 @@ import torch
 
 import train
 from checkpoint import load_checkpoint
-from conftest import REPO, exit_status, snapshot, stderr_lines, tiny_argv, write_corpus
+from conftest import (REPO, assert_same_weights, checkpoint_weights, exit_status, one_error_line,
+                      read_checkpoint, snapshot, tiny_argv, write_corpus)
 from robust_helpers import (PAUSED_LINE, SECOND_SIGNAL_LINE, bounded, checkpoint_files,
                             finish, forge_checkpoint, poison_training_losses, read_until,
                             start_training, stderr_text, step_of, temporary_files)
@@ -35,20 +35,9 @@ def run_flags(checkpoint_dir, data, **flags):
     return tiny_argv(checkpoint_dir, data, **settings)
 
 
-def weights(path):
-    return torch.load(path, weights_only=True)["model_state_dict"]
-
-
-def assert_same_weights(path, reference_path):
-    ours, reference = weights(path), weights(reference_path)
-    assert ours.keys() == reference.keys()
-    different = [name for name in ours if not torch.equal(ours[name], reference[name])]
-    assert not different, f"{path} differs from {reference_path} in {different}"
-
-
 def assert_every_checkpoint_loads(directory):
     for path in checkpoint_files(directory):
-        checkpoint = torch.load(path, weights_only=True)
+        checkpoint = read_checkpoint(path)
         assert "model_state_dict" in checkpoint, path
 
 
@@ -101,7 +90,7 @@ def test_runs_killed_at_any_moment_leave_only_loadable_checkpoints_and_resume_to
     torn = temporary_files(checkpoint_dir)
     assert len(torn) == 1, torn
     with pytest.raises(Exception):  # the half-written file really is unreadable...
-        torch.load(checkpoint_dir / torn[0], weights_only=True)
+        read_checkpoint(checkpoint_dir / torn[0])
     assert_every_checkpoint_loads(checkpoint_dir)  # ...and no final name holds it
 
     # 3. killed by another process as soon as it is seen writing a checkpoint
@@ -118,7 +107,7 @@ def test_runs_killed_at_any_moment_leave_only_loadable_checkpoints_and_resume_to
     # 4. --resume latest completes, with the weights of a run that was never killed
     assert exit_status(train.train, list(map(str, resume_latest))) == 0
     assert_every_checkpoint_loads(checkpoint_dir)
-    assert torch.load(checkpoint_dir / "gpt_final.pt", weights_only=True)["step"] == 16
+    assert read_checkpoint(checkpoint_dir / "gpt_final.pt")["step"] == 16
     reference_dir = tmp_path / "never-killed"
     assert exit_status(train.train, run_flags(reference_dir, data, max_iters=16, save_iter=1)) == 0
     assert_same_weights(checkpoint_dir / "gpt_final.pt", reference_dir / "gpt_final.pt")
@@ -177,25 +166,6 @@ def entry_point_argv(entry_point, checkpoint, tmp_path, data):
 ENTRY_POINTS = ["train --resume", "train --init_from", "sample", "evaluate", "export"]
 
 
-def error_lines(stderr):
-    """The `error: ...` messages on stderr, and any other text that is not a progress bar."""
-    pieces = [piece.strip() for piece in re.split(r"[\r\n]", stderr) if piece.strip()]
-    errors = [piece[piece.index("error: "):] for piece in pieces if "error: " in piece]
-    others = [piece for piece in pieces
-              if "error: " not in piece and not piece.startswith("training:")]
-    return errors, others
-
-
-def assert_one_error_line(capsys, *fragments):
-    captured = capsys.readouterr()
-    errors, others = error_lines(captured.err)
-    assert len(errors) == 1 and not others, captured.err
-    assert "Traceback" not in captured.out + captured.err
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
-
-
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)
 def test_a_checkpoint_that_would_run_code_is_refused_as_unsafe_and_the_code_never_runs(
         entry_point, run_copy, tmp_path, capsys):
@@ -204,7 +174,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_as_unsafe_and_the_code_neve
     forged = forge_checkpoint(directory / "gpt_step6.pt", tmp_path / "forged.pt", marker)
     main, argv = entry_point_argv(entry_point, forged, tmp_path, data)
     assert exit_status(main, list(map(str, argv))) == 2
-    assert_one_error_line(capsys, "unsafe", "forged.pt")
+    one_error_line(capsys.readouterr().err, "unsafe", "forged.pt")
     assert not marker.exists()
 
 
@@ -255,13 +225,13 @@ def invalid_config(checkpoint):
 def test_a_damaged_checkpoint_is_one_clear_error_line_at_every_entry_point(
         entry_point, damage, run_copy, tmp_path, capsys):
     directory, data = run_copy
-    checkpoint = torch.load(directory / "gpt_step6.pt", weights_only=True)
+    checkpoint = read_checkpoint(directory / "gpt_step6.pt")
     named = damage(checkpoint)
     damaged = tmp_path / "damaged.pt"
     torch.save(checkpoint, damaged)
     main, argv = entry_point_argv(entry_point, damaged, tmp_path, data)
     assert exit_status(main, list(map(str, argv))) == 2
-    assert_one_error_line(capsys, "damaged.pt", named)
+    one_error_line(capsys.readouterr().err, "damaged.pt", named)
 
 
 @pytest.mark.parametrize("key", [
@@ -270,13 +240,13 @@ def test_a_damaged_checkpoint_is_one_clear_error_line_at_every_entry_point(
 def test_resuming_a_step_checkpoint_without_its_training_state_is_one_clear_error_line(
         key, run_copy, tmp_path, capsys):
     directory, _ = run_copy
-    checkpoint = torch.load(directory / "gpt_step6.pt", weights_only=True)
+    checkpoint = read_checkpoint(directory / "gpt_step6.pt")
     del checkpoint[key]
     damaged = tmp_path / "damaged.pt"
     torch.save(checkpoint, damaged)
     argv = ["--resume", str(damaged), "--checkpoint_dir", str(tmp_path / "resumed")]
     assert exit_status(train.train, argv) == 2
-    assert_one_error_line(capsys, "damaged.pt", key)
+    one_error_line(capsys.readouterr().err, "damaged.pt", key)
 
 
 # --------------------------------------------------------------------------- non-finite losses
@@ -288,7 +258,7 @@ def test_an_absurd_learning_rate_stops_naming_the_step_and_leaves_the_good_check
     argv = ["--resume", str(directory / "gpt_step6.pt"), "--checkpoint_dir", str(directory),
             "--learning_rate", "1e30", "--max_iters", "10"]
     assert exit_status(train.train, argv) == 2
-    line = assert_one_error_line(capsys, "--learning_rate", "lower")
+    line = one_error_line(capsys.readouterr().err, "--learning_rate", "lower")
     step = int(line.split(" at step ")[1].split(":")[0])
     assert 7 <= step <= 10
     after = {name: data for name, data in snapshot(directory).items() if name.endswith(".pt")}
@@ -304,7 +274,7 @@ def test_a_lazily_detected_non_finite_loss_names_the_step_it_happened_at(
     poison_training_losses(monkeypatch, {3})
     argv = run_flags(checkpoint_dir, data, log_iter=100)  # detected at step 4's save, not before
     assert exit_status(train.train, argv) == 2
-    assert_one_error_line(capsys, "diverged at step 3:", "--learning_rate")
+    one_error_line(capsys.readouterr().err, "diverged at step 3:", "--learning_rate")
     assert step_checkpoint_names(checkpoint_dir) == {"gpt_step2.pt"}
     load_checkpoint(checkpoint_dir / "gpt_step2.pt")
 
@@ -326,9 +296,9 @@ def test_skip_nonfinite_skips_a_bad_batch_without_updating_the_weights(
     assert exit_status(train.train, argv) == 0
     assert "step 3: non-finite loss or gradient, batch skipped" in capsys.readouterr().out
     assert_same_weights(checkpoint_dir / "gpt_step3.pt", checkpoint_dir / "gpt_step2.pt")
-    final = weights(checkpoint_dir / "gpt_final.pt")
+    final = checkpoint_weights(checkpoint_dir / "gpt_final.pt")
     assert all(torch.isfinite(tensor).all() for tensor in final.values())
-    after_skip = weights(checkpoint_dir / "gpt_step3.pt")
+    after_skip = checkpoint_weights(checkpoint_dir / "gpt_step3.pt")
     assert not torch.equal(final["lm_head.weight"], after_skip["lm_head.weight"])  # it went on
 
 
@@ -338,7 +308,7 @@ def test_skip_nonfinite_stops_once_more_batches_than_allowed_are_bad(tmp_path, m
     poison_training_losses(monkeypatch, {2, 4})
     argv = run_flags(checkpoint_dir, data, skip_nonfinite=1)
     assert exit_status(train.train, argv) == 2
-    assert_one_error_line(capsys, "step 4", "more than 1 skipped")
+    one_error_line(capsys.readouterr().err, "step 4", "more than 1 skipped")
     assert step_checkpoint_names(checkpoint_dir) == {"gpt_step2.pt"}
 
 
@@ -346,10 +316,8 @@ def test_skip_nonfinite_stops_once_more_batches_than_allowed_are_bad(tmp_path, m
 
 def assert_one_error_line_before_training(capsys, *fragments):
     captured = capsys.readouterr()
-    lines = stderr_lines(captured.err)
-    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    assert "training:" not in captured.err  # no progress bar either
+    one_error_line(captured.err, *fragments)
     assert not any(line.startswith("step ") for line in captured.out.splitlines()), captured.out
 
 
@@ -387,7 +355,7 @@ def test_a_save_that_fails_midway_is_reported_and_leaves_the_previous_checkpoint
 
     monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
     assert exit_status(train.train, run_flags(checkpoint_dir, data)) == 2
-    assert_one_error_line(capsys, "gpt_step4.pt", os.strerror(errno.ENOSPC))
+    one_error_line(capsys.readouterr().err, "gpt_step4.pt", os.strerror(errno.ENOSPC))
     assert step_checkpoint_names(checkpoint_dir) == {"gpt_step2.pt"}
     assert temporary_files(checkpoint_dir) == []
     load_checkpoint(checkpoint_dir / "gpt_step2.pt")

@@ -2,7 +2,6 @@
 
 import gc
 import itertools
-import json
 import math
 import multiprocessing
 import signal
@@ -13,32 +12,18 @@ import torch
 import optim
 import train
 from config import GPTConfig, TrainConfig
-from conftest import exit_status, snapshot, stderr_lines, tiny_argv, write_corpus
+from conftest import (assert_same_weights, checkpoint_weights, exit_status, metrics_records,
+                      one_error_line, read_checkpoint, snapshot, tiny_argv, write_corpus)
 from model import build_model
 
 # The resume tests stop after STOP steps of a MAX_STEPS run; checkpoints are saved every STOP steps.
 STOP, MAX_STEPS = 4, 8
 
 
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def metrics(checkpoint_dir):
-    lines = (checkpoint_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
 def loss_history(checkpoint_dir):
     """(step, loss, lr, val_loss) of every logged record: everything but the timing."""
     return [(r["step"], r["loss"], r["lr"], r.get("val_loss"))
-            for r in metrics(checkpoint_dir) if "loss" in r]
-
-
-def assert_same_weights(state_a, state_b):
-    assert state_a.keys() == state_b.keys()
-    for name in state_a:
-        assert torch.equal(state_a[name], state_b[name]), f"{name} differs"
+            for r in metrics_records(checkpoint_dir) if "loss" in r]
 
 
 def run_stopped_after(monkeypatch, steps, argv):
@@ -135,19 +120,18 @@ def test_a_tiny_run_writes_step_checkpoints_a_final_and_metrics_and_learns(tmp_p
     assert names == ["gpt_final.pt", "gpt_step10.pt", "gpt_step12.pt", "gpt_step5.pt",
                      "metrics.jsonl"]
     for step in (5, 10, 12):
-        checkpoint = load(checkpoint_dir / f"gpt_step{step}.pt")  # weights_only: plain data
+        checkpoint = read_checkpoint(checkpoint_dir / f"gpt_step{step}.pt")  # plain data only
         assert checkpoint["step"] == step
         for key in ("model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "loss",
                     "gpt_config", "train_config", "tokenizer", "random_states", "data_state"):
             assert key in checkpoint
-    final = load(checkpoint_dir / "gpt_final.pt")
+    final = read_checkpoint(checkpoint_dir / "gpt_final.pt")
     assert "optimizer_state_dict" not in final and "scheduler_state_dict" not in final
     assert final["step"] == 12 and final["gpt_config"]["n_layer"] == 1
     assert final["tokenizer"]["kind"] == "char"
-    assert_same_weights(final["model_state_dict"], load(checkpoint_dir / "gpt_step12.pt")[
-        "model_state_dict"])
+    assert_same_weights(final["model_state_dict"], checkpoint_dir / "gpt_step12.pt")
 
-    records = metrics(checkpoint_dir)
+    records = metrics_records(checkpoint_dir)
     assert [r["step"] for r in records] == [3, 5, 6, 9, 10, 12]  # every log_iter, save and the end
     assert all({"step", "loss", "lr"} <= r.keys() for r in records)
     assert [r["step"] for r in records if "val_loss" in r] == [6, 12]
@@ -190,10 +174,9 @@ def test_a_resumed_run_matches_the_uninterrupted_run_bit_for_bit(uninterrupted, 
     else:
         train.train(["--resume", str(checkpoint_dir / f"gpt_step{STOP}.pt")])
 
-    assert_same_weights(load(checkpoint_dir / f"gpt_step{MAX_STEPS}.pt")["model_state_dict"],
-                        load(reference_dir / f"gpt_step{MAX_STEPS}.pt")["model_state_dict"])
-    assert_same_weights(load(checkpoint_dir / "gpt_final.pt")["model_state_dict"],
-                        load(reference_dir / "gpt_final.pt")["model_state_dict"])
+    assert_same_weights(checkpoint_dir / f"gpt_step{MAX_STEPS}.pt",
+                        reference_dir / f"gpt_step{MAX_STEPS}.pt")
+    assert_same_weights(checkpoint_dir / "gpt_final.pt", reference_dir / "gpt_final.pt")
     assert loss_history(checkpoint_dir) == loss_history(reference_dir)
 
 
@@ -217,7 +200,7 @@ def test_resuming_an_earlier_checkpoint_rewrites_history_without_duplicate_steps
     checkpoint_dir = tmp_path / "checkpoints"
     train.train(resume_argv(checkpoint_dir, data, num_workers=0))
     first_history = loss_history(checkpoint_dir)
-    first_weights = load(checkpoint_dir / f"gpt_step{MAX_STEPS}.pt")["model_state_dict"]
+    first_weights = checkpoint_weights(checkpoint_dir / f"gpt_step{MAX_STEPS}.pt")
     assert any(step > STOP for step, *_ in first_history)
 
     train.train(["--resume", str(checkpoint_dir / f"gpt_step{STOP}.pt")])
@@ -225,8 +208,7 @@ def test_resuming_an_earlier_checkpoint_rewrites_history_without_duplicate_steps
     steps = [step for step, *_ in history]
     assert len(steps) == len(set(steps)) and steps == sorted(steps)
     assert history == first_history
-    assert_same_weights(load(checkpoint_dir / f"gpt_step{MAX_STEPS}.pt")["model_state_dict"],
-                        first_weights)
+    assert_same_weights(checkpoint_dir / f"gpt_step{MAX_STEPS}.pt", first_weights)
 
 
 def test_resume_with_a_larger_max_iters_continues_from_the_checkpoint(trained_run, tmp_path):
@@ -237,14 +219,15 @@ def test_resume_with_a_larger_max_iters_continues_from_the_checkpoint(trained_ru
     record = train.train(["--resume", str(checkpoint_dir / "gpt_step8.pt"), "--max_iters", "12",
                           "--checkpoint_dir", str(checkpoint_dir)])
     assert record["step"] == 12
-    assert load(checkpoint_dir / "gpt_step12.pt")["step"] == 12
-    assert load(checkpoint_dir / "gpt_step12.pt")["train_config"]["max_iters"] == 12
+    assert read_checkpoint(checkpoint_dir / "gpt_step12.pt")["step"] == 12
+    assert read_checkpoint(checkpoint_dir / "gpt_step12.pt")["train_config"]["max_iters"] == 12
     steps = [step for step, *_ in loss_history(checkpoint_dir)]
     assert steps == sorted(set(steps)) and steps[-1] == 12 and 10 in steps
     # the rest of the schedule follows the new --max_iters
-    assert metrics(checkpoint_dir)[-1]["lr"] == pytest.approx(rate_at_step(11, 2, max_iters=12))
-    assert not torch.equal(load(checkpoint_dir / "gpt_step12.pt")["model_state_dict"]["ln_f.weight"],
-                           load(checkpoint_dir / "gpt_step8.pt")["model_state_dict"]["ln_f.weight"])
+    last_rate = metrics_records(checkpoint_dir)[-1]["lr"]
+    assert last_rate == pytest.approx(rate_at_step(11, 2, max_iters=12))
+    assert not torch.equal(checkpoint_weights(checkpoint_dir / "gpt_step12.pt")["ln_f.weight"],
+                           checkpoint_weights(checkpoint_dir / "gpt_step8.pt")["ln_f.weight"])
 
 
 @pytest.mark.parametrize("flag, value", [("n_layer", "3"), ("n_embd", "64"), ("block_size", "32"),
@@ -254,13 +237,12 @@ def test_an_architecture_flag_that_contradicts_the_checkpoint_exits_2(trained_ru
     before = snapshot(trained_run)
     status = exit_status(train.train, ["--resume", str(trained_run / "gpt_step4.pt"),
                                        f"--{flag}", value])
-    lines = stderr_lines(capsys.readouterr().err)
     assert status == 2
-    assert len(lines) == 1 and f"--{flag}" in lines[0] and "contradicts" in lines[0]
+    one_error_line(capsys.readouterr().err, f"--{flag}", "contradicts")
     assert snapshot(trained_run) == before
 
 
 def test_resuming_a_final_checkpoint_explains_it_holds_weights_only(trained_run, capsys):
     status = exit_status(train.train, ["--resume", str(trained_run / "gpt_final.pt")])
-    lines = stderr_lines(capsys.readouterr().err)
-    assert status == 2 and len(lines) == 1 and "weights only" in lines[0]
+    assert status == 2
+    one_error_line(capsys.readouterr().err, "weights only")

@@ -1,22 +1,17 @@
 """Training options whose effect is only visible from outside: compiled runs, samples, MFU."""
 
 import functools
-import json
 
 import torch
 
 import sample
 import train
 from config import GPTConfig, config_from_dict
-from conftest import exit_status, tiny_argv, write_corpus
+from conftest import exit_status, metrics_records, read_checkpoint, tiny_argv, write_corpus
 from model import build_model, flops_per_token
 
 
-def load(path):
-    return torch.load(path, weights_only=True)
-
-
-def test_a_compiled_run_saves_plain_keys_that_sample_and_an_uncompiled_resume_load(
+def test_a_compiled_run_saves_plain_keys_that_sample_and_an_uncompiled_resume_read_checkpoint(
         tmp_path, monkeypatch, capsys):
     # Dynamo's tracing and the compiled wrapper are real; only code generation is skipped
     # (the "eager" backend), which keeps the test fast on a CPU without a compiler warm-up.
@@ -24,7 +19,7 @@ def test_a_compiled_run_saves_plain_keys_that_sample_and_an_uncompiled_resume_lo
     data = write_corpus(tmp_path)
     compiled_dir = tmp_path / "compiled"
     train.train(tiny_argv(compiled_dir, data, compile="true", max_iters=4, save_iter=2))
-    checkpoint = load(compiled_dir / "gpt_step2.pt")
+    checkpoint = read_checkpoint(compiled_dir / "gpt_step2.pt")
     plain_keys = set(build_model(config_from_dict(GPTConfig, checkpoint["gpt_config"])).state_dict())
     saved_keys = set(checkpoint["model_state_dict"])
     assert saved_keys == plain_keys  # no "_orig_mod." prefix from the compiled wrapper
@@ -51,10 +46,9 @@ def test_a_known_peak_adds_mfu_to_the_log_and_metrics(tmp_path, capsys):
     peak = 1e9
     train.train(tiny_argv(checkpoint_dir, data, peak_flops=peak, max_iters=4))
     gpt_config = config_from_dict(GPTConfig,
-                                  load(checkpoint_dir / "gpt_final.pt")["gpt_config"])
+                                  read_checkpoint(checkpoint_dir / "gpt_final.pt")["gpt_config"])
     per_token = flops_per_token(build_model(gpt_config))
-    records = [json.loads(line)
-               for line in (checkpoint_dir / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(checkpoint_dir)
     assert records
     for record in records:
         expected = per_token * record["tokens_per_sec"] / peak
