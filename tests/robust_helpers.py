@@ -10,6 +10,10 @@ Imported by the tests, and also run as a script that starts `train.py` with one 
     python tests/robust_helpers.py die-mid-save N <train.py flags>
         the Nth checkpoint write of this process writes half of its bytes, then the process
         SIGKILLs itself: a crash during a save, at a moment a test can rely on.
+    python tests/robust_helpers.py pause-in-save N <train.py flags>
+        the Nth checkpoint write of this process writes all of its bytes to the temporary file,
+        then (before the flush, fsync and rename) prints PAUSED_IN_SAVE_LINE and waits to be
+        killed: the test kills a run it knows to be in the middle of a save.
 
 Everything else about the run is train.py's own code path.
 """
@@ -29,6 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 PAUSED_LINE = "robust_helpers: paused, waiting for a signal"
 SECOND_SIGNAL_LINE = "robust_helpers: sent the signal again during the save"
+PAUSED_IN_SAVE_LINE = "robust_helpers: paused in a save, waiting to be killed"
 
 
 class CreatesFileWhenUnpickled:
@@ -209,7 +214,23 @@ def plant_death_mid_save(fatal_call):
     torch.save = torn_save
 
 
-FAULTS = {"pause-after-save": plant_pause_after_save, "die-mid-save": plant_death_mid_save}
+def plant_pause_in_save(paused_call):
+    real_save = torch.save
+    calls = [0]
+
+    def save_then_wait(obj, file, *args, **kwargs):
+        real_save(obj, file, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == paused_call:
+            print(PAUSED_IN_SAVE_LINE, flush=True)
+            threading.Event().wait(60)  # the test kills this process long before
+            sys.exit("robust_helpers: nobody killed the paused save")
+
+    torch.save = save_then_wait
+
+
+FAULTS = {"pause-after-save": plant_pause_after_save, "die-mid-save": plant_death_mid_save,
+          "pause-in-save": plant_pause_in_save}
 
 
 def main(arguments):

@@ -20,9 +20,9 @@ import train
 from checkpoint import load_checkpoint
 from conftest import (REPO, assert_same_weights, checkpoint_weights, exit_status, one_error_line,
                       read_checkpoint, snapshot, tiny_argv, write_corpus)
-from robust_helpers import (PAUSED_LINE, SECOND_SIGNAL_LINE, bounded, checkpoint_files,
-                            finish, forge_checkpoint, poison_training_losses, read_until,
-                            start_training, stderr_text, step_of, temporary_files)
+from robust_helpers import (PAUSED_IN_SAVE_LINE, PAUSED_LINE, SECOND_SIGNAL_LINE, bounded,
+                            checkpoint_files, finish, forge_checkpoint, poison_training_losses,
+                            read_until, start_training, stderr_text, step_of, temporary_files)
 
 SUBPROCESS_SECONDS = 90  # a bound for a hung run; a healthy one takes a few seconds
 
@@ -93,15 +93,19 @@ def test_runs_killed_at_any_moment_leave_only_loadable_checkpoints_and_resume_to
         read_checkpoint(checkpoint_dir / torn[0])
     assert_every_checkpoint_loads(checkpoint_dir)  # ...and no final name holds it
 
-    # 3. killed by another process as soon as it is seen writing a checkpoint
-    with bounded(start_training(resume_latest, log_dir=tmp_path), SUBPROCESS_SECONDS) as process:
+    # 3. killed by another process while its first save has all its bytes written but is not yet
+    #    renamed into place
+    fault = ("pause-in-save", 1)
+    with bounded(start_training(resume_latest, fault, tmp_path), SUBPROCESS_SECONDS) as process:
         resumed = read_until(process, lambda line: line.startswith("resumed from"))
-        assert resumed, stderr_text(process)
-        while process.poll() is None and not temporary_files(checkpoint_dir):
-            pass  # a save lasts milliseconds and the run has a dozen left: one will be caught
+        assert read_until(process, lambda line: line == PAUSED_IN_SAVE_LINE), stderr_text(process)
+        unfinished = temporary_files(checkpoint_dir)
         process.kill()
         assert finish(process) == -signal.SIGKILL
-    assert torn[0] not in temporary_files(checkpoint_dir), "the next run removes leftovers"
+    assert torn[0] not in unfinished, "the next run removes leftovers"
+    saving = f"gpt_step{int(resumed.split(' after step ')[1].split()[0]) + 1}.pt"
+    assert len(unfinished) == 1 and unfinished[0].startswith(f".tmp-{saving}."), unfinished
+    assert saving not in step_checkpoint_names(checkpoint_dir)
     assert_every_checkpoint_loads(checkpoint_dir)
 
     # 4. --resume latest completes, with the weights of a run that was never killed
