@@ -48,6 +48,11 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms, as in GPT-2
+    pos: str = "learned"  # positions: learned, a table as in GPT-2, or rope, rotary as in Llama
+    norm: str = "layernorm"  # layernorm as in GPT-2, or rmsnorm as in Llama
+    qk_norm: bool = False  # RMSNorm each head's queries and keys before attention
+    mlp: str = "gelu"  # MLP activation: gelu as in GPT-2, relu2 = squared ReLU, or swiglu as in Llama
+    tie_embeddings: bool = True  # the LM head shares the token embedding matrix, as in GPT-2
 
 
 @dataclass
@@ -92,6 +97,8 @@ class TrainConfig:
 TOKENIZERS = ("char", "byte", "bpe")
 LOG_DESTINATIONS = ("jsonl", "tensorboard", "wandb")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ARCHITECTURE_CHOICES = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
+                        "mlp": ("gelu", "relu2", "swiglu")}
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout")
 
 
@@ -285,6 +292,12 @@ def validate(gpt_config, train_config):
             fail(f"--{name} must be positive, got {getattr(g, name)}")
     if g.n_embd % g.n_head != 0:
         fail(f"--n_embd ({g.n_embd}) must be divisible by --n_head ({g.n_head})")
+    for name, choices in ARCHITECTURE_CHOICES.items():
+        if getattr(g, name) not in choices:
+            fail(f"unknown --{name} {getattr(g, name)!r}; choose one of {', '.join(choices)}")
+    if g.pos == "rope" and g.n_embd // g.n_head % 2:
+        fail(f"--pos rope rotates channel pairs: the head size (--n_embd / --n_head = "
+             f"{g.n_embd // g.n_head}) must be even")
     if not 0.0 <= g.dropout < 1.0:
         fail(f"--dropout must be in [0, 1), got {g.dropout}")
     for name in ("batch_size", "grad_accum_steps", "max_iters", "log_iter", "eval_iter",

@@ -1,8 +1,12 @@
-"""A GPT-2 style language model, and text generation with a key/value cache.
+"""A GPT-2 style language model with optional modern parts, and generation with a key/value cache.
 
-Read top-down: attention, MLP, block, the GPT itself, then generation. Notable choices:
+Read top-down: normalisation, rotary positions, attention, MLP, block, the GPT itself, then
+generation. The defaults are GPT-2 (learned positions, LayerNorm, GELU, tied head), so every
+checkpoint of that model loads unchanged; the GPTConfig flags `--pos rope`, `--norm rmsnorm`,
+`--qk_norm`, `--mlp relu2|swiglu` and `--tie_embeddings false` swap in the parts later models use
+(Llama, nanochat, modded-nanogpt). Notable choices:
 - attention goes through `scaled_dot_product_attention`, which picks a fused kernel per device;
-- the LM head shares the token embedding matrix, and residual projections get a smaller init;
+- residual projections get a smaller init; the head shares the embedding matrix unless untied;
 - `generate_stream` keeps each layer's keys and values, so a new token costs one position of compute.
 The model knows nothing of tokenizers, files or training loops.
 """
@@ -17,6 +21,8 @@ from torch.nn import functional as F
 from config import GPTConfig
 
 IGNORE_INDEX = -100  # the label of a position that is not scored (cross_entropy's default)
+ROPE_THETA = 10000.0  # the base of the rotary frequencies, as in Llama
+RMS_NORM_EPS = 1e-6  # as in Llama, so an export computes the same numbers
 
 
 @dataclass
@@ -43,6 +49,41 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+def build_norm(config):
+    """--norm: LayerNorm (GPT-2) or RMSNorm (Llama), which skips the mean and the bias."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=RMS_NORM_EPS)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+class RotaryEmbedding(nn.Module):
+    """--pos rope: the cosines and sines that rotate queries and keys by their position.
+
+    Rotating a query at position m and a key at position n makes their dot product depend on
+    m - n only, so attention sees relative distances and no position table is learned. Channel
+    i is paired with channel i + head_dim/2 (Llama's "rotate half" layout, so an export needs
+    no permutation).
+    """
+
+    def __init__(self, head_dim, block_size):
+        super().__init__()
+        frequencies = 1.0 / ROPE_THETA ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        angles = torch.outer(torch.arange(block_size).float(), frequencies)
+        # computed from the config, not saved: a smaller --block_size needs nothing cropped
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, start, time):
+        return self.cos[start:start + time], self.sin[start:start + time]
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate each (i, i + head_dim/2) channel pair of x (batch, heads, time, head_dim)."""
+    first, second = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -51,11 +92,21 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.proj_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:  # bounded attention logits tolerate the high learning rates of Muon
+            head_dim = config.n_embd // config.n_head
+            self.q_norm = nn.RMSNorm(head_dim, eps=RMS_NORM_EPS)
+            self.k_norm = nn.RMSNorm(head_dim, eps=RMS_NORM_EPS)
+        else:
+            self.q_norm = self.k_norm = None
 
-    def forward(self, x, cache=None, layer=0):
+    def forward(self, x, cache=None, layer=0, rotary=None):
         batch, time, channels = x.shape
         # (batch, time, 3 * channels) -> 3 x (batch, heads, time, head_dim), in one reshape
         q, k, v = self.qkv(x).view(batch, time, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         # with earlier positions cached, the new position may see all of them: no mask needed
         is_causal = cache is None or cache.length == 0
         if cache is not None:
@@ -66,30 +117,51 @@ class CausalSelfAttention(nn.Module):
         return self.proj_dropout(self.proj(y))
 
 
+def mlp_hidden_size(config):
+    """4 x width; SwiGLU has three matrices instead of two, so it gets 2/3 of that (rounded up
+    to a multiple of 32) and about the same parameters, as in Llama."""
+    if config.mlp == "swiglu":
+        return 32 * math.ceil(8 * config.n_embd / 3 / 32)
+    return 4 * config.n_embd
+
+
 class MLP(nn.Module):
+    """--mlp: GELU (GPT-2), ReLU² (squared ReLU: cheaper and sparser, as in modded-nanogpt) or
+    SwiGLU (Llama: a SiLU gate times a second projection; `fc` computes gate and value at once)."""
+
     def __init__(self, config):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU; "gelu_pytorch_tanh" in Hugging Face
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = mlp_hidden_size(config)
+        self.activation = config.mlp
+        outputs = 2 * hidden if config.mlp == "swiglu" else hidden
+        self.fc = nn.Linear(config.n_embd, outputs, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.proj(self.gelu(self.fc(x))))
+        x = self.fc(x)
+        if self.activation == "swiglu":
+            gate, value = x.chunk(2, dim=-1)
+            x = F.silu(gate) * value
+        elif self.activation == "relu2":
+            x = F.relu(x).square()
+        else:  # GPT-2's tanh GELU; "gelu_pytorch_tanh" in Hugging Face
+            x = F.gelu(x, approximate="tanh")
+        return self.dropout(self.proj(x))
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm: each sub-layer sees a normalised input and adds to the residual stream."""
+    """Pre-norm: each sub-layer sees a normalised input and adds to the residual stream."""
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = build_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = build_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, cache=None, layer=0, rotary=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, rotary)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -98,14 +170,21 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
-        self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
+        # positions: a learned table added to the input (GPT-2), or rotations inside attention
+        self.position_embedding = None
+        self.rotary = None
+        if config.pos == "rope":
+            self.rotary = RotaryEmbedding(config.n_embd // config.n_head, config.block_size)
+        else:
+            self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = build_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Tied weights: the map into the embedding space and back out is one matrix, which
-        # saves vocab_size * n_embd parameters and trains rare tokens' rows from both ends.
-        self.lm_head.weight = self.token_embedding.weight
+        if config.tie_embeddings:
+            # The map into the embedding space and back out is one matrix, which saves
+            # vocab_size * n_embd parameters and trains rare tokens' rows from both ends.
+            self.lm_head.weight = self.token_embedding.weight
         self.apply(self._init_weights)
         # Each block adds two projections to the residual stream; scaling their init by
         # 1/sqrt(2 * n_layer) keeps the stream's variance from growing with depth (GPT-2).
@@ -128,10 +207,14 @@ class GPT(nn.Module):
         if start + time > self.config.block_size:
             raise ValueError(f"input of {start + time} tokens is longer than block_size "
                              f"{self.config.block_size}")
-        positions = torch.arange(start, start + time, device=input_ids.device)
-        x = self.dropout(self.token_embedding(input_ids) + self.position_embedding(positions))
+        x = self.token_embedding(input_ids)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(torch.arange(start, start + time,
+                                                         device=input_ids.device))
+        rotary = self.rotary(start, time) if self.rotary is not None else None
+        x = self.dropout(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer)
+            x = block(x, cache, layer, rotary)
         if cache is not None:
             cache.length += time
         logits = self.lm_head(self.ln_f(x))
@@ -219,6 +302,15 @@ def build_model(gpt_config: GPTConfig):
     return GPT(gpt_config)
 
 
+def crop_block_size(state_dict, block_size):
+    """A model's weights for a smaller block_size: the learned position table keeps its first
+    rows (RoPE has no table, so its weights do not depend on the block size)."""
+    state = dict(state_dict)
+    if "position_embedding.weight" in state:
+        state["position_embedding.weight"] = state["position_embedding.weight"][:block_size]
+    return state
+
+
 def count_parameters(model):
     """Trainable parameters; the tied LM head is counted once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -228,9 +320,14 @@ def flops_per_token(model):
     """Training FLOPs per token, by the convention nanoGPT and PaLM use for MFU.
 
     6 per weight that multiplies an activation (2 forward, 4 backward): every parameter except
-    the position embeddings, a lookup. The tied token embedding counts once, as the LM head's
-    matmul. Plus attention's scores and weighted sum, 12 * layers * width * context.
+    lookups, which are the position table and, when the head is untied, the token embedding (a
+    tied one counts once, as the head's matmul). Plus attention's scores and weighted sum,
+    12 * layers * width * context.
     """
     config = model.config
-    weights = count_parameters(model) - model.position_embedding.weight.numel()
+    weights = count_parameters(model)
+    if model.position_embedding is not None:
+        weights -= model.position_embedding.weight.numel()
+    if not config.tie_embeddings:
+        weights -= model.token_embedding.weight.numel()
     return 6 * weights + 12 * config.n_layer * config.n_embd * config.block_size

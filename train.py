@@ -36,7 +36,7 @@ from dataset import (RandomWindows, build_dataloader, get_dataset, split_tokens,
                      validation_batches)
 from generation import generate_text
 from loggers import MetricsLog
-from model import build_model, count_parameters, flops_per_token
+from model import build_model, count_parameters, crop_block_size, flops_per_token
 from optim import configure_optimizer, get_cosine_schedule_with_warmup
 from runtime import peak_flops, print0, random_states, restore_random_states, setup_runtime
 from scoring import piece_lengths, score_batches
@@ -190,8 +190,7 @@ def prepare_model(gpt_config, train_config, runtime, checkpoint=None):
     """The model on its device; returns (model, the module that trains: compiled and/or DDP)."""
     model = build_model(gpt_config)
     if checkpoint is not None and not train_config.resume:  # --init_from: start from its weights
-        state = dict(checkpoint["model_state_dict"])
-        state["position_embedding.weight"] = state["position_embedding.weight"][:gpt_config.block_size]
+        state = crop_block_size(checkpoint["model_state_dict"], gpt_config.block_size)
         load_model_state(model, state, train_config.init_from)
     model.to(runtime.device)
     print0(f"model: {count_parameters(model):,} trainable parameters")
