@@ -13,7 +13,7 @@ import torch
 import train
 from checkpoint import model_from_checkpoint
 from config import GPTConfig
-from conftest import exit_status, tiny_argv, write_corpus
+from conftest import exit_status, one_error_line, tiny_argv, write_corpus
 from model import build_model, count_parameters, flops_per_token
 
 OPTIONS = {
@@ -121,12 +121,10 @@ def test_fine_tuning_a_rope_model_with_a_smaller_block_size_keeps_its_weights(ru
 ])
 def test_an_unknown_option_or_an_odd_rope_head_is_one_line_and_status_2(flags, message, capsys):
     assert exit_status(train.train, flags + ["--device", "cpu"]) == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and message in error[0]
+    one_error_line(capsys.readouterr().err, message)
 
 
 def test_resuming_with_a_contradicting_option_is_one_line_and_status_2(runs, capsys):
     step = runs["rope"][0] / "gpt_step5.pt"
     assert exit_status(train.train, ["--resume", str(step), "--pos", "learned"]) == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "--pos learned contradicts the checkpoint" in error[0]
+    one_error_line(capsys.readouterr().err, "--pos learned contradicts the checkpoint")
