@@ -1,30 +1,177 @@
 """Where a run's metrics go: metrics.jsonl, TensorBoard and Weights & Biases (`--log_to`).
 
 Every destination receives the same records (the dicts train.py's `log_step` builds) at the same
-steps, and only rank 0 writes. A resumed run continues the same history: records after the
-resumed step are dropped from metrics.jsonl. What is measured, and when, is train.py's business.
+steps, and only rank 0 writes. TensorBoard and W&B are optional packages, imported only when asked
+for. A resumed run continues the same curves: metrics.jsonl drops the records after the resumed
+step, TensorBoard purges its points after it (`purge_step`), and W&B resumes the same run, whose id
+is kept in the checkpoint directory. What is measured, and when, is train.py's business.
 """
 
+import html
 import json
+import os
+from pathlib import Path
+
+from checkpoint import metrics_path
+from config import config_to_dict, fail
+
+# record key -> the chart it is drawn in (TensorBoard tag, W&B key); other numbers keep their key
+CHARTS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+          "tokens_per_sec": "speed/tokens_per_sec", "mfu": "speed/mfu",
+          "val_loss": "val/loss", "val_bpb": "val/bits_per_byte"}
+WANDB_RUN_ID_NAME = "wandb_run_id"
+
+
+def scalars(record):
+    """The record's numbers under their chart names (the step is the x axis, not a chart)."""
+    return {CHARTS.get(key, key): value for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+class Loggers:
+    """The destinations --log_to names, fed the same records; on ranks other than 0, none.
+
+    Used as a context manager around the loop: TensorBoard and W&B open on entry (after a resume,
+    so they know its step) and close on exit.
+    """
+
+    def __init__(self, gpt_config, train_config, runtime):
+        directory = Path(train_config.checkpoint_dir)
+        self.path = metrics_path(directory)  # metrics.jsonl, written or not
+        names = train_config.log_to.split(",") if runtime.is_main else []
+        self.destinations = []
+        if "jsonl" in names:
+            self.destinations.append(MetricsLog(self.path))
+        if "tensorboard" in names:
+            self.destinations.append(TensorBoardLog(directory / "tensorboard"))
+        if "wandb" in names:
+            configs = {**config_to_dict(gpt_config), **config_to_dict(train_config)}
+            self.destinations.append(WandbLog(directory, configs))
+
+    def resume(self, step):
+        """The run continues after `step`: what was logged after it is dropped."""
+        for destination in self.destinations:
+            destination.resume(step)
+
+    def write(self, record):
+        for destination in self.destinations:
+            destination.write(record)
+
+    def write_sample(self, step, text):
+        for destination in self.destinations:
+            destination.write_sample(step, text)
+
+    def __enter__(self):
+        for destination in self.destinations:
+            destination.open()
+        return self
+
+    def __exit__(self, error_type, error, traceback):
+        for destination in self.destinations:
+            destination.close(failed=error_type is not None)
 
 
 class MetricsLog:
-    """One JSON object per line in checkpoint_dir/metrics.jsonl, written by rank 0 only."""
+    """One JSON object per line in checkpoint_dir/metrics.jsonl."""
 
-    def __init__(self, path, runtime):
+    def __init__(self, path):
         self.path = path
-        self.enabled = runtime.is_main
 
     def write(self, record):
-        if self.enabled:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
 
     def trim_after(self, step):
         """Drop records after `step` so the file tells one consistent history; mark the resume."""
-        if not self.enabled or not self.path.exists():
+        if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
         kept.append(json.dumps({"step": step, "event": "resume"}))
         self.path.write_text("\n".join(kept) + "\n")
+
+    def resume(self, step):
+        self.trim_after(step)
+
+    def write_sample(self, step, text):
+        pass  # samples are printed; metrics.jsonl keeps numbers
+
+    def open(self):
+        pass  # the file is opened for each record, so a crash loses nothing written
+
+    def close(self, failed=False):
+        pass
+
+
+class TensorBoardLog:
+    """Event files under checkpoint_dir/tensorboard: `tensorboard --logdir CHECKPOINT_DIR`."""
+
+    def __init__(self, directory):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            fail("--log_to tensorboard needs the tensorboard package: pip install tensorboard")
+        self.make_writer, self.directory = SummaryWriter, directory
+        self.writer, self.start_step = None, 0
+
+    def resume(self, step):
+        self.start_step = step
+
+    def open(self):
+        # points after the start step, left by an earlier attempt, are hidden from every reader
+        self.writer = self.make_writer(str(self.directory), purge_step=self.start_step + 1,
+                                       flush_secs=10)
+
+    def write(self, record):
+        for chart, value in scalars(record).items():
+            self.writer.add_scalar(chart, value, record["step"])
+
+    def write_sample(self, step, text):
+        code_block = "\n".join("    " + line for line in text.splitlines())  # Markdown: verbatim
+        self.writer.add_text("sample", code_block, step)
+
+    def close(self, failed=False):
+        if self.writer is not None:
+            self.writer.close()
+
+
+class WandbLog:
+    """A Weights & Biases run: the configs, the scalars and the samples.
+
+    WANDB_MODE=offline writes it under checkpoint_dir/wandb for a later `wandb sync`;
+    WANDB_PROJECT (default gpt-train) and WANDB_ENTITY choose where it goes.
+    """
+
+    def __init__(self, directory, configs):
+        try:
+            import wandb
+        except ImportError:
+            fail("--log_to wandb needs the wandb package: pip install wandb")
+        self.wandb, self.directory, self.configs = wandb, Path(directory), configs
+        self.run, self.resumed = None, False
+
+    def resume(self, step):
+        self.resumed = True
+
+    def open(self):
+        id_path = self.directory / WANDB_RUN_ID_NAME
+        run_id = id_path.read_text().strip() if self.resumed and id_path.exists() else None
+        try:
+            self.run = self.wandb.init(project=os.environ.get("WANDB_PROJECT", "gpt-train"),
+                                       id=run_id, resume="allow", dir=str(self.directory),
+                                       settings=self.wandb.Settings(console="off"))
+        except self.wandb.errors.Error as error:
+            fail(f"W&B could not start a run ({' '.join(str(error).split())}); "
+                 f"WANDB_MODE=offline logs locally")
+        id_path.write_text(self.run.id + "\n")
+        self.run.config.update(self.configs, allow_val_change=True)  # a resume may change some
+
+    def write(self, record):
+        self.run.log(scalars(record), step=record["step"])
+
+    def write_sample(self, step, text):
+        self.run.log({"sample": self.wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
+
+    def close(self, failed=False):
+        if self.run is not None:
+            self.run.finish(exit_code=1 if failed else 0)

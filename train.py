@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import (check_room_for_checkpoints, configs_from_checkpoint, final_path,
-                        latest_checkpoint, load_checkpoint, load_model_state, metrics_path,
+                        latest_checkpoint, load_checkpoint, load_model_state,
                         prune_checkpoints, remove_temporary_files, save_checkpoint, step_path)
 from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, apply_args_to_configs,
                     check_configs, config_to_dict, configs_to_toml, fail, parse_args, run_main,
@@ -35,7 +35,7 @@ from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, apply_args_to_c
 from dataset import (RandomWindows, build_dataloader, get_dataset, split_tokens,
                      validation_batches)
 from generation import generate_text
-from loggers import MetricsLog
+from loggers import Loggers
 from model import build_model, count_parameters, crop_block_size, flops_per_token
 from optim import configure_optimizer, get_cosine_schedule_with_warmup
 from runtime import peak_flops, print0, random_states, restore_random_states, setup_runtime
@@ -132,10 +132,10 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     step: int = 0  # optimizer steps completed
-    metrics: "MetricsLog" = field(init=False)
+    metrics: Loggers = field(init=False)  # metrics.jsonl, TensorBoard, W&B: --log_to
 
     def __post_init__(self):
-        self.metrics = MetricsLog(metrics_path(self.train_config.checkpoint_dir), self.runtime)
+        self.metrics = Loggers(self.gpt_config, self.train_config, self.runtime)
 
     @property
     def tokens_per_step(self):
@@ -241,7 +241,7 @@ def resume(run, checkpoint):
                    f"data order changes")
     except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as error:
         fail(f"checkpoint {path} has damaged random states: {type(error).__name__}: {error}")
-    run.metrics.trim_after(run.step)
+    run.metrics.resume(run.step)
     print0(f"resumed from {path} after step {run.step}")
 
 
@@ -283,26 +283,33 @@ class StopRequest:
 
 
 class LossMeter:
-    """The training loss summed on the device between logs, and the first non-finite step.
+    """The training loss and gradient norm summed on the device between logs, and the first
+    non-finite step.
 
-    Both stay on the device until `read`, at log time: the loop never waits for the device.
+    All stay on the device until `read`, at log time: the loop never waits for the device.
     """
 
     def __init__(self, device):
         self.loss_sum = torch.zeros((), device=device)
+        self.grad_norm_sum = torch.zeros((), device=device)
+        self.finite_grad_norms = torch.zeros((), device=device)
         self.steps = 0
         self.first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
-        self.last_loss = math.nan
+        self.last_loss, self.last_grad_norm = math.nan, None
         self.clock = time.perf_counter()
 
-    def add(self, step, loss, bad):
+    def add(self, step, loss, grad_norm, bad):
         self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step,
                                           self.first_bad_step)
         self.loss_sum += loss
+        finite = torch.isfinite(grad_norm)  # float16: the scaler skips steps whose norm overflowed
+        self.grad_norm_sum += torch.where(finite, grad_norm, 0.0)
+        self.finite_grad_norms += finite
         self.steps += 1
 
     def read(self, run):
-        """(mean loss since the last read, steps, seconds); stops the run at a non-finite step."""
+        """(mean loss since the last read, mean gradient norm or None, steps, seconds); stops the
+        run at a non-finite step. The gradients, hence their norm, are the same on every rank."""
         if run.runtime.distributed:  # every rank stops at the first bad step of any rank
             dist.all_reduce(self.first_bad_step, op=dist.ReduceOp.MAX)
         bad_step = int(self.first_bad_step)
@@ -312,11 +319,16 @@ class LossMeter:
             dist.all_reduce(self.loss_sum)
             self.loss_sum /= run.runtime.world_size
         if self.steps:
-            self.last_loss = (self.loss_sum / self.steps).item()
+            norms = self.finite_grad_norms.clamp(min=1)
+            self.last_loss, grad_norm, finite = torch.stack(
+                [self.loss_sum / self.steps, self.grad_norm_sum / norms, self.finite_grad_norms]
+            ).tolist()
+            self.last_grad_norm = grad_norm if finite else None
         steps, seconds = self.steps, time.perf_counter() - self.clock
-        self.loss_sum.zero_()
+        for total in (self.loss_sum, self.grad_norm_sum, self.finite_grad_norms):
+            total.zero_()
         self.steps, self.clock = 0, time.perf_counter()
-        return self.last_loss, steps, seconds
+        return self.last_loss, self.last_grad_norm, steps, seconds
 
     def restart_clock(self):
         """Evaluation and sampling time is not training throughput."""
@@ -326,7 +338,8 @@ class LossMeter:
 def forward_backward(run, data):
     """Gradients of one optimizer step's micro-batches, unscaled and clipped; no host sync.
 
-    Returns (the step's loss, whether it or the gradient norm is non-finite) as device tensors.
+    Returns (the step's loss, the gradient norm before clipping, whether either is non-finite)
+    as device tensors.
     """
     runtime, accumulation = run.runtime, run.train_config.grad_accum_steps
     step_loss = torch.zeros((), device=runtime.device)
@@ -348,15 +361,15 @@ def forward_backward(run, data):
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
                                                run.train_config.grad_clip or math.inf)
     if run.scaler.is_enabled():  # float16: the scaler itself skips steps whose gradients overflowed
-        return step_loss, ~torch.isfinite(step_loss)
-    return step_loss, ~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
+        return step_loss, grad_norm, ~torch.isfinite(step_loss)
+    return step_loss, grad_norm, ~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
 
 
 def optimizer_step(run, data, meter, skipped):
     """One optimizer step and one schedule step; returns the learning rate the step used and
     the number of batches skipped so far (--skip_nonfinite)."""
     t = run.train_config
-    step_loss, bad = forward_backward(run, data)
+    step_loss, grad_norm, bad = forward_backward(run, data)
     if t.skip_nonfinite and bool(bad):  # opt-in: costs a host sync every step
         skipped += 1
         if skipped > t.skip_nonfinite:
@@ -366,7 +379,7 @@ def optimizer_step(run, data, meter, skipped):
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.update()
     else:
-        meter.add(run.step + 1, step_loss, bad)
+        meter.add(run.step + 1, step_loss, grad_norm, bad)
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
@@ -391,7 +404,7 @@ def run_loop(run):
     progress = tqdm(total=t.max_iters, initial=run.step, disable=not run.runtime.is_main,
                     dynamic_ncols=True, desc="training")
     # however the loop ends, the bar is closed and DataLoader workers are shut down
-    with StopRequest(run.runtime) as stop, progress, contextlib.closing(data):
+    with StopRequest(run.runtime) as stop, progress, contextlib.closing(data), run.metrics:
         while run.step < t.max_iters:
             step_lr, skipped = optimizer_step(run, data, meter, skipped)
             progress.update(1)
@@ -414,12 +427,15 @@ def run_loop(run):
 
 
 def log_step(run, meter, step_lr, progress, evaluate):
-    """Read the loss and throughput, evaluate if due, write metrics.jsonl and the progress line."""
+    """Read the loss and throughput, evaluate if due, write the record to --log_to's destinations
+    and the progress line."""
     t = run.train_config
-    loss, steps, seconds = meter.read(run)
+    loss, grad_norm, steps, seconds = meter.read(run)
     tokens_per_second = run.tokens_per_step * steps / max(seconds, 1e-9)
     record = {"step": run.step, "loss": loss, "lr": step_lr,
               "tokens_per_sec": round(tokens_per_second, 1)}
+    if grad_norm is not None:
+        record["grad_norm"] = grad_norm
     peak = peak_flops(t, run.runtime.device)
     if peak:
         record["mfu"] = round(flops_per_token(run.model) * tokens_per_second / peak, 4)
@@ -524,6 +540,7 @@ def print_training_sample(run):
                          autocast=run.runtime.autocast, generator=generator)
     run.model.train()
     print0(f"--- sample ---\n{text}\n--------------")
+    run.metrics.write_sample(run.step, text)
 
 
 def finish(run, record):
