@@ -11,14 +11,13 @@ import torch
 
 import train
 from config import GPTConfig, TrainConfig
-from conftest import exit_status, stderr_lines, tiny_argv
+from conftest import exit_status, metrics_records, one_error_line, tiny_argv
 from loggers import CHARTS, Loggers
 from runtime import Runtime, setup_runtime
 
 
 def records(checkpoint_dir):
-    lines = (checkpoint_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
+    return [record for record in metrics_records(checkpoint_dir) if "loss" in record]
 
 
 def curves(checkpoint_dir):
@@ -140,8 +139,8 @@ def test_a_missing_logging_package_is_one_line_naming_it(destination, module, tm
     monkeypatch.setitem(sys.modules, module, None)  # makes `import` fail as if not installed
     checkpoint_dir = tmp_path / "run"
     status = exit_status(train.train, tiny_argv(checkpoint_dir, corpus_file, log_to=destination))
-    (line,) = stderr_lines(capsys.readouterr().err)
-    assert status == 2 and f"pip install {destination}" in line
+    assert status == 2
+    one_error_line(capsys.readouterr().err, f"pip install {destination}")
     assert not checkpoint_dir.exists()
 
 
