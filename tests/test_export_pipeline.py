@@ -63,6 +63,9 @@ def test_byte_level_exports_encode_any_text_to_our_ids(exported, kind):
     ids = hf_tokenizer.encode(ANY_TEXT)
     assert ids == tokenizer.encode(ANY_TEXT).tolist()
     assert hf_tokenizer.decode(ids) == ANY_TEXT
+    # ids that are not whole UTF-8 (a model can generate them) decode with the same replacements
+    broken = ids[2:4] + ids[5:9] + [0xFF, 0x41]
+    assert hf_tokenizer.decode(broken) == tokenizer.decode(broken)
 
 
 def test_char_export_refuses_a_character_outside_its_vocabulary_as_ours_does(exported):
