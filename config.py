@@ -90,7 +90,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
     compile: bool = False  # torch.compile the model
-    peak_flops: float = 0.0  # the device's peak FLOP/s for MFU (6 x weights + attention, as nanoGPT/PaLM count); 0 = look it up
+    peak_flops: float = 0.0  # the device's peak FLOP/s for MFU, counted as nanoGPT and PaLM do; 0 = look it up
     log_to: str = "jsonl"  # where metrics go, comma-separated: jsonl, tensorboard, wandb
 
 
