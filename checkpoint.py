@@ -7,7 +7,11 @@ counts as a readable one:
   the final name, so a crash never leaves a truncated file under a checkpoint's name (the token
   cache writes its files the same way, through `atomic_write`);
 - every load uses `torch.load(weights_only=True)`: a file that would run code is refused;
-- a checkpoint holds only plain data (tensors, numbers, strings, lists, dicts).
+- a checkpoint holds only plain data (tensors, numbers, strings, lists, dicts);
+- wherever a checkpoint file is accepted, a Hugging Face GPT-2 (a model id or a directory) is too:
+  pretrained.py turns it into the same plain dict;
+- without --checkpoint, the run directory's best model is used: gpt_best.pt, then gpt_final.pt,
+  then the newest step.
 What goes *into* a training checkpoint is train.py's business.
 """
 
@@ -16,6 +20,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -23,11 +28,13 @@ import torch
 from config import GPTConfig, TrainConfig, UserError, config_from_dict, fail
 from config import validate as validate_configs
 from model import build_model
+from pretrained import checkpoint_from_pretrained, is_pretrained
 from tokenizer import tokenizer_from_state
 
 # The run directory (--checkpoint_dir): these names are spelled here and nowhere else.
 STEP_PATTERN = re.compile(r"^gpt_step(\d+)\.pt$")
 FINAL_NAME = "gpt_final.pt"
+BEST_NAME = "gpt_best.pt"
 METRICS_NAME = "metrics.jsonl"
 TEMPORARY_PREFIX = ".tmp-"
 REQUIRED_KEYS = ("model_state_dict", "gpt_config", "tokenizer")
@@ -83,7 +90,12 @@ def remove_temporary_files(directory, names="*"):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint safely; every problem with the file is one clear UserError."""
+    """Read a checkpoint safely; every problem with the file is one clear UserError.
+
+    A Hugging Face GPT-2, a model id or a directory, is imported as a checkpoint (on the CPU).
+    """
+    if is_pretrained(path):
+        return checkpoint_from_pretrained(path)
     path = Path(path)
     if not path.is_file():
         fail(f"checkpoint not found: {path}")
@@ -110,6 +122,11 @@ def step_path(directory, step):
 def final_path(directory):
     """gpt_final.pt: the weights at the end of the run."""
     return Path(directory) / FINAL_NAME
+
+
+def best_path(directory):
+    """gpt_best.pt: the weights of the evaluation with the lowest validation loss so far."""
+    return Path(directory) / BEST_NAME
 
 
 def metrics_path(directory):
@@ -140,30 +157,35 @@ def latest_checkpoint(directory, require_readable=False, report=print):
 
 
 def find_sampling_checkpoint(directory):
-    """gpt_final.pt if it exists, else the newest gpt_step*.pt, else None."""
-    final = final_path(directory)
-    if final.is_file():
-        return final
+    """gpt_best.pt, else gpt_final.pt, else the newest gpt_step*.pt, else None."""
+    for path in (best_path(directory), final_path(directory)):
+        if path.is_file():
+            return path
     return latest_checkpoint(directory)
 
 
 def add_checkpoint_arguments(parser):
     """--checkpoint and --checkpoint_dir, as sample.py, evaluate.py and export.py take them."""
-    parser.add_argument("--checkpoint", default="", help="checkpoint file (step or final); empty = "
-                        "the newest in --checkpoint_dir, gpt_final.pt first")
+    parser.add_argument("--checkpoint", default="", help="a checkpoint file, a Hugging Face GPT-2 "
+                        "directory or model id (gpt2, gpt2-medium, ...); empty = the best in "
+                        "--checkpoint_dir: gpt_best.pt, gpt_final.pt, then the newest step")
     parser.add_argument("--checkpoint_dir", default="checkpoints")
 
 
 def checkpoint_to_load(args):
-    """The --checkpoint given, else gpt_final.pt or the newest step file, else a UserError."""
-    path = args.checkpoint or find_sampling_checkpoint(args.checkpoint_dir)
+    """The --checkpoint given, else the best file of --checkpoint_dir (said on stderr)."""
+    if args.checkpoint:
+        return args.checkpoint
+    path = find_sampling_checkpoint(args.checkpoint_dir)
     if not path:
         fail(f"no checkpoint in {args.checkpoint_dir}/: train a model first with `python train.py`")
+    print(f"using {path}", file=sys.stderr)  # stdout may be the samples themselves
     return path
 
 
 def prune_checkpoints(directory, keep_last):
-    """Keep only the `keep_last` newest step checkpoints (0 keeps all); gpt_final.pt is never touched."""
+    """Keep only the `keep_last` newest step checkpoints (0 keeps all); gpt_best.pt and gpt_final.pt
+    are never touched."""
     if keep_last <= 0:
         return
     for path in step_checkpoints(directory)[:-keep_last]:
@@ -217,6 +239,6 @@ def model_from_checkpoint(path, device="cpu"):
         tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
     except UserError as error:
         fail(f"checkpoint {path}: {error}")
-    model = build_model(gpt_config)
+    model = build_model(gpt_config, vocab_limit=tokenizer.vocab_size)
     load_model_state(model, checkpoint["model_state_dict"], path)
     return model.to(device).eval(), tokenizer, checkpoint

@@ -83,7 +83,12 @@ class TrainConfig:
     checkpoint_dir: str = "checkpoints"
     keep_last: int = 0  # keep only the newest K step checkpoints; 0 = keep all
     resume: str = ""  # a checkpoint to continue, or "latest"
-    init_from: str = ""  # a checkpoint whose weights start a new run: fine-tuning
+    init_from: str = ""  # a checkpoint, GPT-2 directory or model id like gpt2 to fine-tune from
+    lora_rank: int = 0  # train rank-R LoRA adapters on frozen weights; 0 = train every weight
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    early_stop_patience: int = 0  # stop after N evaluations without improvement; 0 = never
+    early_stop_min_delta: float = 0.0  # the least drop in validation loss that counts as one
     skip_nonfinite: int = 0  # skip up to this many batches with a non-finite loss instead of stopping
     # runtime
     seed: int = 1337
@@ -304,7 +309,8 @@ def validate(gpt_config, train_config):
                  "eval_batches", "save_iter", "bpe_vocab_size"):
         if getattr(t, name) <= 0:
             fail(f"--{name} must be positive, got {getattr(t, name)}")
-    for name in ("warmup_iters", "num_workers", "keep_last", "skip_nonfinite", "sample_tokens"):
+    for name in ("warmup_iters", "num_workers", "keep_last", "skip_nonfinite", "sample_tokens",
+                 "lora_rank", "early_stop_patience"):
         if getattr(t, name) < 0:
             fail(f"--{name} must not be negative, got {getattr(t, name)}")
     if t.learning_rate <= 0:
@@ -313,6 +319,9 @@ def validate(gpt_config, train_config):
         fail("--weight_decay, --grad_clip and --peak_flops must not be negative")
     if not all(0.0 <= beta < 1.0 for beta in t.betas):
         fail(f"--betas must both be in [0, 1), got {t.betas[0]} {t.betas[1]}")
+    if t.lora_alpha <= 0 or not 0.0 <= t.lora_dropout < 1.0 or t.early_stop_min_delta < 0:
+        fail("--lora_alpha must be positive, --lora_dropout in [0, 1) and --early_stop_min_delta "
+             "not negative")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         fail(f"--min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if t.warmup_iters > t.max_iters:

@@ -166,9 +166,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, vocab_limit=None):
         super().__init__()
         self.config = config
+        # ids from vocab_limit up only pad the vocabulary (to a multiple of 64): never predicted
+        self.vocab_limit = vocab_limit or config.vocab_size
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
         # positions: a learned table added to the input (GPT-2), or rotations inside attention
         self.position_embedding = None
@@ -220,7 +222,10 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), labels.reshape(-1),
+            # padded ids take no probability mass (an imported GPT-2's untrained padded rows
+            # would otherwise take much of it); unpadded, the slice is the whole tensor, no copy
+            scored = logits[..., :self.vocab_limit].float()
+            loss = F.cross_entropy(scored.reshape(-1, scored.size(-1)), labels.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
         return GPTOutput(logits=logits, loss=loss)
 
@@ -298,8 +303,9 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     return torch.multinomial(probabilities, num_samples=1, generator=generator).squeeze(-1)
 
 
-def build_model(gpt_config: GPTConfig):
-    return GPT(gpt_config)
+def build_model(gpt_config: GPTConfig, vocab_limit=None):
+    """The GPT; `vocab_limit` is the tokenizer's vocabulary where the model's is padded beyond it."""
+    return GPT(gpt_config, vocab_limit)
 
 
 def crop_block_size(state_dict, block_size):

@@ -8,6 +8,10 @@ checkpoints read. Notable details:
 - the hot loop makes no host-device synchronisation except at log time, and checks for a
   non-finite loss there, before any checkpoint is written;
 - Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and prints how to resume;
+- every evaluation with the lowest validation loss so far writes gpt_best.pt, and
+  --early_stop_patience ends the run once evaluations stop improving (early_stopping.py);
+- --init_from also takes a Hugging Face GPT-2 (pretrained.py, through checkpoint.py) and evaluates
+  it before the first step; --lora_rank trains low-rank adapters only (lora.py);
 - under torchrun, every rank trains on its slice of the same global batch, and only rank 0 prints
   and writes files.
 The model lives in model.py, batches in dataset.py, the optimizer in optim.py, checkpoint files
@@ -26,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import (check_room_for_checkpoints, configs_from_checkpoint, final_path,
+from checkpoint import (best_path, check_room_for_checkpoints, configs_from_checkpoint, final_path,
                         latest_checkpoint, load_checkpoint, load_model_state,
                         prune_checkpoints, remove_temporary_files, save_checkpoint, step_path)
 from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, apply_args_to_configs,
@@ -34,8 +38,10 @@ from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, apply_args_to_c
                     validate)
 from dataset import (RandomWindows, build_dataloader, get_dataset, split_tokens,
                      validation_batches)
+from early_stopping import EarlyStopping
 from generation import generate_text
 from loggers import Loggers
+from lora import add_lora, merged_state_dict
 from model import build_model, count_parameters, crop_block_size, flops_per_token
 from optim import configure_optimizer, get_cosine_schedule_with_warmup
 from runtime import peak_flops, print0, random_states, restore_random_states, setup_runtime
@@ -78,8 +84,8 @@ def configure(argv=None):
                 fail(f"--resume latest: no readable gpt_step*.pt in {train_config.checkpoint_dir}")
         checkpoint = load_checkpoint(path)
         if "optimizer_state_dict" not in checkpoint:
-            fail(f"{path} holds weights only (a final checkpoint); resume from a gpt_step*.pt, "
-                 f"or start a new run from it with --init_from")
+            fail(f"{path} holds weights only (a final, best or pretrained model); resume from a "
+                 f"gpt_step*.pt, or start a new run from it with --init_from")
         saved_gpt, saved_train = configs_from_checkpoint(checkpoint, path)
         reject_architecture_changes(given, saved_gpt, path, checkpoint["tokenizer"])
         gpt_config, train_config = apply_args_to_configs(args, saved_gpt, saved_train)
@@ -133,9 +139,12 @@ class Run:
     scaler: torch.amp.GradScaler
     step: int = 0  # optimizer steps completed
     metrics: Loggers = field(init=False)  # metrics.jsonl, TensorBoard, W&B: --log_to
+    early_stopping: EarlyStopping = field(init=False)  # the best validation loss so far
 
     def __post_init__(self):
-        self.metrics = Loggers(self.gpt_config, self.train_config, self.runtime)
+        t = self.train_config
+        self.metrics = Loggers(self.gpt_config, t, self.runtime)
+        self.early_stopping = EarlyStopping(t.early_stop_patience, t.early_stop_min_delta)
 
     @property
     def tokens_per_step(self):
@@ -161,7 +170,7 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
                               num_workers=t.num_workers, pin_memory=runtime.device.type == "cuda")
     val_set = validation_batches(val_tokens, gpt_config.block_size, t.batch_size, t.eval_batches,
                                  runtime.rank, runtime.world_size)
-    model, wrapped_model = prepare_model(gpt_config, t, runtime, checkpoint)
+    model, wrapped_model = prepare_model(gpt_config, t, runtime, checkpoint, tokenizer.vocab_size)
     optimizer = configure_optimizer(model, t)
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_iters, t.max_iters,
                                                 t.min_lr_ratio)
@@ -186,14 +195,22 @@ def padded_vocab_size(tokenizer):
     return tokenizer.vocab_size
 
 
-def prepare_model(gpt_config, train_config, runtime, checkpoint=None):
-    """The model on its device; returns (model, the module that trains: compiled and/or DDP)."""
-    model = build_model(gpt_config)
-    if checkpoint is not None and not train_config.resume:  # --init_from: start from its weights
+def prepare_model(gpt_config, train_config, runtime, checkpoint=None, vocab_limit=None):
+    """The model on its device; returns (model, the module that trains: compiled and/or DDP).
+
+    `vocab_limit` is the tokenizer's vocabulary, where the model's is padded beyond it.
+    """
+    t = train_config
+    model = build_model(gpt_config, vocab_limit)
+    if checkpoint is not None and not t.resume:  # --init_from: start from its weights
         state = crop_block_size(checkpoint["model_state_dict"], gpt_config.block_size)
-        load_model_state(model, state, train_config.init_from)
+        load_model_state(model, state, t.init_from)
+    if t.lora_rank:  # after the weights are in, before a resumed run's adapters are
+        add_lora(model, t.lora_rank, t.lora_alpha, t.lora_dropout)
     model.to(runtime.device)
-    print0(f"model: {count_parameters(model):,} trainable parameters")
+    total = sum(p.numel() for p in model.parameters())
+    print0(f"model: {count_parameters(model):,} trainable parameters" +
+           (f" of {total:,} (LoRA rank {t.lora_rank})" if t.lora_rank else ""))
     wrapped_model = torch.compile(model) if train_config.compile else model
     if runtime.distributed:
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
@@ -205,7 +222,8 @@ def prepare_checkpoint_dir(run):
     """Before the first step: the directory is writable and has room; old temporary files go."""
     t = run.train_config
     if run.runtime.is_main:
-        bytes_per_checkpoint = 3 * 4 * count_parameters(run.model) + (1 << 20)  # weights + 2 moments
+        weights = sum(p.numel() for p in run.model.parameters())
+        bytes_per_checkpoint = 4 * (weights + 2 * count_parameters(run.model)) + (1 << 20)  # + moments
         check_room_for_checkpoints(t.checkpoint_dir, bytes_per_checkpoint)
         remove_temporary_files(t.checkpoint_dir)
         if not t.resume:  # a new run starts a new history
@@ -225,6 +243,8 @@ def resume(run, checkpoint):
         saved_world_size = int(checkpoint.get("world_size", 1))
         rank_states = checkpoint["random_states"]
         run.loader.sampler.seek(int(checkpoint["data_state"]["position"]))
+        if "early_stopping" in checkpoint:  # absent from checkpoints older than gpt_best.pt
+            run.early_stopping.load_state_dict(checkpoint["early_stopping"])
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
         fail(f"checkpoint {path} cannot be resumed: {type(error).__name__}: {error}")
     # the schedule follows this run's flags (a larger --max_iters reshapes the rest of it)
@@ -405,6 +425,8 @@ def run_loop(run):
                     dynamic_ncols=True, desc="training")
     # however the loop ends, the bar is closed and DataLoader workers are shut down
     with StopRequest(run.runtime) as stop, progress, contextlib.closing(data), run.metrics:
+        if t.init_from and run.step == 0:
+            evaluate_starting_model(run)
         while run.step < t.max_iters:
             step_lr, skipped = optimizer_step(run, data, meter, skipped)
             progress.update(1)
@@ -415,8 +437,13 @@ def run_loop(run):
             # a checkpoint is written only after the log has checked the loss is finite
             if run.step % t.log_iter == 0 or evaluating or saving or stop_signal:
                 record = log_step(run, meter, step_lr, progress, evaluating)
-            if saving or stop_signal:
+            stopping_early = evaluating and run.early_stopping.should_stop and not finished
+            if saving or stop_signal or stopping_early:
                 path = save_step_checkpoint(run, record["loss"])
+            if stopping_early:
+                progress.close()
+                print0(early_stop_message(run))
+                break
             if stop_signal and not finished:
                 progress.close()  # before the last lines, so they do not land on the bar
                 print0(f"stopped by {signal.Signals(stop_signal).name} after step {run.step}; "
@@ -441,6 +468,7 @@ def log_step(run, meter, step_lr, progress, evaluate):
         record["mfu"] = round(flops_per_token(run.model) * tokens_per_second / peak, 4)
     if evaluate:
         record.update(estimate_loss(run))
+        keep_if_best(run, record)
     run.metrics.write(record)
     postfix = {"loss": f"{loss:.4f}", "lr": f"{step_lr:.2e}", "tok/s": f"{tokens_per_second:,.0f}"}
     if "mfu" in record:
@@ -469,6 +497,31 @@ def estimate_loss(run):
     return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / num_bytes}
 
 
+def evaluate_starting_model(run):
+    """Before a fine-tune's first step: the starting model's validation loss, the one to beat."""
+    record = {"step": 0, **estimate_loss(run)}
+    keep_if_best(run, record)
+    run.metrics.write(record)
+    print0(f"step 0 (starting model) | val_loss {record['val_loss']:.4f} "
+           f"({record['val_bpb']:.3f} bits/byte)")
+
+
+def keep_if_best(run, record):
+    """Count the evaluation; write gpt_best.pt if its validation loss is the lowest so far."""
+    if run.early_stopping.update(record["val_loss"], run.step) and run.runtime.is_main:
+        state = weights_state(run, record.get("loss", math.nan))
+        state["val_loss"] = record["val_loss"]
+        save_checkpoint(state, best_path(run.train_config.checkpoint_dir))
+
+
+def early_stop_message(run):
+    best, min_delta = run.early_stopping, run.train_config.early_stop_min_delta
+    by = f" by more than {min_delta:g}" if min_delta else ""
+    return (f"early stop after step {run.step}: the validation loss did not improve{by} in "
+            f"{best.stale_evaluations} evaluations in a row; best {best.best_loss:.4f} at step "
+            f"{best.best_step}")
+
+
 def checkpoint_state(run, loss):
     """Everything needed to continue the run after run.step, as plain data."""
     rank_states = random_states(run.runtime.device)
@@ -478,22 +531,24 @@ def checkpoint_state(run, loss):
         rank_states = gathered
     else:
         rank_states = [rank_states]
-    state = weights_state(run, loss)
+    state = weights_state(run, loss, merged=False)  # LoRA: adapters apart, to resume exactly
     state.update({
         "optimizer_state_dict": run.optimizer.state_dict(),
         "scheduler_state_dict": run.scheduler.state_dict(),
         "random_states": rank_states,
         "data_state": {"position": run.step * run.train_config.grad_accum_steps},
         "world_size": run.runtime.world_size,
+        "early_stopping": run.early_stopping.state_dict(),
     })
     if run.scaler.is_enabled():
         state["scaler_state_dict"] = run.scaler.state_dict()
     return state
 
 
-def weights_state(run, loss):
-    """What gpt_final.pt holds: weights, configs and tokenizer, no optimizer state."""
-    return {"step": run.step, "loss": loss, "model_state_dict": run.model.state_dict(),
+def weights_state(run, loss, merged=True):
+    """What gpt_final.pt holds: weights (LoRA adapters merged in), configs and tokenizer."""
+    weights = merged_state_dict(run.model) if merged else run.model.state_dict()
+    return {"step": run.step, "loss": loss, "model_state_dict": weights,
             "gpt_config": config_to_dict(run.gpt_config),
             "train_config": config_to_dict(run.train_config),
             "tokenizer": run.tokenizer.state_dict()}
@@ -550,8 +605,12 @@ def finish(run, record):
         save_checkpoint(weights_state(run, record["loss"]), path)
     if "val_loss" not in record:  # resumed at the end: the loop had nothing left to do
         record.update(estimate_loss(run))
-    print0(f"final validation loss: {record['val_loss']:.4f} ({record['val_bpb']:.4f} bits per "
-           f"byte); weights saved to {path}")
+    print0(f"final validation loss: {record['val_loss']:.4f} at step {run.step} "
+           f"({record['val_bpb']:.4f} bits per byte); weights saved to {path}")
+    best = run.early_stopping
+    if best.best_step >= 0:
+        print0(f"best validation loss: {best.best_loss:.4f} at step {best.best_step}; weights "
+               f"saved to {best_path(run.train_config.checkpoint_dir)}")
     return record
 
 

@@ -64,7 +64,7 @@ def test_a_two_process_run_finishes_with_exit_status_0_and_prints_once(runs):
 def test_a_two_process_run_writes_one_set_of_checkpoints_and_one_metrics_log(runs):
     directory = runs["root"] / "ddp"
     assert sorted(p.name for p in directory.iterdir()) == \
-        ["gpt_final.pt", "gpt_step4.pt", "gpt_step8.pt", "metrics.jsonl"]
+        ["gpt_best.pt", "gpt_final.pt", "gpt_step4.pt", "gpt_step8.pt", "metrics.jsonl"]
     lines = (directory / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(set(lines)) == STEPS
     assert [record["step"] for record in map(json.loads, lines)] == list(range(1, STEPS + 1))

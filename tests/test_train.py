@@ -117,8 +117,8 @@ def test_a_tiny_run_writes_step_checkpoints_a_final_and_metrics_and_learns(tmp_p
     assert "device: cpu" in output and "trainable parameters" in output
 
     names = sorted(p.name for p in checkpoint_dir.iterdir())
-    assert names == ["gpt_final.pt", "gpt_step10.pt", "gpt_step12.pt", "gpt_step5.pt",
-                     "metrics.jsonl"]
+    assert names == ["gpt_best.pt", "gpt_final.pt", "gpt_step10.pt", "gpt_step12.pt",
+                     "gpt_step5.pt", "metrics.jsonl"]
     for step in (5, 10, 12):
         checkpoint = read_checkpoint(checkpoint_dir / f"gpt_step{step}.pt")  # plain data only
         assert checkpoint["step"] == step
@@ -166,7 +166,7 @@ def test_a_resumed_run_matches_the_uninterrupted_run_bit_for_bit(uninterrupted, 
     checkpoint_dir = tmp_path / "checkpoints"
     argv = resume_argv(checkpoint_dir, data, num_workers)
     assert run_stopped_after(monkeypatch, STOP, argv) == 130  # the Ctrl-C exit status
-    assert sorted(p.name for p in checkpoint_dir.glob("*.pt")) == [f"gpt_step{STOP}.pt"]
+    assert sorted(p.name for p in checkpoint_dir.glob("gpt_step*.pt")) == [f"gpt_step{STOP}.pt"]
 
     torch.manual_seed(999)  # whatever the process did in between must not matter
     if resume_from == "latest":
