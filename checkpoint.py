@@ -20,7 +20,6 @@ import os
 import pickle
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -173,13 +172,10 @@ def add_checkpoint_arguments(parser):
 
 
 def checkpoint_to_load(args):
-    """The --checkpoint given, else the best file of --checkpoint_dir (said on stderr)."""
-    if args.checkpoint:
-        return args.checkpoint
-    path = find_sampling_checkpoint(args.checkpoint_dir)
+    """The --checkpoint given, else the best file of --checkpoint_dir, else a UserError."""
+    path = args.checkpoint or find_sampling_checkpoint(args.checkpoint_dir)
     if not path:
         fail(f"no checkpoint in {args.checkpoint_dir}/: train a model first with `python train.py`")
-    print(f"using {path}", file=sys.stderr)  # stdout may be the samples themselves
     return path
 
 

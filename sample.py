@@ -1,6 +1,7 @@
 """Generate text from a trained checkpoint: `python sample.py [--prompt TEXT] [...]`.
 
-With no --checkpoint it uses checkpoints/gpt_final.pt, or the newest gpt_step*.pt. Text is
+--checkpoint also takes a Hugging Face GPT-2 directory or model id (`gpt2`). With no --checkpoint
+it uses checkpoints/gpt_best.pt, gpt_final.pt or the newest gpt_step*.pt, and says which. Text is
 streamed to stdout as it is generated (a multi-byte character is printed once it is complete),
 and the same --seed gives the same text. The model and its key/value cache live in model.py,
 the generation loop in generation.py, checkpoint loading in checkpoint.py.
@@ -52,6 +53,8 @@ def main(argv=None):
         return autocast_context(device, dtype)
 
     encode_prompt(tokenizer, args.prompt, device)  # a prompt the vocabulary lacks fails before output
+    if not args.checkpoint:  # evaluate.py and export.py name the file in their output
+        print(f"sampling from {path}", file=sys.stderr)
     for index in range(args.num_samples):
         if index:
             sys.stdout.write("\n---------------\n")

@@ -13,7 +13,7 @@ import torch
 
 import sample
 import train
-from checkpoint import checkpoint_to_load, find_sampling_checkpoint, model_from_checkpoint
+from checkpoint import find_sampling_checkpoint, model_from_checkpoint
 from conftest import exit_status, tiny_argv, write_corpus
 from lora import LoRALinear
 
@@ -69,17 +69,12 @@ def test_gpt_best_holds_the_step_with_the_lowest_validation_loss(tmp_path, corpu
     assert f"final validation loss: {final['val_loss']:.4f} at step 16" in printed
 
 
-def test_sampling_prefers_gpt_best_then_gpt_final_then_the_newest_step(tmp_path, capsys):
+def test_sampling_prefers_gpt_best_then_gpt_final_then_the_newest_step(tmp_path):
     for name in ("gpt_step9.pt", "gpt_step10.pt", "gpt_final.pt", "gpt_best.pt"):
         (tmp_path / name).write_bytes(b"")
     for expected in ("gpt_best.pt", "gpt_final.pt", "gpt_step10.pt"):
         assert find_sampling_checkpoint(tmp_path).name == expected
         (tmp_path / expected).unlink()
-
-    (tmp_path / "gpt_best.pt").write_bytes(b"")
-    chosen = checkpoint_to_load(type("Args", (), {"checkpoint": "", "checkpoint_dir": tmp_path}))
-    assert chosen.name == "gpt_best.pt"
-    assert capsys.readouterr().err == f"using {tmp_path / 'gpt_best.pt'}\n"
 
 
 EARLY_STOP = dict(max_iters=40, eval_iter=2, save_iter=2, log_iter=2, early_stop_patience=3,
@@ -95,13 +90,23 @@ def early_stopped_run(tmp_path_factory):
     return status, data, root / "run"
 
 
-def test_early_stopping_stops_writes_gpt_final_and_exits_0(early_stopped_run, capsys):
+def test_early_stopping_stops_writes_gpt_final_and_exits_0(early_stopped_run):
     status, _, run_dir = early_stopped_run
     assert status == 0
     assert load(run_dir / "gpt_final.pt")["step"] == 8
     assert max(r["step"] for r in records(run_dir)) == 8
     assert sorted(p.name for p in run_dir.glob("gpt_step*.pt")) == \
         ["gpt_step2.pt", "gpt_step4.pt", "gpt_step6.pt", "gpt_step8.pt"]
+
+
+def test_sample_py_without_checkpoint_uses_gpt_best_and_says_so(early_stopped_run, capsys):
+    _, _, run_dir = early_stopped_run
+    argv = ["--max_new_tokens", "20", "--seed", "5", "--device", "cpu"]
+    sample.main(["--checkpoint_dir", str(run_dir), *argv])
+    chosen = capsys.readouterr()
+    assert chosen.err == f"sampling from {run_dir / 'gpt_best.pt'}\n"
+    sample.main(["--checkpoint", str(run_dir / "gpt_best.pt"), *argv])
+    assert capsys.readouterr().out == chosen.out
 
 
 def test_a_resumed_run_keeps_best_so_far_and_patience_exactly(early_stopped_run, tmp_path,
