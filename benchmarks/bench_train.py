@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from config import (GPTConfig, TrainConfig, _parse_bool, apply_args_to_configs,  # noqa: E402
-                    build_parser, fail, run_main, validate)
+                    build_parser, fail, parse_args, run_main, validate)
 from model import flops_per_token  # noqa: E402
 from runtime import peak_flops, print0, setup_runtime  # noqa: E402
 from tokenizer import CharTokenizer  # noqa: E402
@@ -49,7 +49,7 @@ def parse_bench_args(argv=None):
                        help="also time a bare forward/backward/clip/AdamW step")
     group.add_argument("--synthetic_vocab", type=int, default=0,
                        help="train on random tokens of this vocabulary instead of --data")
-    args = parser.parse_args(argv)
+    args = parse_args(argv, parser)  # flags over a --config recipe, as train.py reads them
     if args.bench_steps <= 0 or args.repeats <= 0 or args.warmup_steps < 0:
         fail("--bench_steps and --repeats must be positive and --warmup_steps must not be negative")
     if args.synthetic_vocab < 0:
