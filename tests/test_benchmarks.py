@@ -2,20 +2,22 @@
 
 These are smoke tests, not timings: no speed is asserted, only that each script finishes, prints
 its figures, and that the figures follow from their definitions (tokens/s from ms/step, MFU from
-FLOPs per token and the peak, the overhead from the two step times).
+FLOPs per token and the peak, the overhead from the two step times). Each printed figure is
+rounded, so each comparison allows exactly the rounding of the figures it compares.
 """
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 import evaluate
-from config import GPTConfig
-from conftest import REPO, one_error_line, run_cli, write_corpus
-from model import build_model, flops_per_token
+from conftest import REPO, metrics_records, one_error_line, run_cli, tiny_model, write_corpus
+from model import flops_per_token
 
 TINY_MODEL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16",
               "--batch_size", "4", "--device", "cpu"]
@@ -34,32 +36,37 @@ def figure(pattern, text):
     return [float(group.replace(",", "")) for group in match.groups()]
 
 
+def assert_bench_train_figures_agree(stdout, model, tokens_per_step, peak, rounds):
+    """bench_train.py's loop and bare-step lines follow from each other and from `model`."""
+    step_times = {}
+    for name in ("loop", "bare"):
+        times = figure(rf"{name} ms/step of each round: " + ", ".join([NUMBER] * rounds) + "\n",
+                       stdout)
+        ms, tokens_per_second, mfu = figure(
+            rf"{name}: {NUMBER} ms/step \| {NUMBER} tokens/s \| MFU {NUMBER}%", stdout)
+        assert ms == min(times)  # the best round is the one reported
+        # ms/step is printed to 2 decimals, tokens/s to 0, MFU to 1
+        expected = tokens_per_step / (ms / 1000)
+        assert abs(tokens_per_second - expected) <= expected * 0.005 / ms + 0.5
+        expected = 100 * flops_per_token(model) * tokens_per_second / peak
+        assert abs(mfu - expected) <= 0.05 + expected * 0.5 / tokens_per_second + 1e-9
+        step_times[name] = ms
+    (overhead,) = figure(r"loop overhead over the bare step: ([+-]?\d+\.\d)%", stdout)
+    ratio = step_times["loop"] / step_times["bare"]
+    tolerance = 100 * ratio * (0.005 / step_times["loop"] + 0.005 / step_times["bare"]) + 0.05
+    assert overhead == pytest.approx(100 * (ratio - 1), abs=tolerance)
+    (memory,) = figure(rf"peak memory: {NUMBER} MiB \(process max RSS\)", stdout)
+    assert memory > 100  # this process imported torch and ran a model
+
+
 def test_bench_train_prints_loop_and_bare_step_figures_that_agree_with_each_other():
     peak = 1e9
     result = run_cli("benchmarks/bench_train.py", *TINY_MODEL, "--synthetic_vocab", "64",
                      "--warmup_steps", "1", "--bench_steps", "2", "--repeats", "2",
                      "--peak_flops", peak)
     assert result.returncode == 0, result.stderr
-    tokens_per_step = 4 * 16
-    model = build_model(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
-    step_times = {}
-    for name in ("loop", "bare"):
-        rounds = figure(rf"{name} ms/step of each round: {NUMBER}, {NUMBER}\n", result.stdout)
-        ms, tokens_per_second, mfu = figure(
-            rf"{name}: {NUMBER} ms/step \| {NUMBER} tokens/s \| MFU {NUMBER}%", result.stdout)
-        assert ms == min(rounds)  # the best round is the one reported
-        rounding = 0.005 / ms  # ms/step is printed to 2 decimals: its relative rounding error
-        expected = tokens_per_step / (ms / 1000)  # both roundings add up: approx takes the larger
-        assert tokens_per_second == pytest.approx(expected, abs=rounding * expected + 0.5)
-        assert mfu == pytest.approx(100 * flops_per_token(model) * tokens_per_second / peak,
-                                    rel=rounding, abs=0.05)
-        step_times[name] = ms
-    (overhead,) = figure(r"loop overhead over the bare step: ([+-]?\d+\.\d)%", result.stdout)
-    ratio = step_times["loop"] / step_times["bare"]
-    tolerance = 100 * ratio * (0.005 / step_times["loop"] + 0.005 / step_times["bare"]) + 0.05
-    assert overhead == pytest.approx(100 * (ratio - 1), abs=tolerance)
-    (memory,) = figure(rf"peak memory: {NUMBER} MiB \(process max RSS\)", result.stdout)
-    assert memory > 0
+    model = tiny_model(vocab_size=64, n_layer=1)
+    assert_bench_train_figures_agree(result.stdout, model, 4 * 16, peak, rounds=2)
 
 
 def test_bench_train_on_a_corpus_without_the_bare_step_prints_the_loop_only(tmp_path):
@@ -110,7 +117,7 @@ def test_cpu_speedrun_reports_wall_time_and_the_evaluated_loss_of_its_final_mode
     assert result.returncode == 0, result.stderr
     (wall_time,) = figure(r"wall time: (\d+\.\d) s \(start-up included\)", result.stdout)
     assert wall_time > 0
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(out_dir)
     (estimate,) = figure(r"in-run validation estimate: (\d+\.\d+) at step 4", result.stdout)
     assert estimate == pytest.approx(records[-1]["val_loss"], abs=5e-5)
     (val_loss,) = figure(r"final validation loss: (\d+\.\d+) \(whole validation split",
@@ -125,8 +132,44 @@ def test_cpu_speedrun_reports_wall_time_and_the_evaluated_loss_of_its_final_mode
     assert "already holds a metrics.jsonl" in again.stderr
 
 
+# Stands in for `python` in gpu_check.sh (its $PYTHON) on a machine without a GPU: it logs each
+# command, answers the CUDA probe as a GPU machine would, and leaves the CUDA tests to such a
+# machine; everything else (the benchmark) runs for real.
+PYTHON_STAND_IN = """#!{python}
+import json, os, sys
+arguments = sys.argv[1:]
+with open({log!r}, "a") as log:
+    log.write(json.dumps(arguments) + "\\n")
+if arguments[0] == "-c":
+    print("the CUDA probe: skipped without a GPU")
+elif arguments[:2] != ["-m", "pytest"]:
+    os.execv(sys.executable, [sys.executable, *arguments])
+"""
+
+
 @needs_bash
-def test_gpu_check_script_is_valid_bash():
-    result = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")],
-                            capture_output=True, text=True)
+def test_gpu_check_benchmarks_the_model_its_flags_give_then_hands_test_cuda_to_pytest(
+        tmp_path):
+    log = tmp_path / "commands.jsonl"
+    stand_in = tmp_path / "python"
+    stand_in.write_text(PYTHON_STAND_IN.format(python=sys.executable, log=str(log)))
+    stand_in.chmod(0o755)
+    peak = 1e9
+    # flags after the script's own override them: the GPT-2 shape becomes a tiny CPU model
+    tiny = [*TINY_MODEL, "--synthetic_vocab", "64", "--dtype", "float32", "--compile", "false",
+            "--warmup_steps", "1", "--bench_steps", "2", "--repeats", "2",
+            "--peak_flops", str(peak)]
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), *tiny],
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHON=str(stand_in)))
     assert result.returncode == 0, result.stderr
+
+    probe, benchmark, tests = [json.loads(line) for line in log.read_text().splitlines()]
+    assert probe[0] == "-c" and "torch.cuda.is_available()" in probe[1]
+    assert benchmark[0] == "benchmarks/bench_train.py" and benchmark[-len(tiny):] == tiny
+    assert "benchmark: 1 warm-up + 2 x 2 timed steps, 64 tokens/step, dtype float32, compile " \
+           "False, device cpu" in result.stdout
+    assert_bench_train_figures_agree(result.stdout, tiny_model(vocab_size=64, n_layer=1),
+                                     4 * 16, peak, rounds=2)
+    assert tests[:2] == ["-m", "pytest"] and tests[-1] == "tests/test_cuda.py"
+    assert (REPO / tests[-1]).is_file()

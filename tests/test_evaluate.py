@@ -145,12 +145,16 @@ def test_text_the_char_vocabulary_never_saw_is_one_clear_line(trained_run, tmp_p
     one_error_line(capsys.readouterr().err, "never seen", "'€'")
 
 
-@pytest.mark.parametrize("flags", [["--stride", "17"], ["--stride", "-1"], ["--batch_size", "0"]])
-def test_a_stride_beyond_the_block_or_an_empty_batch_is_refused(trained_run, capsys, flags):
+@pytest.mark.parametrize("flags, named", [
+    (["--stride", "17"], "--stride 17 exceeds the model's block_size 16"),
+    (["--stride", "-1"], "--stride must not be negative"),
+    (["--batch_size", "0"], "--batch_size must be positive"),
+])
+def test_a_stride_beyond_the_block_or_an_empty_batch_is_refused(trained_run, capsys, flags, named):
     status = exit_status(evaluate.main, ["--checkpoint", str(trained_run / "gpt_final.pt"),
                                          "--device", "cpu", *flags])
     assert status == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    one_error_line(capsys.readouterr().err, named)
 
 
 def test_a_one_token_text_cannot_be_scored(trained_run, tmp_path, capsys):

@@ -13,6 +13,7 @@ from config import ARCHITECTURE_FIELDS
 from conftest import (TINY_TEXT, assert_same_weights, exit_status, one_error_line, read_checkpoint,
                       tiny_argv, write_corpus)
 from runtime import setup_runtime
+from tokenizer import CharTokenizer, tokenizer_from_state
 
 # Corpus B says new things with the characters of corpus A (TINY_TEXT), so a char model reads it.
 CORPUS_B = "".join(f"dog {i % 17}: a lazy fox sleeps in the quiet box then jumps {i * 3 % 11}.\n"
@@ -35,8 +36,18 @@ def corpus_b(tmp_path):
     return write_corpus(tmp_path, CORPUS_B, "corpus_b.txt")
 
 
-def test_corpus_b_uses_only_characters_of_corpus_a():
-    assert set(CORPUS_B) <= set(TINY_TEXT)
+def test_the_new_corpus_is_encoded_with_the_checkpoints_vocabulary_not_one_of_its_own(
+        base_run, corpus_b, tmp_path):
+    base_path, _ = base_run
+    argv = tiny_argv(tmp_path / "tuned", corpus_b, init_from=base_path)
+    gpt_config, train_config, checkpoint = train.configure(argv)
+    tokenizer, ids = train.load_corpus(gpt_config, train_config, checkpoint)
+    base_tokenizer = tokenizer_from_state(read_checkpoint(base_path)["tokenizer"])
+    assert tokenizer.state_dict() == base_tokenizer.state_dict()
+    assert ids.tolist() == base_tokenizer.encode(CORPUS_B).tolist()
+    assert gpt_config.vocab_size == base_tokenizer.vocab_size
+    # corpus B has fewer distinct characters, so a vocabulary of its own would number them apart
+    assert CharTokenizer(CORPUS_B).encode(CORPUS_B).tolist() != ids.tolist()
 
 
 def test_fine_tuning_lowers_the_loss_on_the_new_corpus_and_keeps_tokenizer_and_architecture(

@@ -1,17 +1,20 @@
 """Training options whose effect is only visible from outside: compiled runs, samples, MFU."""
 
 import functools
+import re
 
 import torch
 
 import sample
 import train
+from checkpoint import model_from_checkpoint
 from config import GPTConfig, config_from_dict
 from conftest import exit_status, metrics_records, read_checkpoint, tiny_argv, write_corpus
+from generation import generate_text
 from model import build_model, flops_per_token
 
 
-def test_a_compiled_run_saves_plain_keys_that_sample_and_an_uncompiled_resume_read_checkpoint(
+def test_a_compiled_run_saves_plain_keys_that_sample_and_an_uncompiled_resume_load(
         tmp_path, monkeypatch, capsys):
     # Dynamo's tracing and the compiled wrapper are real; only code generation is skipped
     # (the "eager" backend), which keeps the test fast on a CPU without a compiler warm-up.
@@ -24,9 +27,11 @@ def test_a_compiled_run_saves_plain_keys_that_sample_and_an_uncompiled_resume_re
     saved_keys = set(checkpoint["model_state_dict"])
     assert saved_keys == plain_keys  # no "_orig_mod." prefix from the compiled wrapper
 
+    capsys.readouterr()  # the training's output
     assert exit_status(sample.main, ["--checkpoint", str(compiled_dir / "gpt_final.pt"),
                                      "--max_new_tokens", "10"]) == 0
-    assert capsys.readouterr().out.strip()
+    out = capsys.readouterr().out
+    assert out.startswith("\n") and len(out[1:].removesuffix("\n")) == 10  # prompt, 10 characters
 
     monkeypatch.undo()
     record = train.train(["--resume", str(compiled_dir / "gpt_step2.pt"), "--compile", "false"])
@@ -35,9 +40,18 @@ def test_a_compiled_run_saves_plain_keys_that_sample_and_an_uncompiled_resume_re
 
 def test_sample_tokens_prints_a_sample_at_each_evaluation(tmp_path, capsys):
     data = write_corpus(tmp_path)
-    train.train(tiny_argv(tmp_path / "run", data, sample_tokens=25, max_iters=4, eval_iter=2))
-    out = capsys.readouterr().out
-    assert out.count("--- sample ---") == 2  # evaluations at steps 2 and 4
+    checkpoint_dir = tmp_path / "run"
+    train.train(tiny_argv(checkpoint_dir, data, sample_tokens=25, max_iters=4, eval_iter=2,
+                          save_iter=2))
+    samples = re.findall(r"^--- sample ---\n(.*?)\n--------------$", capsys.readouterr().out,
+                         re.DOTALL | re.MULTILINE)
+    assert len(samples) == 2  # evaluations at steps 2 and 4
+    for text, step in zip(samples, (2, 4)):
+        # what the model of that step generates from the empty prompt with generator seed 0
+        model, tokenizer, _ = model_from_checkpoint(checkpoint_dir / f"gpt_step{step}.pt")
+        expected = generate_text(model, tokenizer, "", 25,
+                                 generator=torch.Generator().manual_seed(0))
+        assert len(tokenizer.encode(text)) == 25 and text == expected
 
 
 def test_a_known_peak_adds_mfu_to_the_log_and_metrics(tmp_path, capsys):
@@ -50,10 +64,11 @@ def test_a_known_peak_adds_mfu_to_the_log_and_metrics(tmp_path, capsys):
     per_token = flops_per_token(build_model(gpt_config))
     records = metrics_records(checkpoint_dir)
     assert records
+    logged = {line.split(" | ")[0]: line for line in capsys.readouterr().out.splitlines()}
     for record in records:
         expected = per_token * record["tokens_per_sec"] / peak
         assert abs(record["mfu"] - expected) <= 1e-4 + 1e-3 * expected
-    assert "mfu " in capsys.readouterr().out
+        assert f" | mfu {100 * record['mfu']:.1f}%" in logged[f"step {record['step']}"]
 
 
 def test_without_a_known_peak_only_tokens_per_second_is_reported(tmp_path, capsys):
