@@ -14,7 +14,7 @@ import torch
 import sample
 import train
 from checkpoint import find_sampling_checkpoint, model_from_checkpoint
-from conftest import exit_status, tiny_argv, write_corpus
+from conftest import REPO, exit_status, tiny_argv, write_corpus
 from lora import LoRALinear
 
 
@@ -160,3 +160,18 @@ def test_lora_trains_only_adapters_resumes_exactly_and_saves_merged_plain_weight
     sample.main(["--checkpoint", str(uninterrupted / "gpt_final.pt"), "--max_new_tokens", "10",
                  "--device", "cpu"])
     assert len(capsys.readouterr().out) > 10
+
+
+def test_bench_lora_gives_the_optimizer_only_the_adapters(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_lora
+    tiny = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--vocab_size", "64",
+            "--block_size", "16", "--device", "cpu", "--warmup_steps", "0", "--bench_steps", "1"]
+    full = bench_lora.measure(bench_lora.parse_bench_args([*tiny, "--variant", "full"]))
+    lora = bench_lora.measure(bench_lora.parse_bench_args([*tiny, "--variant", "lora"]))
+    adapters = 8 * (32 + 3 * 32) + 8 * (32 + 32) + 8 * (32 + 4 * 32) + 8 * (4 * 32 + 32)
+    assert lora["trainable"] == adapters and full["trainable"] == full["parameters"]
+    assert lora["parameters"] == full["parameters"] + adapters
+    for result in (full, lora):  # AdamW: two float32 moments per trained number, a step each
+        assert 8 * result["trainable"] < result["optimizer_bytes"] < 9 * result["trainable"]
+    assert lora["ms_per_step"] > 0 and lora["peak_memory"] > 0
