@@ -16,7 +16,8 @@ import export
 import sample
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
-from conftest import TINY_TEXT, exit_status, tiny_argv, write_corpus
+from conftest import (TINY_TEXT, assert_same_weights, exit_status, one_error_line, read_checkpoint,
+                      tiny_argv, write_corpus)
 from tokenizer import BPETokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -38,12 +39,6 @@ def gpt2_dir(tmp_path_factory):
     model.save_pretrained(directory)
     (directory / "tokenizer.json").write_text(tokenizer.tokenizer_json)
     return directory, model
-
-
-def error_line(capsys):
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 def test_imported_gpt2_gives_transformers_logits_and_loss(gpt2_dir):
@@ -100,7 +95,7 @@ def test_init_from_a_directory_fine_tunes_from_its_evaluated_start_and_lowers_va
     assert start["step"] == 0 and end["step"] == 20
     assert end["val_loss"] < start["val_loss"] - 0.5
     assert "step 0 (starting model)" in capsys.readouterr().out
-    tuned = torch.load(run_dir / "gpt_final.pt", weights_only=True)
+    tuned = read_checkpoint(run_dir / "gpt_final.pt")
     assert tuned["tokenizer"] == load_checkpoint(directory)["tokenizer"]
     assert tuned["gpt_config"]["block_size"] == 16  # reduced from the model's 32
 
@@ -142,7 +137,7 @@ def test_architecture_flags_contradicting_the_pretrained_model_are_one_line(gpt2
     directory, _ = gpt2_dir
     argv = tiny_argv(tmp_path / "run", write_corpus(tmp_path), init_from=directory, n_layer=3)
     assert exit_status(train.train, argv) == 2
-    assert "--n_layer 3 contradicts" in error_line(capsys)
+    one_error_line(capsys.readouterr().err, "--n_layer 3 contradicts")
 
 
 def test_a_gpt2_setting_our_model_lacks_is_one_line(gpt2_dir, tmp_path, capsys):
@@ -151,7 +146,7 @@ def test_a_gpt2_setting_our_model_lacks_is_one_line(gpt2_dir, tmp_path, capsys):
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
     assert exit_status(sample.main, ["--checkpoint", str(directory)]) == 2
-    assert "activation_function='relu'" in error_line(capsys)
+    one_error_line(capsys.readouterr().err, "activation_function='relu'")
 
 
 @pytest.fixture
@@ -166,8 +161,7 @@ def offline_hub(tmp_path, monkeypatch):
 def test_a_model_id_without_network_or_cache_is_one_line_suggesting_a_directory(offline_hub,
                                                                                 capsys):
     assert exit_status(sample.main, ["--checkpoint", "gpt2"]) == 2
-    line = error_line(capsys)
-    assert "cannot download gpt2: no network" in line and "save_pretrained" in line
+    one_error_line(capsys.readouterr().err, "cannot download gpt2: no network", "save_pretrained")
 
 
 def test_a_model_id_in_the_hugging_face_cache_loads_without_network(gpt2_dir, offline_hub):
@@ -178,11 +172,10 @@ def test_a_model_id_in_the_hugging_face_cache_loads_without_network(gpt2_dir, of
     from_cache = load_checkpoint("distilgpt2")
     from_directory = load_checkpoint(gpt2_dir[0])
     assert from_cache["tokenizer"] == from_directory["tokenizer"]
-    for name, tensor in from_directory["model_state_dict"].items():
-        assert torch.equal(from_cache["model_state_dict"][name], tensor), name
+    assert_same_weights(from_cache["model_state_dict"], from_directory["model_state_dict"])
 
 
 def test_a_model_id_without_huggingface_hub_names_the_package(offline_hub, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # `import huggingface_hub` now fails
     assert exit_status(sample.main, ["--checkpoint", "gpt2-medium"]) == 2
-    assert "pip install transformers" in error_line(capsys)
+    one_error_line(capsys.readouterr().err, "pip install transformers")
