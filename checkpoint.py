@@ -35,6 +35,8 @@ STEP_PATTERN = re.compile(r"^gpt_step(\d+)\.pt$")
 FINAL_NAME = "gpt_final.pt"
 BEST_NAME = "gpt_best.pt"
 METRICS_NAME = "metrics.jsonl"
+TENSORBOARD_NAME = "tensorboard"  # --log_to tensorboard: the event files' directory
+WANDB_RUN_ID_NAME = "wandb_run_id"  # --log_to wandb: the run a resume continues (files: wandb/)
 TEMPORARY_PREFIX = ".tmp-"
 REQUIRED_KEYS = ("model_state_dict", "gpt_config", "tokenizer")
 

@@ -12,14 +12,13 @@ import json
 import os
 from pathlib import Path
 
-from checkpoint import metrics_path
+from checkpoint import TENSORBOARD_NAME, WANDB_RUN_ID_NAME, metrics_path
 from config import config_to_dict, fail
 
 # record key -> the chart it is drawn in (TensorBoard tag, W&B key); other numbers keep their key
 CHARTS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
           "tokens_per_sec": "speed/tokens_per_sec", "mfu": "speed/mfu",
           "val_loss": "val/loss", "val_bpb": "val/bits_per_byte"}
-WANDB_RUN_ID_NAME = "wandb_run_id"
 
 
 def scalars(record):
@@ -43,7 +42,7 @@ class Loggers:
         if "jsonl" in names:
             self.destinations.append(MetricsLog(self.path))
         if "tensorboard" in names:
-            self.destinations.append(TensorBoardLog(directory / "tensorboard"))
+            self.destinations.append(TensorBoardLog(directory / TENSORBOARD_NAME))
         if "wandb" in names:
             configs = {**config_to_dict(gpt_config), **config_to_dict(train_config)}
             self.destinations.append(WandbLog(directory, configs))
