@@ -6,8 +6,11 @@ stays fast on a 2-core CPU. Tests call `train.train(argv)` and `sample.main(argv
 they can; `run_cli` starts a real `python train.py ...` only where the command line itself is tested.
 """
 
+import gc
+import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +169,23 @@ def tiny_model(seed=0, **overrides):
                     dropout=0.0)
     settings.update(overrides)
     return build_model(GPTConfig(**settings)).eval()
+
+
+def run_stopped_after(monkeypatch, steps, argv):
+    """Run train.train as if Ctrl-C came during optimizer step `steps`; return the exit status."""
+    import train
+    calls = itertools.count(1)
+    pending = train.StopRequest.pending_signal
+    with monkeypatch.context() as patch:
+        patch.setattr(train.StopRequest, "pending_signal",
+                      lambda self: signal.SIGINT if next(calls) == steps else pending(self))
+        try:
+            train.train(argv)
+        except SystemExit as stop:
+            status = stop.code
+        else:
+            pytest.fail("the run was not stopped")
+    # The exception's frames still hold the stopped run's DataLoader iterator. Collect it now:
+    # once another run has forked workers, shutting down the old ones takes 5 s each.
+    gc.collect()
+    return status

@@ -4,49 +4,21 @@ Early stopping is made deterministic with a --early_stop_min_delta no loss can d
 first evaluation counts as an improvement, so the run stops exactly `patience` evaluations later.
 """
 
-import itertools
-import json
-import signal
-
 import pytest
 import torch
 
 import sample
 import train
 from checkpoint import find_sampling_checkpoint, model_from_checkpoint
-from conftest import REPO, exit_status, tiny_argv, write_corpus
+from conftest import (REPO, assert_same_weights, exit_status, metrics_records, read_checkpoint,
+                      run_stopped_after, tiny_argv, write_corpus)
 from lora import LoRALinear
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same_weights(state_a, state_b):
-    assert state_a.keys() == state_b.keys()
-    for name in state_a:
-        assert torch.equal(state_a[name], state_b[name]), f"{name} differs"
-
-
-def train_until_signal(monkeypatch, steps, argv):
-    """train.train as if Ctrl-C arrived during optimizer step `steps`; returns the exit status."""
-    calls = itertools.count(1)
-    with monkeypatch.context() as patch:
-        patch.setattr(train.StopRequest, "pending_signal",
-                      lambda self: signal.SIGINT if next(calls) == steps else 0)
-        with pytest.raises(SystemExit) as stopped:
-            train.train(argv)
-    return stopped.value.code
 
 
 def test_evaluation_follows_eval_iter_whatever_log_iter(tmp_path, corpus_file):
     run_dir = tmp_path / "run"
     train.train(tiny_argv(run_dir, corpus_file, max_iters=9, eval_iter=3, log_iter=4, save_iter=9))
-    evaluated = [r["step"] for r in records(run_dir) if "val_loss" in r]
+    evaluated = [r["step"] for r in metrics_records(run_dir) if "val_loss" in r]
     assert evaluated == [3, 6, 9]
 
 
@@ -55,14 +27,13 @@ def test_gpt_best_holds_the_step_with_the_lowest_validation_loss(tmp_path, corpu
     # a learning rate this high, never decayed, makes the validation loss go up and down
     train.train(tiny_argv(run_dir, corpus_file, max_iters=16, eval_iter=2, save_iter=2,
                           log_iter=16, learning_rate=0.2, warmup_iters=1, min_lr_ratio=1.0))
-    evaluations = [r for r in records(run_dir) if "val_loss" in r]
+    evaluations = [r for r in metrics_records(run_dir) if "val_loss" in r]
     lowest = min(evaluations, key=lambda r: r["val_loss"])
     assert lowest["step"] < 16  # the best is not the last: gpt_best.pt is not gpt_final.pt
-    best = load(run_dir / "gpt_best.pt")
+    best = read_checkpoint(run_dir / "gpt_best.pt")
     assert best["step"] == lowest["step"] and best["val_loss"] == lowest["val_loss"]
     assert "optimizer_state_dict" not in best
-    assert_same_weights(best["model_state_dict"],
-                        load(run_dir / f"gpt_step{lowest['step']}.pt")["model_state_dict"])
+    assert_same_weights(best["model_state_dict"], run_dir / f"gpt_step{lowest['step']}.pt")
     printed = capsys.readouterr().out
     assert f"best validation loss: {lowest['val_loss']:.4f} at step {lowest['step']}" in printed
     final = evaluations[-1]
@@ -93,8 +64,8 @@ def early_stopped_run(tmp_path_factory):
 def test_early_stopping_stops_writes_gpt_final_and_exits_0(early_stopped_run):
     status, _, run_dir = early_stopped_run
     assert status == 0
-    assert load(run_dir / "gpt_final.pt")["step"] == 8
-    assert max(r["step"] for r in records(run_dir)) == 8
+    assert read_checkpoint(run_dir / "gpt_final.pt")["step"] == 8
+    assert max(r["step"] for r in metrics_records(run_dir)) == 8
     assert sorted(p.name for p in run_dir.glob("gpt_step*.pt")) == \
         ["gpt_step2.pt", "gpt_step4.pt", "gpt_step6.pt", "gpt_step8.pt"]
 
@@ -114,11 +85,11 @@ def test_a_resumed_run_keeps_best_so_far_and_patience_exactly(early_stopped_run,
     _, data, reference = early_stopped_run
     run_dir = tmp_path / "run"
     argv = tiny_argv(run_dir, data, **EARLY_STOP)
-    assert train_until_signal(monkeypatch, 5, argv) == 130  # stale count 1 after step 4
+    assert run_stopped_after(monkeypatch, 5, argv) == 130  # stale count 1 after step 4
     train.train(["--resume", str(run_dir / "gpt_step5.pt"), "--checkpoint_dir", str(run_dir)])
-    assert load(run_dir / "gpt_final.pt")["step"] == 8  # a fresh count would stop at 12
+    assert read_checkpoint(run_dir / "gpt_final.pt")["step"] == 8  # a fresh count would stop at 12
     for name in ("gpt_best.pt", "gpt_final.pt"):
-        resumed, uninterrupted = load(run_dir / name), load(reference / name)
+        resumed, uninterrupted = read_checkpoint(run_dir / name), read_checkpoint(reference / name)
         assert (resumed["step"], resumed.get("val_loss")) == \
             (uninterrupted["step"], uninterrupted.get("val_loss"))
         assert_same_weights(resumed["model_state_dict"], uninterrupted["model_state_dict"])
@@ -135,18 +106,17 @@ def test_lora_trains_only_adapters_resumes_exactly_and_saves_merged_plain_weight
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     train.train(tiny_argv(uninterrupted, data, init_from=base, **LORA))
     argv = tiny_argv(interrupted, data, init_from=base, **LORA)
-    assert train_until_signal(monkeypatch, 6, argv) == 130
+    assert run_stopped_after(monkeypatch, 6, argv) == 130
     train.train(["--resume", "latest", "--checkpoint_dir", str(interrupted)])
 
-    step = load(uninterrupted / "gpt_step8.pt")
+    step = read_checkpoint(uninterrupted / "gpt_step8.pt")
     adapters = {name for name in step["model_state_dict"] if "lora_" in name}
     assert len(adapters) == 2 * 4  # A and B on the qkv, attention, MLP in and out projections
     assert len(step["optimizer_state_dict"]["state"]) == len(adapters)  # nothing else trains
-    assert_same_weights(load(interrupted / "gpt_step8.pt")["model_state_dict"],
-                        step["model_state_dict"])
+    assert_same_weights(interrupted / "gpt_step8.pt", step["model_state_dict"])
 
-    final = load(uninterrupted / "gpt_final.pt")["model_state_dict"]
-    start = load(base)["model_state_dict"]
+    final = read_checkpoint(uninterrupted / "gpt_final.pt")["model_state_dict"]
+    start = read_checkpoint(base)["model_state_dict"]
     assert final.keys() == start.keys()  # merged: the plain model's keys, no adapters
     adapter = {k.rsplit(".", 1)[-1]: v for k, v in step["model_state_dict"].items()
                if k.startswith("blocks.0.attn.qkv.lora_")}

@@ -13,7 +13,8 @@ import optim
 import train
 from config import GPTConfig, TrainConfig
 from conftest import (assert_same_weights, checkpoint_weights, exit_status, metrics_records,
-                      one_error_line, read_checkpoint, snapshot, tiny_argv, write_corpus)
+                      one_error_line, read_checkpoint, run_stopped_after, snapshot, tiny_argv,
+                      write_corpus)
 from model import build_model
 
 # The resume tests stop after STOP steps of a MAX_STEPS run; checkpoints are saved every STOP steps.
@@ -24,25 +25,6 @@ def loss_history(checkpoint_dir):
     """(step, loss, lr, val_loss) of every logged record: everything but the timing."""
     return [(r["step"], r["loss"], r["lr"], r.get("val_loss"))
             for r in metrics_records(checkpoint_dir) if "loss" in r]
-
-
-def run_stopped_after(monkeypatch, steps, argv):
-    """Run train.train as if Ctrl-C arrived during optimizer step `steps`; return the exit status."""
-    calls = itertools.count(1)
-    pending = train.StopRequest.pending_signal
-    with monkeypatch.context() as patch:
-        patch.setattr(train.StopRequest, "pending_signal",
-                      lambda self: signal.SIGINT if next(calls) == steps else pending(self))
-        try:
-            train.train(argv)
-        except SystemExit as stop:
-            status = stop.code
-        else:
-            pytest.fail("the run was not stopped")
-    # The exception's frames still hold the stopped run's DataLoader iterator. Collect it now:
-    # once another run has forked workers, shutting down the old ones takes 5 s each.
-    gc.collect()
-    return status
 
 
 # ----------------------------------------------------------------------------------- schedule
