@@ -74,6 +74,10 @@ class TrainConfig:
     warmup_iters: int = 100
     max_iters: int = 2000  # optimizer steps in the whole run
     min_lr_ratio: float = 0.1  # the cosine ends at this fraction of learning_rate
+    optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest
+    muon_learning_rate: float = 0.02  # peak learning rate of Muon; --learning_rate is AdamW's
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum
+    muon_weight_decay: float = 0.0  # decoupled weight decay of the Muon matrices
     # logging, evaluation, checkpoints
     log_iter: int = 50
     eval_iter: int = 500
@@ -102,6 +106,7 @@ class TrainConfig:
 TOKENIZERS = ("char", "byte", "bpe")
 LOG_DESTINATIONS = ("jsonl", "tensorboard", "wandb")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "muon")
 ARCHITECTURE_CHOICES = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
                         "mlp": ("gelu", "relu2", "swiglu")}
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout")
@@ -317,6 +322,11 @@ def validate(gpt_config, train_config):
         fail(f"--learning_rate must be positive, got {t.learning_rate}")
     if t.weight_decay < 0 or t.grad_clip < 0 or t.peak_flops < 0:
         fail("--weight_decay, --grad_clip and --peak_flops must not be negative")
+    if t.optimizer not in OPTIMIZERS:
+        fail(f"unknown --optimizer {t.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if t.muon_learning_rate <= 0 or t.muon_weight_decay < 0 or not 0.0 <= t.muon_momentum < 1.0:
+        fail("--muon_learning_rate must be positive, --muon_weight_decay not negative and "
+             "--muon_momentum in [0, 1)")
     if not all(0.0 <= beta < 1.0 for beta in t.betas):
         fail(f"--betas must both be in [0, 1), got {t.betas[0]} {t.betas[1]}")
     if t.lora_alpha <= 0 or not 0.0 <= t.lora_dropout < 1.0 or t.early_stop_min_delta < 0:

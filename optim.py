@@ -1,28 +1,145 @@
-"""The optimizer and the learning-rate schedule: AdamW (betas 0.9, 0.95 by default) and a linear
-warmup followed by a cosine decay, as a `LambdaLR`.
+"""The optimizers and the learning-rate schedule.
 
-Shared by train.py and the benchmarks. Weight decay applies to matrices and embeddings only. The
-schedule is a multiplier of each group's base rate, so every parameter group follows the same
-warmup and decay. When to step them is train.py's business.
+- `--optimizer adamw` (the default): AdamW on every parameter, betas 0.9, 0.95 by default;
+- `--optimizer muon`: Muon on the 2-D matrices inside the blocks, AdamW on everything else
+  (embeddings, the head, norm gains, biases), in one `MuonWithAdamW` optimizer, so the loop, the
+  gradient scaler and a checkpoint see one optimizer with one state_dict.
+Weight decay applies to matrices and embeddings only. The schedule (a linear warmup, then a
+cosine decay, as a `LambdaLR`) is a multiplier of each group's base rate, so every group follows
+the same warmup and decay. Shared by train.py and the benchmarks; when to step is train.py's job.
 """
 
 import math
 
 import torch
 
+# The quintic Newton-Schulz coefficients of Keller Jordan's Muon, chosen for the steepest slope at
+# zero: five steps bring every singular value into about [0.7, 1.2], which is as good as exactly 1.
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
 
 def configure_optimizer(model, train_config):
-    """AdamW; weight decay on matrices and embeddings only, never on biases or LayerNorm gains."""
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": train_config.weight_decay},
-        {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    options = dict(lr=train_config.learning_rate, betas=tuple(train_config.betas))
+    """AdamW, or with --optimizer muon, Muon for the blocks' matrices and AdamW for the rest."""
+    t = train_config
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if t.optimizer == "muon":
+        hidden = [p for name, p in named if p.dim() == 2 and name.startswith("blocks.")]
+        others = [p for _, p in named if not any(p is h for h in hidden)]
+        return MuonWithAdamW(
+            [{"params": hidden, "muon": True, "lr": t.muon_learning_rate,
+              "weight_decay": t.muon_weight_decay},
+             *adamw_groups(others, t.weight_decay)],
+            lr=t.learning_rate, betas=tuple(t.betas), momentum=t.muon_momentum)
+    groups = adamw_groups([p for _, p in named], t.weight_decay)
+    options = dict(lr=t.learning_rate, betas=tuple(t.betas))
     try:  # the fused kernel is one launch for all parameters, where this device has it
         return torch.optim.AdamW(groups, fused=True, **options)
     except RuntimeError:
         return torch.optim.AdamW(groups, **options)
+
+
+def adamw_groups(parameters, weight_decay):
+    """Weight decay on matrices and embeddings only, never on biases or norm gains."""
+    return [{"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def base_learning_rates(optimizer, train_config):
+    """Each group's peak learning rate under this run's flags: what the schedule multiplies."""
+    return [train_config.muon_learning_rate if group.get("muon") else train_config.learning_rate
+            for group in optimizer.param_groups]
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon for the groups marked `"muon": True`, AdamW for the others.
+
+    Muon (Keller Jordan, 2024) keeps SGD's Nesterov momentum of each matrix's gradient, then
+    replaces that update by the nearest semi-orthogonal matrix, so every direction the matrix can
+    learn moves at the same rate instead of the few that dominate the gradient. It is meant for
+    hidden matrices; embeddings, the head and vectors keep AdamW.
+
+    Written here rather than taken from `torch.optim.Muon` because torch's runs the Newton-Schulz
+    iteration in bfloat16 everywhere, about ten times slower than float32 on a CPU without
+    bfloat16 units; here it is bfloat16 on CUDA only, and batched over matrices of one shape.
+    """
+
+    def __init__(self, param_groups, lr, betas=(0.9, 0.95), eps=1e-8, momentum=0.95,
+                 newton_schulz_steps=5):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, momentum=momentum,
+                        newton_schulz_steps=newton_schulz_steps, muon=False)
+        super().__init__(param_groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            parameters = [p for p in group["params"] if p.grad is not None]
+            if parameters:
+                (self._muon_step if group["muon"] else self._adamw_step)(group, parameters)
+        return loss
+
+    def _state(self, parameters, *names):
+        """Each parameter's state tensors `names`, created as zeros on first use."""
+        for p in parameters:
+            for name in names:
+                if name not in self.state[p]:
+                    self.state[p][name] = torch.zeros_like(p)
+        return [[self.state[p][name] for p in parameters] for name in names]
+
+    def _muon_step(self, group, parameters):
+        momentum, lr = group["momentum"], group["lr"]
+        grads = [p.grad for p in parameters]
+        (buffers,) = self._state(parameters, "momentum_buffer")
+        torch._foreach_lerp_(buffers, grads, 1 - momentum)
+        updates = torch._foreach_lerp(grads, buffers, momentum)  # Nesterov: look one step ahead
+        if group["weight_decay"]:
+            torch._foreach_mul_(parameters, 1 - lr * group["weight_decay"])
+        by_shape = {}
+        for p, update in zip(parameters, updates):
+            by_shape.setdefault(p.shape, []).append((p, update))
+        for (rows, columns), pairs in by_shape.items():
+            orthogonal = newton_schulz(torch.stack([update for _, update in pairs]),
+                                       group["newton_schulz_steps"])
+            # a tall matrix's orthogonal update has a smaller RMS per entry: scale it back up
+            scale = lr * max(1.0, rows / columns) ** 0.5
+            torch._foreach_add_([p for p, _ in pairs], list(orthogonal.unbind(0)), alpha=-scale)
+
+    def _adamw_step(self, group, parameters):
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        grads = [p.grad for p in parameters]
+        exp_avgs, exp_avg_sqs = self._state(parameters, "exp_avg", "exp_avg_sq")
+        step = self.state[parameters[0]].get("step", 0) + 1
+        for p in parameters:
+            self.state[p]["step"] = step
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        if group["weight_decay"]:
+            torch._foreach_mul_(parameters, 1 - lr * group["weight_decay"])
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denominators, math.sqrt(1 - beta2 ** step))
+        torch._foreach_add_(denominators, group["eps"])
+        torch._foreach_addcdiv_(parameters, exp_avgs, denominators,
+                                value=-lr / (1 - beta1 ** step))
+
+
+def newton_schulz(matrices, steps):
+    """An approximately semi-orthogonal matrix for each of `matrices` (batch, rows, columns):
+    the same singular vectors, every singular value near 1."""
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    x = matrices.to(torch.bfloat16 if matrices.is_cuda else torch.float32)
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the wide orientation: the Gram matrix x @ x.T is the smaller one
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.mT if tall else x).to(matrices.dtype)
 
 
 def get_cosine_schedule_with_warmup(optimizer, num_warmup_steps, num_training_steps,

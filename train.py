@@ -43,7 +43,7 @@ from generation import generate_text
 from loggers import Loggers
 from lora import add_lora, merged_state_dict
 from model import build_model, count_parameters, crop_block_size, flops_per_token
-from optim import configure_optimizer, get_cosine_schedule_with_warmup
+from optim import base_learning_rates, configure_optimizer, get_cosine_schedule_with_warmup
 from runtime import peak_flops, print0, random_states, restore_random_states, setup_runtime
 from scoring import piece_lengths, score_batches
 from tokenizer import tokenizer_from_state
@@ -248,7 +248,7 @@ def resume(run, checkpoint):
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
         fail(f"checkpoint {path} cannot be resumed: {type(error).__name__}: {error}")
     # the schedule follows this run's flags (a larger --max_iters reshapes the rest of it)
-    run.scheduler.base_lrs = [t.learning_rate] * len(run.optimizer.param_groups)
+    run.scheduler.base_lrs = base_learning_rates(run.optimizer, t)
     for group, base_lr, multiplier in zip(run.optimizer.param_groups, run.scheduler.base_lrs,
                                           run.scheduler.lr_lambdas):
         group["lr"] = base_lr * multiplier(run.step)

@@ -12,9 +12,11 @@ import torch
 
 import train
 from checkpoint import model_from_checkpoint
-from config import GPTConfig
-from conftest import exit_status, one_error_line, tiny_argv, write_corpus
+from config import GPTConfig, TrainConfig
+from conftest import (assert_same_weights, checkpoint_weights, exit_status, metrics_records,
+                      one_error_line, read_checkpoint, tiny_argv, write_corpus)
 from model import build_model, count_parameters, flops_per_token
+from optim import base_learning_rates, configure_optimizer, newton_schulz
 
 OPTIONS = {
     "rope": {"pos": "rope"},
@@ -128,3 +130,119 @@ def test_resuming_with_a_contradicting_option_is_one_line_and_status_2(runs, cap
     step = runs["rope"][0] / "gpt_step5.pt"
     assert exit_status(train.train, ["--resume", str(step), "--pos", "learned"]) == 2
     one_error_line(capsys.readouterr().err, "--pos learned contradicts the checkpoint")
+
+
+# ------------------------------------------------------------------------------------- Muon
+
+MUON = dict(optimizer="muon", max_iters=8, save_iter=4, log_iter=1, eval_iter=4, dropout=0.1,
+            learning_rate=1e-2, muon_learning_rate=0.05,
+            grad_accum_steps=2)
+
+
+@pytest.fixture(scope="module")
+def muon_runs(tmp_path_factory):
+    """A Muon run with dropout and gradient accumulation, and the same run resumed at step 4."""
+    root = tmp_path_factory.mktemp("muon")
+    data = write_corpus(root)
+    records = {"uninterrupted": train.train(tiny_argv(root / "uninterrupted", data, **MUON))}
+    records["resumed"] = train.train(["--resume", str(root / "uninterrupted" / "gpt_step4.pt"),
+                                      "--checkpoint_dir", str(root / "resumed")])
+    return root, records
+
+
+def test_muon_trains_a_tiny_model_below_the_uniform_loss(muon_runs):
+    root, records = muon_runs
+    model, _, _ = model_from_checkpoint(root / "uninterrupted" / "gpt_final.pt")
+    assert records["uninterrupted"]["val_loss"] < math.log(model.config.vocab_size) - 0.5
+
+
+def test_muon_updates_the_blocks_matrices_and_adamw_the_rest():
+    model = build_model(GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    optimizer = configure_optimizer(model, TrainConfig(optimizer="muon", muon_learning_rate=0.05,
+                                                       learning_rate=0.003, weight_decay=0.2))
+    names = {p: name for name, p in model.named_parameters()}
+    muon = [group for group in optimizer.param_groups if group["muon"]]
+    assert len(muon) == 1 and muon[0]["lr"] == 0.05
+    assert sorted(names[p] for p in muon[0]["params"]) == sorted(
+        f"blocks.{layer}.{matrix}.weight" for layer in (0, 1)
+        for matrix in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"))
+    others = [group for group in optimizer.param_groups if not group["muon"]]
+    assert {group["lr"] for group in others} == {0.003}
+    decayed = [names[p] for group in others if group["weight_decay"] == 0.2 for p in group["params"]]
+    assert sorted(decayed) == ["position_embedding.weight", "token_embedding.weight"]
+
+
+def test_newton_schulz_makes_every_singular_value_close_to_one():
+    matrices = torch.randn(3, 48, 16, generator=torch.Generator().manual_seed(0))
+    matrices[1] *= 1e-3  # the scale of the gradient does not matter
+    singular_values = torch.linalg.svdvals(newton_schulz(matrices, steps=5))
+    assert singular_values.min() > 0.6 and singular_values.max() < 1.25
+    # the same singular vectors: the product with the original is symmetric positive (semi)definite
+    product = newton_schulz(matrices, steps=5).mT @ matrices
+    assert torch.allclose(product, product.mT, atol=1e-3 * product.abs().max())
+
+
+def test_a_resumed_muon_run_ends_with_the_uninterrupted_weights_bit_for_bit(muon_runs):
+    root, _ = muon_runs
+    assert_same_weights(root / "resumed" / "gpt_final.pt", root / "uninterrupted" / "gpt_final.pt")
+    later = [r["loss"] for r in metrics_records(root / "uninterrupted") if r.get("step", 0) > 4]
+    assert [r["loss"] for r in metrics_records(root / "resumed") if "loss" in r] == later
+
+
+def test_a_resumed_muon_run_restores_the_momentum_and_both_learning_rates(muon_runs, tmp_path):
+    root, _ = muon_runs
+    state = read_checkpoint(root / "uninterrupted" / "gpt_step4.pt")["optimizer_state_dict"]
+    assert any("momentum_buffer" in entry for entry in state["state"].values())
+    assert any("exp_avg" in entry for entry in state["state"].values())
+    # a resume with new peaks reshapes the schedule of each group from its own flag
+    data = write_corpus(tmp_path)
+    run = train.build_run(*train.configure(["--resume", str(root / "uninterrupted" / "gpt_step4.pt"),
+                                            "--data", str(data), "--muon_learning_rate", "0.04",
+                                            "--learning_rate", "0.001"])[:2],
+                          train.setup_runtime(TrainConfig(device="cpu")))
+    assert base_learning_rates(run.optimizer, run.train_config) == [0.04, 0.001, 0.001]
+
+
+def test_a_batch_skipped_by_skip_nonfinite_leaves_weights_and_muon_momentum_alone(
+        tmp_path, monkeypatch):
+    from robust_helpers import poison_training_losses
+    poison_training_losses(monkeypatch, {3})
+    data = write_corpus(tmp_path)
+    train.train(tiny_argv(tmp_path / "run", data, optimizer="muon", max_iters=4, save_iter=1,
+                          skip_nonfinite=1))
+    before, after = (read_checkpoint(tmp_path / "run" / f"gpt_step{step}.pt") for step in (2, 3))
+    assert_same_weights(after["model_state_dict"], before["model_state_dict"])
+    for index, entry in before["optimizer_state_dict"]["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(torch.as_tensor(value),
+                               torch.as_tensor(after["optimizer_state_dict"]["state"][index][name]))
+
+
+def test_the_float16_gradient_scaler_skips_an_overflowing_muon_step_and_takes_the_next():
+    model = build_model(GPTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    optimizer = configure_optimizer(model, TrainConfig(optimizer="muon"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    ids = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for poison in (True, False):
+        loss = model(ids, labels=ids).loss
+        scaler.scale(loss * (float("inf") if poison else 1.0)).backward()
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+        assert changed == ([] if poison else list(before)), changed
+    assert scaler.get_scale() == 2.0 ** 15  # halved once, by the overflow
+
+
+def test_two_muon_processes_end_with_the_weights_of_one_with_the_same_global_batch(tmp_path):
+    from test_distributed import torchrun
+    data = write_corpus(tmp_path)
+    flags = dict(optimizer="muon", max_iters=6, save_iter=6, eval_iter=6, grad_accum_steps=2)
+    two = torchrun(tiny_argv(tmp_path / "two", data, batch_size=4, **flags), tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    train.train(tiny_argv(tmp_path / "one", data, batch_size=8, **flags))
+    ddp, single = (checkpoint_weights(tmp_path / name / "gpt_final.pt") for name in ("two", "one"))
+    assert ddp.keys() == single.keys()
+    assert max((ddp[key] - single[key]).abs().max().item() for key in ddp) < 1e-5
