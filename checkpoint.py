@@ -6,29 +6,40 @@ counts as a readable one:
 - a save goes to a temporary file in the same directory, is flushed and fsynced, then renamed over
   the final name, so a crash never leaves a truncated file under a checkpoint's name (the token
   cache writes its files the same way, through `atomic_write`);
+- a save that fails (a full disk) leaves the earlier files as they were and stops the run with
+  one line saying how much room a checkpoint needs;
 - every load uses `torch.load(weights_only=True)`: a file that would run code is refused;
 - a checkpoint holds only plain data (tensors, numbers, strings, lists, dicts);
 - wherever a checkpoint file is accepted, a Hugging Face GPT-2 (a model id or a directory) is too:
   pretrained.py turns it into the same plain dict;
 - without --checkpoint, the run directory's best model is used: gpt_best.pt, then gpt_final.pt,
-  then the newest step.
+  then the newest step;
+- a training run holds its directory with a lock (train.lock) that the kernel drops when the
+  process dies, so a second run there is refused and a killed run never blocks the next one.
 What goes *into* a training checkpoint is train.py's business.
 """
 
 import contextlib
+import errno
 import os
 import pickle
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import torch
 
-from config import GPTConfig, TrainConfig, UserError, config_from_dict, fail
+from config import GPTConfig, ResourceError, TrainConfig, UserError, config_from_dict, fail
 from config import validate as validate_configs
 from model import build_model
 from pretrained import checkpoint_from_pretrained, is_pretrained
 from tokenizer import tokenizer_from_state
+
+try:
+    import fcntl  # POSIX file locks; where it is missing (Windows), runs are not locked
+except ImportError:
+    fcntl = None
 
 # The run directory (--checkpoint_dir): these names are spelled here and nowhere else.
 STEP_PATTERN = re.compile(r"^gpt_step(\d+)\.pt$")
@@ -37,6 +48,7 @@ BEST_NAME = "gpt_best.pt"
 METRICS_NAME = "metrics.jsonl"
 TENSORBOARD_NAME = "tensorboard"  # --log_to tensorboard: the event files' directory
 WANDB_RUN_ID_NAME = "wandb_run_id"  # --log_to wandb: the run a resume continues (files: wandb/)
+LOCK_NAME = "train.lock"  # not part of the run: present only while a training process holds it
 TEMPORARY_PREFIX = ".tmp-"
 REQUIRED_KEYS = ("model_state_dict", "gpt_config", "tokenizer")
 
@@ -64,13 +76,94 @@ def atomic_write(path):
 
 
 def save_checkpoint(state, path):
-    """Write `state` to `path` atomically; on failure the previous file at `path` is untouched."""
+    """Write `state` to `path` atomically; on failure the previous file at `path` is untouched.
+
+    A failed write is not the user's mistake: it is a ResourceError (exit status 1), and a full
+    disk says how much room a checkpoint needs.
+    """
+    path = Path(path)
     try:
         with atomic_write(path) as handle:
             torch.save(state, handle)
+    except (OSError, RuntimeError) as error:
+        cause = _os_error(error)
+        if cause is None:
+            raise
+        reason = cause.strerror or str(cause)
+        if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason += (f": a checkpoint needs about {_tensor_bytes(state) / 2**20:.1f} MiB and "
+                       f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB are free")
+        raise ResourceError(f"could not save checkpoint {path}: {reason}; earlier checkpoints "
+                            f"are intact") from error
+
+
+def _os_error(error):
+    """The OSError behind a failed save: torch.save reports a failed write as a RuntimeError
+    whose context is the OSError."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _tensor_bytes(value):
+    """The bytes of every tensor in a (nested) checkpoint: about the size of its file."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
+
+
+@contextlib.contextmanager
+def hold_run_directory(directory, enabled=True):
+    """Hold `directory` for one training run while the block runs; a second run is refused.
+
+    The lock is a flock on train.lock, which the kernel drops when the process dies, however it
+    dies (kill -9 included): a file left by a dead run blocks nothing. The file names the holder
+    (host and pid) for the message the second run prints. Readers never take the lock.
+    """
+    if not enabled or fcntl is None:
+        yield
+        return
+    directory = Path(directory)
+    path = directory / LOCK_NAME
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = _lock_file(path)
     except OSError as error:
-        fail(f"could not save checkpoint {path}: {error.strerror or error}; "
-             f"earlier checkpoints are intact")
+        fail(f"checkpoint directory {directory} is not writable: {error.strerror or error}")
+    try:
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        handle.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked: no one else can hold this file now
+        handle.close()
+
+
+def _lock_file(path):
+    """The lock file at `path`, open and exclusively locked; a UserError if a live run holds it."""
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a run that is starting"
+            handle.close()
+            fail(f"checkpoint directory {path.parent} is in use by another training run "
+                 f"({holder}); wait for it to end, or give another --checkpoint_dir")
+        except OSError:  # a file system without locks: go on unlocked
+            return handle
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()  # the last holder removed the file as we opened it: lock the new one
 
 
 def _fsync_directory(directory):

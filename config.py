@@ -22,18 +22,26 @@ from dataclasses import dataclass
 class UserError(Exception):
     """A mistake in the user's input: reported as one line and exit status 2, never a traceback."""
 
+    exit_status = 2
+
+
+class ResourceError(Exception):
+    """The machine cannot do what was asked (a full disk): one line and exit status 1."""
+
+    exit_status = 1
+
 
 def fail(message):
     raise UserError(message)
 
 
 def run_main(main, argv=None):
-    """Run a command-line entry point; a UserError becomes one line on stderr and exit status 2."""
+    """Run a command-line entry point; a UserError or ResourceError becomes one line on stderr."""
     try:
         return main(argv)
-    except UserError as error:
+    except (UserError, ResourceError) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(error.exit_status)
     except KeyboardInterrupt:  # Ctrl-C before training started (the loop handles its own)
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -86,7 +94,7 @@ class TrainConfig:
     save_iter: int = 1000
     checkpoint_dir: str = "checkpoints"
     keep_last: int = 0  # keep only the newest K step checkpoints; 0 = keep all
-    resume: str = ""  # a checkpoint to continue, or "latest"
+    resume: str = ""  # a checkpoint to continue, "latest", or "auto": latest if any, else a new run
     init_from: str = ""  # a checkpoint, GPT-2 directory or model id like gpt2 to fine-tune from
     lora_rank: int = 0  # train rank-R LoRA adapters on frozen weights; 0 = train every weight
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank

@@ -100,8 +100,10 @@ def setup_runtime(train_config):
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        store = restarted_attempt_store(world_size)
+        own_store = {"store": store, "rank": rank, "world_size": world_size} if store else {}
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None, **own_store)
     set_seed(train_config.seed + rank)  # ranks differ in dropout; DDP copies rank 0's weights
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -111,6 +113,22 @@ def setup_runtime(train_config):
            + f", dtype: {str(runtime.dtype).removeprefix('torch.')}")
     return runtime
 
+
+def restarted_attempt_store(world_size):
+    """The key-value store for a process group that torchrun --max-restarts has restarted.
+
+    torchrun keeps one store across restarts, and a restarted rank may read the address its dead
+    predecessor left there and fail to connect (pytorch issue 135712). Under a prefix of its own,
+    each attempt reads only its own keys. The restart count agrees between ranks only when one
+    agent starts them all (one node); otherwise, and on a first attempt, None: the default store.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if (restart == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+            or os.environ.get("GROUP_WORLD_SIZE") != "1"):
+        return None
+    shared = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                           is_master=False)
+    return dist.PrefixStore(f"attempt-{restart}/", shared)
 
 
 def peak_flops(train_config, device):

@@ -7,7 +7,10 @@ fingerprint of the source (path, size, mtime); a changed source rebuilds it. It 
   in memory; the char vocabulary is collected in the same pass that writes the ids;
 - files are written under temporary names and renamed (`checkpoint.atomic_write`), and a lock makes
   concurrent runs (or torchrun's ranks) build a cache once;
-- a cache is complete exactly when its JSON describes it; anything else is rebuilt.
+- a cache is complete exactly when its JSON describes it; anything else (a truncated file,
+  damaged JSON, a changed source) is rebuilt, with one line saying why. A build removes the old
+  JSON first and writes the new one last, so a build killed at any moment is never taken for
+  a complete cache.
 What the tokens are used for (splits, batches) is dataset.py's business.
 """
 
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from checkpoint import atomic_write, remove_temporary_files
-from config import fail
+from config import UserError, fail
 from tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, tokenizer_from_state
 
 try:
@@ -111,16 +114,28 @@ def _exclusive_lock(path):
         yield locked
 
 
-def _complete_cache(bin_path, meta_path, fingerprint):
-    """The cache's JSON if the cache is complete and was built from the source as it is now."""
+def _read_cache(bin_path, meta_path, fingerprint):
+    """(the cache's JSON, None) if the cache is complete and was built from the source as it is
+    now; else (None, why it must be rebuilt), the reason being None where there is no cache."""
     try:
         meta = json.loads(meta_path.read_text())
         expected_bytes = meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize
-        complete = (meta["format"] == CACHE_FORMAT and meta["fingerprint"] == fingerprint
-                    and bin_path.stat().st_size == expected_bytes)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return meta if complete else None
+        cache_format, source = meta["format"], meta["fingerprint"]
+        tokenizer_from_state(meta["tokenizer"])
+        if not isinstance(expected_bytes, int):
+            raise TypeError("num_tokens is not a whole number")
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError, KeyError, TypeError, UserError) as error:
+        return None, f"its metadata {meta_path.name} is damaged ({type(error).__name__})"
+    if cache_format != CACHE_FORMAT:
+        return None, "it was written by another version of this tool"
+    if source != fingerprint:
+        return None, "the source text changed since it was built"
+    size = bin_path.stat().st_size if bin_path.is_file() else 0
+    if size != expected_bytes:
+        return None, f"it is truncated ({size:,} of {expected_bytes:,} bytes)"
+    return meta, None
 
 
 def cached_tokens(path, kind, cache_dir, val_fraction=0.1, bpe_vocab_size=4096, tokenizer=None,
@@ -151,10 +166,12 @@ def cached_tokens(path, kind, cache_dir, val_fraction=0.1, bpe_vocab_size=4096, 
             fingerprint = _fingerprint(files)
             for key in keys:
                 bin_path, meta_path = directory / f"{key}.bin", directory / f"{key}.json"
-                meta = _complete_cache(bin_path, meta_path, fingerprint)
+                meta, problem = _read_cache(bin_path, meta_path, fingerprint)
                 if meta is not None and wanted in (None, meta["tokenizer"]):
                     break
             else:
+                if problem:
+                    print(f"token cache {bin_path}: {problem}; rebuilding it")
                 if locked:  # no one else is building this cache: a killed build's leftovers go
                     remove_temporary_files(directory, f"{key}.*")
                 meta = _build_token_cache(path, kind, tokenizer, bin_path, meta_path, fingerprint,
@@ -172,6 +189,7 @@ def cached_tokens(path, kind, cache_dir, val_fraction=0.1, bpe_vocab_size=4096, 
 def _build_token_cache(path, kind, tokenizer, bin_path, meta_path, fingerprint, val_fraction,
                        bpe_vocab_size, chunk_bytes):
     """Write the ids, then the JSON: a cache is complete exactly when its JSON describes it."""
+    meta_path.unlink(missing_ok=True)  # first: a build killed from here on leaves no JSON behind
     with atomic_write(bin_path) as handle:
         if tokenizer is None and kind == "char":
             tokenizer, dtype, count = _write_char_tokens(path, handle, chunk_bytes)

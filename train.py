@@ -24,6 +24,7 @@ import shlex
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import (best_path, check_room_for_checkpoints, configs_from_checkpoint, final_path,
-                        latest_checkpoint, load_checkpoint, load_model_state,
+                        hold_run_directory, latest_checkpoint, load_checkpoint, load_model_state,
                         prune_checkpoints, remove_temporary_files, save_checkpoint, step_path)
 from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, apply_args_to_configs,
                     check_configs, config_to_dict, configs_to_toml, fail, parse_args, run_main,
@@ -53,12 +54,14 @@ def train(argv=None):
     gpt_config, train_config, checkpoint = configure(argv)
     runtime = setup_runtime(train_config)  # seeds every random source, picks the device
     try:
-        run = build_run(gpt_config, train_config, runtime, checkpoint)
-        prepare_checkpoint_dir(run)
-        if train_config.resume:
-            resume(run, checkpoint)
-        record = run_loop(run)
-        return finish(run, record)
+        # one run per directory: rank 0 writes the files, so rank 0 holds the directory
+        with hold_run_directory(train_config.checkpoint_dir, enabled=runtime.is_main):
+            run = build_run(gpt_config, train_config, runtime, checkpoint)
+            prepare_checkpoint_dir(run)
+            if train_config.resume:
+                resume(run, checkpoint)
+            record = run_loop(run)
+            return finish(run, record)
     finally:
         if runtime.distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -69,11 +72,19 @@ def configure(argv=None):
     checkpoint's configs. --print_config prints the result as a recipe and exits.
 
     Returns (gpt_config, train_config, checkpoint), checkpoint being the loaded file or None.
+    `--resume auto` resumes the newest readable step checkpoint if there is one, else starts a new
+    run (from --init_from if given), so a requeued job can repeat its command; a finished run
+    exits at once.
     """
     args = parse_args(argv)
     gpt_config, train_config = apply_args_to_configs(args, GPTConfig(), TrainConfig())
     given = vars(args)
     checkpoint = None
+    automatic = train_config.resume == "auto"
+    if automatic:
+        latest = latest_checkpoint(train_config.checkpoint_dir, require_readable=True, report=print0)
+        train_config.resume = str(latest or "")
+        train_config.init_from = "" if latest else train_config.init_from
     if train_config.resume and train_config.init_from:
         validate(gpt_config, train_config)  # says to give only one, before either file is read
     if train_config.resume:
@@ -90,6 +101,8 @@ def configure(argv=None):
         reject_architecture_changes(given, saved_gpt, path, checkpoint["tokenizer"])
         gpt_config, train_config = apply_args_to_configs(args, saved_gpt, saved_train)
         train_config.resume, train_config.init_from = str(path), ""
+        if automatic:
+            exit_if_finished(Path(path), checkpoint, train_config)
     elif train_config.init_from:
         checkpoint = load_checkpoint(train_config.init_from)
         saved_gpt, _ = configs_from_checkpoint(checkpoint, train_config.init_from)
@@ -108,6 +121,27 @@ def configure(argv=None):
         print0(configs_to_toml(gpt_config, train_config), end="")
         raise SystemExit(0)
     return gpt_config, train_config, checkpoint
+
+
+def exit_if_finished(path, checkpoint, train_config):
+    """A gpt_final.pt written after the newest step checkpoint, which is at max_iters or an early
+    stop: a finished run, which a requeued job must not train again (exit status 0)."""
+    t, step, final = train_config, checkpoint.get("step"), final_path(path.parent)
+    if not (isinstance(step, int) and final.is_file()
+            and final.stat().st_mtime_ns >= path.stat().st_mtime_ns):
+        return
+    early_stopping = EarlyStopping(t.early_stop_patience, t.early_stop_min_delta)
+    with contextlib.suppress(KeyError, TypeError, ValueError):  # resume() reports damage
+        early_stopping.load_state_dict(checkpoint["early_stopping"])
+    if step >= t.max_iters:
+        ending, flag = f"step {step} of --max_iters {t.max_iters}", "a larger --max_iters"
+    elif early_stopping.should_stop:
+        ending, flag = f"its early stop at step {step}", "a larger --early_stop_patience"
+    else:
+        return
+    print0(f"the run in {path.parent} is finished: {final.name} follows {ending}; nothing to "
+           f"train ({flag} continues it)")
+    raise SystemExit(0)
 
 
 def reject_architecture_changes(given, saved_gpt, path, saved_tokenizer):

@@ -14,6 +14,9 @@ Imported by the tests, and also run as a script that starts `train.py` with one 
         the Nth checkpoint write of this process writes all of its bytes to the temporary file,
         then (before the flush, fsync and rename) prints PAUSED_IN_SAVE_LINE and waits to be
         killed: the test kills a run it knows to be in the middle of a save.
+    torchrun ... tests/robust_helpers.py rank0-dies-after-step N <train.py flags>
+        under torchrun, rank 0 of the first attempt SIGKILLs itself right after optimizer step N:
+        a rank crash that torchrun --max-restarts answers by restarting every rank.
 
 Everything else about the run is train.py's own code path.
 """
@@ -229,8 +232,25 @@ def plant_pause_in_save(paused_call):
     torch.save = save_then_wait
 
 
+def plant_rank_death(fatal_step):
+    import train
+
+    # torchrun counts its restarts: only the first attempt dies, so the restarted one can finish
+    if os.environ.get("RANK") != "0" or os.environ.get("TORCHELASTIC_RESTART_COUNT") != "0":
+        return
+    real_step = train.optimizer_step
+
+    def step_then_die(run, *args, **kwargs):
+        result = real_step(run, *args, **kwargs)
+        if run.step == fatal_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    train.optimizer_step = step_then_die
+
+
 FAULTS = {"pause-after-save": plant_pause_after_save, "die-mid-save": plant_death_mid_save,
-          "pause-in-save": plant_pause_in_save}
+          "pause-in-save": plant_pause_in_save, "rank0-dies-after-step": plant_rank_death}
 
 
 def main(arguments):
