@@ -20,34 +20,15 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import sample
 import tokencache
 import train
 from checkpoint import LOCK_NAME, hold_run_directory, load_checkpoint
-from conftest import REPO, exit_status, snapshot, tiny_argv, write_corpus
+from conftest import (REPO, assert_same_weights, exit_status, metrics_records, one_error_line,
+                      snapshot, tiny_argv, write_corpus)
 
 FLAGS = dict(max_iters=8, save_iter=4, log_iter=2, eval_iter=4, dropout=0.1)
-
-
-def weights(path):
-    return torch.load(path, weights_only=True)["model_state_dict"]
-
-
-def assert_same_weights(path, reference_path):
-    ours, reference = weights(path), weights(reference_path)
-    assert ours.keys() == reference.keys()
-    assert all(torch.equal(ours[name], reference[name]) for name in ours), path
-
-
-def error_lines(stderr):
-    """The `error: ...` lines on stderr, and any other text that is not the progress bar."""
-    pieces = [piece.strip() for piece in re.split(r"[\r\n]", stderr) if piece.strip()]
-    errors = [piece[piece.index("error: "):] for piece in pieces if "error: " in piece]
-    others = [piece for piece in pieces if "error: " not in piece
-              and not piece.startswith("training:")]
-    return errors, others
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +55,7 @@ def test_resume_auto_in_an_empty_directory_starts_a_new_run(finished_run):
     assert status == 0
     assert sorted(p.name for p in directory.iterdir()) == \
         ["gpt_final.pt", "gpt_step4.pt", "gpt_step8.pt", "metrics.jsonl"]  # the lock is gone too
-    records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
-    assert [record["step"] for record in records] == [2, 4, 6, 8]  # no resume event
+    assert [record["step"] for record in metrics_records(directory)] == [2, 4, 6, 8]  # no resume
 
 
 def test_resume_auto_continues_from_the_newest_readable_checkpoint_to_the_uninterrupted_weights(
@@ -160,10 +140,9 @@ def test_a_second_run_on_a_live_runs_directory_stops_before_its_first_step_namin
         assert snapshot(directory) == before
     assert status == 2
     captured = capsys.readouterr()
-    errors, others = error_lines(captured.err)
-    assert len(errors) == 1 and not others, captured.err
-    assert f"pid {pid} on host {socket.gethostname()}" in errors[0]
-    assert "step " not in captured.out
+    one_error_line(captured.err, f"in use by another training run (pid {pid} on host "
+                                 f"{socket.gethostname()})")
+    assert not [line for line in captured.out.splitlines() if line.startswith("step ")]
 
 
 def test_a_lock_left_by_a_killed_run_does_not_block_the_next_run(tmp_path):
@@ -209,12 +188,9 @@ def test_a_full_disk_stops_the_run_with_exit_status_1_and_the_room_a_checkpoint_
 
     monkeypatch.setattr(checkpoint, "open", open_on_filling_disk, raising=False)
     assert exit_status(train.train, tiny_argv(directory, data, **FLAGS)) == 1
-    captured = capsys.readouterr()
-    errors, others = error_lines(captured.err)
-    assert len(errors) == 1 and not others, captured.err
+    error = one_error_line(capsys.readouterr().err, "gpt_step8.pt", os.strerror(errno.ENOSPC))
     size = (directory / "gpt_step4.pt").stat().st_size
-    needed = float(re.search(r"a checkpoint needs about ([\d.]+) MiB", errors[0]).group(1))
-    assert os.strerror(errno.ENOSPC) in errors[0] and "gpt_step8.pt" in errors[0]
+    needed = float(re.search(r"a checkpoint needs about ([\d.]+) MiB", error).group(1))
     assert needed == pytest.approx(size / 2**20, rel=0.1, abs=0.1)
     assert sorted(p.name for p in directory.iterdir()) == ["gpt_step4.pt", "metrics.jsonl"]
     load_checkpoint(directory / "gpt_step4.pt")
