@@ -7,7 +7,7 @@ figures:
 - memory is flat: the largest RSS after the warm-up (the first F of the run's time) exceeds the
   RSS at the end of the warm-up by less than 5%;
 - the checkpoint directory holds exactly the expected files: the newest --keep_last step
-  checkpoints, gpt_final.pt and metrics.jsonl with one record per log line.
+  checkpoints, gpt_best.pt, gpt_final.pt and metrics.jsonl with one record per log line.
 Any train.py flag overrides the defaults. Exit status 1 if a check fails. It takes minutes, so it
 is not part of the test suite. Checkpoints go to a temporary directory unless --checkpoint_dir
 is given.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's modules
 
-from checkpoint import FINAL_NAME, METRICS_NAME, step_path  # noqa: E402
+from checkpoint import BEST_NAME, FINAL_NAME, METRICS_NAME, step_path  # noqa: E402
 from config import (GPTConfig, TrainConfig, apply_args_to_configs, fail,  # noqa: E402
                     parse_args, run_main)
 import train  # noqa: E402
@@ -53,11 +53,11 @@ class MemorySampler(threading.Thread):
 
 
 def expected_files(train_config):
-    """The step checkpoints --keep_last leaves, gpt_final.pt and metrics.jsonl."""
+    """The step checkpoints --keep_last leaves, gpt_best.pt, gpt_final.pt and metrics.jsonl."""
     t = train_config
     saved = sorted({*range(t.save_iter, t.max_iters + 1, t.save_iter), t.max_iters})
     kept = saved[-t.keep_last:] if t.keep_last else saved
-    return sorted([step_path("", step).name for step in kept] + [FINAL_NAME, METRICS_NAME])
+    return sorted([step_path("", step).name for step in kept] + [BEST_NAME, FINAL_NAME, METRICS_NAME])
 
 
 def logged_steps(train_config):

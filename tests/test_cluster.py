@@ -54,7 +54,7 @@ def test_resume_auto_in_an_empty_directory_starts_a_new_run(finished_run):
     directory, _, status = finished_run
     assert status == 0
     assert sorted(p.name for p in directory.iterdir()) == \
-        ["gpt_final.pt", "gpt_step4.pt", "gpt_step8.pt", "metrics.jsonl"]  # the lock is gone too
+        ["gpt_best.pt", "gpt_final.pt", "gpt_step4.pt", "gpt_step8.pt", "metrics.jsonl"]  # no lock
     assert [record["step"] for record in metrics_records(directory)] == [2, 4, 6, 8]  # no resume
 
 
@@ -192,7 +192,8 @@ def test_a_full_disk_stops_the_run_with_exit_status_1_and_the_room_a_checkpoint_
     size = (directory / "gpt_step4.pt").stat().st_size
     needed = float(re.search(r"a checkpoint needs about ([\d.]+) MiB", error).group(1))
     assert needed == pytest.approx(size / 2**20, rel=0.1, abs=0.1)
-    assert sorted(p.name for p in directory.iterdir()) == ["gpt_step4.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in directory.iterdir()) == ["gpt_best.pt", "gpt_step4.pt",
+                                                           "metrics.jsonl"]
     load_checkpoint(directory / "gpt_step4.pt")
 
 
