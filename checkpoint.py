@@ -128,7 +128,7 @@ def hold_run_directory(directory, enabled=True):
         yield
         return
     directory = Path(directory)
-    path = directory / LOCK_NAME
+    path, created = directory / LOCK_NAME, not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
         handle = _lock_file(path)
@@ -142,6 +142,9 @@ def hold_run_directory(directory, enabled=True):
     finally:
         path.unlink(missing_ok=True)  # while still locked: no one else can hold this file now
         handle.close()
+        if created:  # a run that failed before writing anything leaves no empty directory
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
 
 def _lock_file(path):
