@@ -89,7 +89,8 @@ def first_line(error):
 def read_config(directory):
     path = directory / "config.json"
     if not path.is_file():
-        fail(f"{directory} is not a Hugging Face model directory: it has no config.json")
+        fail(f"{directory} is not a Hugging Face model directory: it has no config.json (of a "
+             f"training run's directory, name one of its .pt files)")
     try:
         settings = json.loads(path.read_text())
     except (OSError, ValueError) as error:
