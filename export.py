@@ -2,8 +2,11 @@
 
 The directory it writes loads with `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and
 runs in `pipeline("text-generation", model=DIR)` with no other step. It holds:
-- `config.json` and `model.safetensors`: the model in the target family's names and layout (one
-  function per family; today GPT-2, whose architecture ours is, see `gpt2_config`).
+- `config.json` and `model.safetensors`: the model in the target family's names and layout, one
+  pair of functions per family: GPT-2 for learned positions + LayerNorm + GELU or ReLU²
+  (`gpt2_config`), Llama for RoPE + RMSNorm + SwiGLU (`llama_config`), each with or without
+  biases and with a tied or untied head. Any other combination of the model options is refused
+  in one line naming the option (`export_family`).
 - `tokenizer.json` and `tokenizer_config.json`: our tokenizer as the `tokenizers` library's file,
   which `AutoTokenizer` loads and which encodes text to exactly our ids (tokenizer.py builds it).
 - `generation_config.json`: what `model.generate` and the pipeline use when not told otherwise
@@ -29,6 +32,7 @@ import torch
 from checkpoint import add_checkpoint_arguments, checkpoint_to_load, model_from_checkpoint
 from config import ArgumentParser, _parse_bool, fail, run_main
 from generation import encode_prompt
+from model import RMS_NORM_EPS, ROPE_THETA, mlp_hidden_size
 
 # Every file an export writes. A directory holding only these (with our tokenizer_vocab.json)
 # is an earlier export, which a new export may replace.
@@ -50,12 +54,45 @@ def parse_export_args(argv=None):
     return args
 
 
+# What each Hugging Face family computes, in our options; an option outside its set has no export.
+EXPORT_FAMILIES = {
+    "learned": ("GPT2LMHeadModel", {"norm": ("layernorm",), "mlp": ("gelu", "relu2"),
+                                    "qk_norm": (False,)}),
+    "rope": ("LlamaForCausalLM", {"norm": ("rmsnorm",), "mlp": ("swiglu",), "qk_norm": (False,)}),
+}
+
+
+def export_family(gpt_config):
+    """The Hugging Face class the model's options match, or one line naming the one that does not."""
+    family, needs = EXPORT_FAMILIES[gpt_config.pos]
+    for name, allowed in needs.items():
+        value = getattr(gpt_config, name)
+        if value not in allowed:
+            fail(f"--{name} {flag_text(value)} does not export: with --pos {gpt_config.pos} the "
+                 f"Hugging Face class is {family}, which needs --{name} "
+                 f"{' or '.join(map(flag_text, allowed))}")
+    return family
+
+
+def flag_text(value):
+    """A value as it is typed after its flag: booleans as true / false."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def hugging_face_model(model, special_ids):
+    """(config.json, weights) of `model` in its family (see `export_family`)."""
+    if export_family(model.config) == "LlamaForCausalLM":
+        return llama_config(model.config, special_ids), llama_state_dict(model)
+    return gpt2_config(model.config, special_ids), gpt2_state_dict(model)
+
+
 def gpt2_config(gpt_config, special_ids):
     """config.json for GPT2LMHeadModel: our architecture in GPT-2's field names.
 
     `activation_function` "gelu_pytorch_tanh" calls the same `gelu(approximate="tanh")` kernel as
-    model.py ("gelu_new" is the formula written out in Python, equal only up to rounding). Dropout
-    is 0: the export is for inference. `special_ids` are `special_token_ids`'s.
+    model.py ("gelu_new" is the formula written out in Python, equal only up to rounding); "relu2"
+    is relu(x) squared, as ours. Dropout is 0: the export is for inference. `special_ids` are
+    `special_token_ids`'s.
     """
     return {
         "architectures": ["GPT2LMHeadModel"],
@@ -65,8 +102,8 @@ def gpt2_config(gpt_config, special_ids):
         "n_embd": gpt_config.n_embd,
         "n_layer": gpt_config.n_layer,
         "n_head": gpt_config.n_head,
-        "n_inner": 4 * gpt_config.n_embd,
-        "activation_function": "gelu_pytorch_tanh",
+        "n_inner": mlp_hidden_size(gpt_config),
+        "activation_function": {"gelu": "gelu_pytorch_tanh", "relu2": "relu2"}[gpt_config.mlp],
         "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
@@ -74,7 +111,7 @@ def gpt2_config(gpt_config, special_ids):
         "scale_attn_weights": True,  # scaled_dot_product_attention divides by sqrt(head_dim)
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": gpt_config.tie_embeddings,
         **special_ids,  # GPT-2's default 50256 may not exist here
         "dtype": "float32",
     }
@@ -85,7 +122,7 @@ def gpt2_state_dict(model):
 
     GPT-2 stores its linear layers as `Conv1D`, whose weight is the transpose of `nn.Linear`'s,
     and always has biases: a model trained with `--bias false` gets zero biases, which compute
-    the same thing. The LM head is tied to `transformer.wte`, as in our model.
+    the same thing. A tied LM head is `transformer.wte` itself, as in our model.
     """
     state = {"transformer.wte.weight": model.token_embedding.weight,
              "transformer.wpe.weight": model.position_embedding.weight}
@@ -109,13 +146,72 @@ def gpt2_state_dict(model):
         conv1d(f"{prefix}.mlp.c_fc", block.mlp.fc)
         conv1d(f"{prefix}.mlp.c_proj", block.mlp.proj)
     layer_norm("transformer.ln_f", model.ln_f)
+    if not model.config.tie_embeddings:
+        state["lm_head.weight"] = model.lm_head.weight
+    return float32_tensors(state)
+
+
+def llama_config(gpt_config, special_ids):
+    """config.json for LlamaForCausalLM: RoPE, RMSNorm and SwiGLU, as our modern options.
+
+    Our rotary layout pairs channel i with i + head_dim/2, which is Llama's `rotate_half`, and
+    our RMSNorm uses Llama's epsilon, so the weights need no permutation. Every head has its own
+    keys and values (num_key_value_heads = heads); `--bias true` is attention_bias + mlp_bias.
+    """
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": gpt_config.vocab_size,
+        "hidden_size": gpt_config.n_embd,
+        "intermediate_size": mlp_hidden_size(gpt_config),
+        "num_hidden_layers": gpt_config.n_layer,
+        "num_attention_heads": gpt_config.n_head,
+        "num_key_value_heads": gpt_config.n_head,
+        "head_dim": gpt_config.n_embd // gpt_config.n_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": gpt_config.block_size,
+        "rms_norm_eps": RMS_NORM_EPS,
+        "rope_theta": ROPE_THETA,
+        "attention_bias": gpt_config.bias,
+        "mlp_bias": gpt_config.bias,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": gpt_config.tie_embeddings,
+        **special_ids,
+        "dtype": "float32",
+    }
+
+
+def llama_state_dict(model):
+    """Our weights under Llama's names: the fused qkv and gate+value matrices split in three and
+    two (rows, like every nn.Linear here), as contiguous float32 CPU tensors."""
+    state = {"model.embed_tokens.weight": model.token_embedding.weight,
+             "model.norm.weight": model.ln_f.weight}
+
+    def linear(name, module, rows=slice(None)):
+        state[f"{name}.weight"] = module.weight[rows]
+        if module.bias is not None:
+            state[f"{name}.bias"] = module.bias[rows]
+
+    width, hidden = model.config.n_embd, mlp_hidden_size(model.config)
+    for index, block in enumerate(model.blocks):
+        prefix = f"model.layers.{index}"
+        state[f"{prefix}.input_layernorm.weight"] = block.ln_1.weight
+        for part, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            linear(f"{prefix}.self_attn.{name}", block.attn.qkv,
+                   slice(part * width, (part + 1) * width))
+        linear(f"{prefix}.self_attn.o_proj", block.attn.proj)
+        state[f"{prefix}.post_attention_layernorm.weight"] = block.ln_2.weight
+        linear(f"{prefix}.mlp.gate_proj", block.mlp.fc, slice(0, hidden))
+        linear(f"{prefix}.mlp.up_proj", block.mlp.fc, slice(hidden, 2 * hidden))
+        linear(f"{prefix}.mlp.down_proj", block.mlp.proj)
+    if not model.config.tie_embeddings:
+        state["lm_head.weight"] = model.lm_head.weight
+    return float32_tensors(state)
+
+
+def float32_tensors(state):
     return {name: tensor.detach().to("cpu", torch.float32).contiguous()
             for name, tensor in state.items()}
-
-
-def gpt2_model(model, special_ids):
-    """(config.json, weights) of `model` as a Hugging Face GPT-2."""
-    return gpt2_config(model.config, special_ids), gpt2_state_dict(model)
 
 
 def special_token_ids(tokenizer):
@@ -208,7 +304,7 @@ def export(checkpoint_path, out_dir, overwrite=False):
     check_out_dir(out, overwrite)
     model, tokenizer, _ = model_from_checkpoint(checkpoint_path)
     special_ids = special_token_ids(tokenizer)
-    config, weights = gpt2_model(model, special_ids)
+    config, weights = hugging_face_model(model, special_ids)
     # tokenizer_vocab.json first: it marks the directory as ours, so an export that fails
     # halfway may be run again into the same directory
     files = {

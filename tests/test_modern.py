@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import export
 import train
 from checkpoint import model_from_checkpoint
 from config import GPTConfig, TrainConfig
@@ -27,6 +28,9 @@ OPTIONS = {
     "untied": {"tie_embeddings": "false"},
     "all_modern": {"pos": "rope", "norm": "rmsnorm", "qk_norm": "true", "mlp": "swiglu",
                    "tie_embeddings": "false", "bias": "false"},
+    "llama": {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": "false"},
+    "llama_untied_with_bias": {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu",
+                               "tie_embeddings": "false"},
 }
 TRAINING = dict(max_iters=10, learning_rate=1e-2, log_iter=10, eval_iter=10, save_iter=5)
 
@@ -130,6 +134,49 @@ def test_resuming_with_a_contradicting_option_is_one_line_and_status_2(runs, cap
     step = runs["rope"][0] / "gpt_step5.pt"
     assert exit_status(train.train, ["--resume", str(step), "--pos", "learned"]) == 2
     one_error_line(capsys.readouterr().err, "--pos learned contradicts the checkpoint")
+
+
+# ------------------------------------------------------------------------------- export
+
+EXPORTS = {"llama": "LlamaForCausalLM", "llama_untied_with_bias": "LlamaForCausalLM",
+           "relu2": "GPT2LMHeadModel", "untied": "GPT2LMHeadModel"}
+REFUSALS = {"rope": "--norm layernorm does not export: with --pos rope the Hugging Face class "
+                    "is LlamaForCausalLM, which needs --norm rmsnorm",
+            "rmsnorm": "--norm rmsnorm does not export: with --pos learned the Hugging Face class "
+                       "is GPT2LMHeadModel, which needs --norm layernorm",
+            "swiglu": "--mlp swiglu does not export: with --pos learned the Hugging Face class "
+                      "is GPT2LMHeadModel, which needs --mlp gelu or relu2",
+            "qk_norm": "--qk_norm true does not export",
+            "all_modern": "--qk_norm true does not export"}
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_each_exportable_combination_gives_our_logits_in_transformers(runs, name, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    checkpoint = runs[name][0] / "gpt_final.pt"
+    export.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")])
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(theirs).__name__ == EXPORTS[name]
+    ours, tokenizer, _ = model_from_checkpoint(checkpoint)
+    ids = torch.randint(0, tokenizer.vocab_size, (2, ours.config.block_size),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        our_logits, their_logits = ours(ids).logits, theirs(ids).logits
+    assert our_logits.std() > 0.5  # trained weights: a wrong layout could not hide in the noise
+    assert torch.allclose(their_logits, our_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", REFUSALS)
+def test_every_other_combination_is_refused_in_one_line_naming_the_option(runs, name, tmp_path,
+                                                                         capsys):
+    pytest.importorskip("safetensors")
+    out = tmp_path / "hf"
+    status = exit_status(export.main, ["--checkpoint", str(runs[name][0] / "gpt_final.pt"),
+                                       "--out", str(out)])
+    assert status == 2
+    one_error_line(capsys.readouterr().err, REFUSALS[name])
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------- Muon
