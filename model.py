@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from config import GPTConfig
+from fused_loss import linear_cross_entropy
 
 IGNORE_INDEX = -100  # the label of a position that is not scored (cross_entropy's default)
 ROPE_THETA = 10000.0  # the base of the rotary frequencies, as in Llama
@@ -27,7 +28,7 @@ RMS_NORM_EPS = 1e-6  # as in Llama, so an export computes the same numbers
 
 @dataclass
 class GPTOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when only the loss was asked for
     loss: torch.Tensor | None = None
 
 
@@ -202,8 +203,12 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids, labels=None, cache=None):
-        """Logits for every position; with `labels`, the mean cross-entropy (labels[t] targets t)."""
+    def forward(self, input_ids, labels=None, cache=None, return_logits=True):
+        """Logits for every position; with `labels`, the mean cross-entropy (labels[t] targets t).
+
+        With labels and `return_logits=False` (training, scoring), only the loss is computed, by
+        fused_loss.py, in chunks that never hold the whole float32 logits.
+        """
         start = cache.length if cache is not None else 0
         time = input_ids.size(1)
         if start + time > self.config.block_size:
@@ -219,7 +224,13 @@ class GPT(nn.Module):
             x = block(x, cache, layer, rotary)
         if cache is not None:
             cache.length += time
-        logits = self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
+        if labels is not None and not return_logits:
+            loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, labels.flatten(),
+                                        _activation_dtype(x.device, self.lm_head.weight),
+                                        IGNORE_INDEX)
+            return GPTOutput(logits=None, loss=loss)
+        logits = self.lm_head(x)
         loss = None
         if labels is not None:
             # padded ids take no probability mass (an imported GPT-2's untrained padded rows

@@ -6,7 +6,10 @@
   gradient scaler and a checkpoint see one optimizer with one state_dict.
 Weight decay applies to matrices and embeddings only. The schedule (a linear warmup, then a
 cosine decay, as a `LambdaLR`) is a multiplier of each group's base rate, so every group follows
-the same warmup and decay. Shared by train.py and the benchmarks; when to step is train.py's job.
+the same warmup and decay. Where the training step is recorded as a CUDA graph (step.py), AdamW
+is `capturable` and each group's learning rate a device tensor that the schedule fills in place,
+so replays follow the schedule; `load_optimizer_state` lets a checkpoint written in either form
+resume in the other. Shared by train.py and the benchmarks; when to step is train.py's job.
 """
 
 import math
@@ -18,8 +21,11 @@ import torch
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def configure_optimizer(model, train_config):
-    """AdamW, or with --optimizer muon, Muon for the blocks' matrices and AdamW for the rest."""
+def configure_optimizer(model, train_config, capturable=False):
+    """AdamW, or with --optimizer muon, Muon for the blocks' matrices and AdamW for the rest.
+
+    `capturable`: AdamW ready to be recorded in a CUDA graph, its learning rate a device tensor.
+    """
     t = train_config
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if t.optimizer == "muon":
@@ -31,7 +37,13 @@ def configure_optimizer(model, train_config):
              *adamw_groups(others, t.weight_decay)],
             lr=t.learning_rate, betas=tuple(t.betas), momentum=t.muon_momentum)
     groups = adamw_groups([p for _, p in named], t.weight_decay)
-    options = dict(lr=t.learning_rate, betas=tuple(t.betas))
+    learning_rate = t.learning_rate
+    if capturable:
+        # float32, which the fused kernel reads; the schedule multiplies the exact base rate
+        # ("initial_lr", a float), so that no step waits on the device to compute its rate
+        groups = [dict(group, initial_lr=learning_rate) for group in groups]
+        learning_rate = torch.tensor(learning_rate, device=named[0][1].device)
+    options = dict(lr=learning_rate, betas=tuple(t.betas), capturable=capturable)
     try:  # the fused kernel is one launch for all parameters, where this device has it
         return torch.optim.AdamW(groups, fused=True, **options)
     except RuntimeError:
@@ -157,3 +169,29 @@ def get_cosine_schedule_with_warmup(optimizer, num_warmup_steps, num_training_st
         return min_lr_ratio + (1.0 - min_lr_ratio) * cosine
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def current_learning_rate(scheduler):
+    """The first group's learning rate for the coming step, computed on the host."""
+    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch)
+
+
+def set_learning_rate(group, rate):
+    """Set a group's rate; a tensor rate (one a recorded graph holds) is filled in place."""
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(rate)
+    else:
+        group["lr"] = rate
+
+
+def load_optimizer_state(optimizer, state_dict):
+    """Load a saved state, keeping this optimizer's form of the rate (tensor or float) and its
+    `capturable` flag: a checkpoint written with CUDA graphs resumes without them and vice versa."""
+    own = [(group["lr"], group.get("capturable")) for group in optimizer.param_groups]
+    optimizer.load_state_dict(state_dict)
+    for group, (rate, capturable) in zip(optimizer.param_groups, own):
+        saved = float(group["lr"])  # a checkpoint is loaded to the CPU: no device sync
+        group["lr"] = rate
+        if capturable is not None:
+            group["capturable"] = capturable
+        set_learning_rate(group, saved)

@@ -35,7 +35,8 @@ def score_batches(model, batches, piece_bytes, autocast=contextlib.nullcontext):
         scored = y != IGNORE_INDEX
         count = scored.sum()
         with autocast():
-            mean_loss = model(input_ids=x, labels=y).loss  # the training loss, the same code
+            # the training loss, the same code; chunked, the whole logits are never held
+            mean_loss = model(input_ids=x, labels=y, return_logits=False).loss
         # a batch with nothing scored has a mean of 0/0: it adds nothing
         totals[0] += torch.where(count > 0, mean_loss.double() * count, 0.0)
         totals[1] += count

@@ -14,8 +14,9 @@ checkpoints read. Notable details:
   it before the first step; --lora_rank trains low-rank adapters only (lora.py);
 - under torchrun, every rank trains on its slice of the same global batch, and only rank 0 prints
   and writes files.
-The model lives in model.py, batches in dataset.py, the optimizer in optim.py, checkpoint files
-and the run directory's names in checkpoint.py.
+The model lives in model.py, batches in dataset.py, the optimizer in optim.py, the step's
+gradients and its CUDA graph in step.py, checkpoint files and the run directory's names in
+checkpoint.py.
 """
 
 import contextlib
@@ -44,9 +45,11 @@ from generation import generate_text
 from loggers import Loggers
 from lora import add_lora, merged_state_dict
 from model import build_model, count_parameters, crop_block_size, flops_per_token
-from optim import base_learning_rates, configure_optimizer, get_cosine_schedule_with_warmup
+from optim import (base_learning_rates, configure_optimizer, current_learning_rate,
+                   get_cosine_schedule_with_warmup, load_optimizer_state, set_learning_rate)
 from runtime import peak_flops, print0, random_states, restore_random_states, setup_runtime
 from scoring import piece_lengths, score_batches
+from step import device_micro_batches, forward_backward, graphed_step_for, recorder_for
 from tokenizer import tokenizer_from_state
 
 
@@ -172,6 +175,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     step: int = 0  # optimizer steps completed
+    graphed_step: object = None  # step.GraphedStep where the step replays as a CUDA graph
     metrics: Loggers = field(init=False)  # metrics.jsonl, TensorBoard, W&B: --log_to
     early_stopping: EarlyStopping = field(init=False)  # the best validation loss so far
 
@@ -205,12 +209,15 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
     val_set = validation_batches(val_tokens, gpt_config.block_size, t.batch_size, t.eval_batches,
                                  runtime.rank, runtime.world_size)
     model, wrapped_model = prepare_model(gpt_config, t, runtime, checkpoint, tokenizer.vocab_size)
-    optimizer = configure_optimizer(model, t)
+    recorder = recorder_for(runtime.device)
+    optimizer = configure_optimizer(model, t, capturable=recorder is not None)
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_iters, t.max_iters,
                                                 t.min_lr_ratio)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
-    return Run(gpt_config, t, runtime, tokenizer, loader, val_set, model, wrapped_model, optimizer,
-               scheduler, scaler)
+    run = Run(gpt_config, t, runtime, tokenizer, loader, val_set, model, wrapped_model, optimizer,
+              scheduler, scaler)
+    run.graphed_step = graphed_step_for(run, recorder)
+    return run
 
 
 def load_corpus(gpt_config, train_config, checkpoint=None):
@@ -269,7 +276,7 @@ def resume(run, checkpoint):
     t, runtime, path = run.train_config, run.runtime, run.train_config.resume
     load_model_state(run.model, checkpoint["model_state_dict"], path)
     try:
-        run.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+        load_optimizer_state(run.optimizer, checkpoint["optimizer_state_dict"])
         run.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
         if "scaler_state_dict" in checkpoint and run.scaler.is_enabled():
             run.scaler.load_state_dict(checkpoint["scaler_state_dict"])
@@ -285,7 +292,7 @@ def resume(run, checkpoint):
     run.scheduler.base_lrs = base_learning_rates(run.optimizer, t)
     for group, base_lr, multiplier in zip(run.optimizer.param_groups, run.scheduler.base_lrs,
                                           run.scheduler.lr_lambdas):
-        group["lr"] = base_lr * multiplier(run.step)
+        set_learning_rate(group, base_lr * multiplier(run.step))
     try:
         if saved_world_size == runtime.world_size:
             restore_random_states(rank_states[runtime.rank], runtime.device)
@@ -389,55 +396,29 @@ class LossMeter:
         self.clock = time.perf_counter()
 
 
-def forward_backward(run, data):
-    """Gradients of one optimizer step's micro-batches, unscaled and clipped; no host sync.
-
-    Returns (the step's loss, the gradient norm before clipping, whether either is non-finite)
-    as device tensors.
-    """
-    runtime, accumulation = run.runtime, run.train_config.grad_accum_steps
-    step_loss = torch.zeros((), device=runtime.device)
-    for micro_step in range(accumulation):
-        x, y = next(data)
-        x = x.to(runtime.device, non_blocking=True)
-        y = y.to(runtime.device, non_blocking=True)
-        # under DDP, only the last micro-step all-reduces the accumulated gradients
-        if runtime.distributed and micro_step < accumulation - 1:
-            sync = run.wrapped_model.no_sync()
-        else:
-            sync = contextlib.nullcontext()
-        with sync:
-            with runtime.autocast():
-                loss = run.wrapped_model(input_ids=x, labels=y).loss / accumulation
-            run.scaler.scale(loss).backward()
-        step_loss += loss.detach()
-    run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
-                                               run.train_config.grad_clip or math.inf)
-    if run.scaler.is_enabled():  # float16: the scaler itself skips steps whose gradients overflowed
-        return step_loss, grad_norm, ~torch.isfinite(step_loss)
-    return step_loss, grad_norm, ~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
-
-
 def optimizer_step(run, data, meter, skipped):
     """One optimizer step and one schedule step; returns the learning rate the step used and
     the number of batches skipped so far (--skip_nonfinite)."""
     t = run.train_config
-    step_loss, grad_norm, bad = forward_backward(run, data)
-    if t.skip_nonfinite and bool(bad):  # opt-in: costs a host sync every step
-        skipped += 1
-        if skipped > t.skip_nonfinite:
-            stop_nonfinite(run.step + 1, t, f"more than {t.skip_nonfinite} skipped batches")
-        print0(f"step {run.step + 1}: non-finite loss or gradient, batch skipped "
-               f"({skipped} of at most {t.skip_nonfinite})")
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.update()
-    else:
+    step_lr = current_learning_rate(run.scheduler)
+    if run.graphed_step is not None:  # the whole step, optimizer included, as one replay
+        step_loss, grad_norm, bad = run.graphed_step(data)
         meter.add(run.step + 1, step_loss, grad_norm, bad)
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.optimizer.zero_grad(set_to_none=True)
-    step_lr = run.optimizer.param_groups[0]["lr"]
+    else:
+        step_loss, grad_norm, bad = forward_backward(run, device_micro_batches(run, data))
+        if t.skip_nonfinite and bool(bad):  # opt-in: costs a host sync every step
+            skipped += 1
+            if skipped > t.skip_nonfinite:
+                stop_nonfinite(run.step + 1, t, f"more than {t.skip_nonfinite} skipped batches")
+            print0(f"step {run.step + 1}: non-finite loss or gradient, batch skipped "
+                   f"({skipped} of at most {t.skip_nonfinite})")
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scaler.update()
+        else:
+            meter.add(run.step + 1, step_loss, grad_norm, bad)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     run.step += 1
     return step_lr, skipped

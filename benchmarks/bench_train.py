@@ -6,8 +6,9 @@ burst of load on a shared machine hits both; the best (lowest) time of each is r
   last step, so the throughput in the record it returns is the loop's own clock over exactly
   those K steps, read after a device synchronisation. The evaluation and checkpoint that end
   each call come after that clock. A first call of W steps warms up (compilation, allocator);
-- the bare step: train.forward_backward (forward, backward, gradient clipping) and the AdamW step
-  on one fixed batch already on the device, with no data loading, schedule or logging around it.
+- the bare step: the run's own step (step.forward_backward, that is forward, backward and
+  gradient clipping, then the AdamW step; or the same recorded as a CUDA graph, as the loop runs
+  it on CUDA) on one fixed batch already on the device, with no data loading, schedule or logging.
 It prints ms/step, tokens/s, MFU (when the device's peak is known or --peak_flops is given), peak
 memory (CUDA max allocated, or the process's max RSS on the CPU) and the loop's overhead over the
 bare step. --synthetic_vocab V trains on uniformly random tokens instead of a corpus. Checkpoints
@@ -32,7 +33,8 @@ from config import (GPTConfig, TrainConfig, _parse_bool, apply_args_to_configs, 
 from model import flops_per_token  # noqa: E402
 from runtime import peak_flops, print0, setup_runtime  # noqa: E402
 from tokenizer import CharTokenizer  # noqa: E402
-from train import build_run, forward_backward, run_loop  # noqa: E402
+from step import forward_backward  # noqa: E402
+from train import build_run, run_loop  # noqa: E402
 
 SYNTHETIC_TOKENS = 1 << 20  # long enough that random windows rarely repeat
 
@@ -110,14 +112,17 @@ def run_loop_for(run, config, steps):
 
 
 def bare_step_timer(run):
-    """A function timing `steps` bare optimizer steps: train.forward_backward (forward, backward,
-    unscale, clip) and the AdamW step, on one fixed batch already on the device."""
+    """A function timing `steps` bare optimizer steps: step.forward_backward (forward, backward,
+    unscale, clip) and the AdamW step, or the run's CUDA graph of them, on one fixed batch."""
     runtime, optimizer, scaler = run.runtime, run.optimizer, run.scaler
     batch = tuple(part.to(runtime.device) for part in run.loader.dataset[0])
     same_batch = itertools.repeat(batch)
 
     def step():
-        forward_backward(run, same_batch)
+        if run.graphed_step is not None:
+            run.graphed_step(same_batch)
+            return
+        forward_backward(run, [batch] * run.train_config.grad_accum_steps)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -191,6 +196,8 @@ def main(argv=None):
         print("MFU: peak FLOP/s of this device unknown; give --peak_flops to report it")
     memory, kind = peak_memory(device)
     print(f"peak memory: {memory / 2**20:,.1f} MiB ({kind})")
+    if device.type == "cuda":  # allocated + what the caching allocator and CUDA graphs hold
+        print(f"peak memory reserved: {torch.cuda.max_memory_reserved(device) / 2**20:,.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -81,8 +81,8 @@ def poison_training_losses(monkeypatch, bad_steps):
     original = model_module.GPT.forward
     training_calls = [0]
 
-    def forward(self, input_ids, labels=None, cache=None):
-        output = original(self, input_ids, labels=labels, cache=cache)
+    def forward(self, input_ids, labels=None, cache=None, **options):
+        output = original(self, input_ids, labels=labels, cache=cache, **options)
         if self.training and labels is not None:
             training_calls[0] += 1
             if training_calls[0] in bad_steps:

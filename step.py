@@ -1,0 +1,224 @@
+"""The training step: the gradients of one optimizer step and, on CUDA, the whole step replayed
+as one recorded graph.
+
+- `forward_backward`: forward and backward over a step's micro-batches, then gradient clipping;
+  the loss, the gradient norm and a non-finite flag stay on the device. The eager step (train.py) and the recorded
+  one both run it.
+- `GraphedStep`: for a small model a step is mostly Python and kernel launches, so the whole step
+  (every micro-batch, clipping, AdamW) is recorded once as a CUDA graph and replayed, one launch
+  per step. Each step's batch is copied into static input buffers; the loss, gradient norm and
+  non-finite flag are static tensors each replay overwrites. The first steps after a start or a resume run eagerly (they are
+  real steps, taken once) to warm up, then the next step is recorded and replayed. A recording
+  holds tensors by address, so it is recorded again whenever the optimizer's state or a
+  learning-rate tensor is replaced (a resume loads new ones).
+- Recorders record a step and return its replay: `CUDAGraphRecorder` on CUDA, and
+  `CallRecorder`, whose replay calls the step again. With it the CPU tests run all of the above.
+- `graphed_step_for` says why a run cannot use graphs (float16's scaler, DDP, --skip_nonfinite,
+  Muon) and returns None then; train.py runs the eager step instead.
+What a step's loss is used for (logging, stopping, skipping a bad batch) is train.py's business.
+"""
+
+import contextlib
+import math
+
+import torch
+
+from runtime import print0
+
+WARMUP_STEPS = 3  # eager steps before a recording: lazy optimizer state, cuBLAS and autograd set up
+
+
+def forward_backward(run, micro_batches, autocast=None):
+    """Gradients of one optimizer step's (x, y) micro-batches, unscaled and clipped; no host sync.
+
+    Returns (the step's loss, the gradient norm before clipping, whether either is non-finite)
+    as device tensors.
+    """
+    runtime, accumulation = run.runtime, run.train_config.grad_accum_steps
+    autocast = autocast or runtime.autocast
+    step_loss = torch.zeros((), device=runtime.device)
+    for micro_step, (x, y) in enumerate(micro_batches):
+        # under DDP, only the last micro-step all-reduces the accumulated gradients
+        if runtime.distributed and micro_step < accumulation - 1:
+            sync = run.wrapped_model.no_sync()
+        else:
+            sync = contextlib.nullcontext()
+        with sync:
+            with autocast():
+                output = run.wrapped_model(input_ids=x, labels=y,
+                                           return_logits=not run.train_config.fused_loss)
+                loss = output.loss / accumulation
+            run.scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
+                                               run.train_config.grad_clip or math.inf)
+    if run.scaler.is_enabled():  # float16: the scaler itself skips steps whose gradients overflowed
+        return step_loss, grad_norm, ~torch.isfinite(step_loss)
+    return step_loss, grad_norm, ~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
+
+
+def device_micro_batches(run, data):
+    """The next grad_accum_steps (x, y) batches of `data`, on their way to the device."""
+    device = run.runtime.device
+    return [tuple(part.to(device, non_blocking=True) for part in next(data))
+            for _ in range(run.train_config.grad_accum_steps)]
+
+
+def graph_fallback(train_config, runtime):
+    """Why this run's step cannot be a recorded graph, or "" when it can."""
+    if not train_config.cuda_graphs:
+        return "--cuda_graphs false"
+    if runtime.dtype == torch.float16:
+        return "float16's gradient scaler checks its scale on the host every step"
+    if runtime.distributed:
+        return "DistributedDataParallel's all-reduce is not recorded"
+    if train_config.skip_nonfinite:
+        return "--skip_nonfinite reads every step's loss on the host"
+    if train_config.optimizer != "adamw":
+        return "Muon counts its steps and computes its rates on the host"
+    return ""
+
+
+def graphed_step_for(run, recorder):
+    """The run's GraphedStep, or None where the step runs eagerly (with a note where it says why)."""
+    if recorder is None:
+        return None
+    reason = graph_fallback(run.train_config, run.runtime)
+    if reason:
+        if run.train_config.cuda_graphs:
+            print0(f"note: the training step runs without CUDA graphs: {reason}")
+        return None
+    return GraphedStep(run, recorder)
+
+
+class GraphedStep:
+    """The whole optimizer step of a run, recorded once and replayed: call it with the data."""
+
+    def __init__(self, run, recorder):
+        self.run, self.recorder = run, recorder
+        shape = (run.train_config.batch_size, run.gpt_config.block_size)
+        self.micro_batches = [
+            tuple(torch.zeros(shape, dtype=torch.long, device=run.runtime.device) for _ in "xy")
+            for _ in range(run.train_config.grad_accum_steps)]
+        self.replay = None  # the recorded step, once there is one
+        self.held = ()  # the replaceable objects the recording holds
+        self.warmup_left = WARMUP_STEPS
+
+    def __call__(self, data):
+        """One optimizer step on the next micro-batches of `data`.
+
+        Returns (loss, gradient norm, non-finite flag) as device tensors, valid until the next call.
+        """
+        for buffers in self.micro_batches:
+            for buffer, part in zip(buffers, next(data)):
+                buffer.copy_(part, non_blocking=True)
+        if self.replay is not None and not self._holds_current_tensors():
+            self.release()
+        if self.replay is None:
+            if self.warmup_left > 0:
+                self.warmup_left -= 1
+                return self.recorder.warmup(self._step)
+            self._record()
+        return self.replay()
+
+    def release(self):
+        """Drop the recording; the next steps warm up and record the step anew."""
+        self.replay, self.held = None, ()
+        self.warmup_left = WARMUP_STEPS
+        self.run.optimizer.zero_grad(set_to_none=True)  # they lived in the recording's memory
+
+    def _step(self):
+        run = self.run
+        # A recording writes fresh gradients: with none at the start of the recording, every
+        # replay overwrites them instead of adding to the last step's.
+        run.optimizer.zero_grad(set_to_none=True)
+        outputs = forward_backward(run, self.micro_batches, autocast=self._autocast)
+        run.optimizer.step()  # the scaler is off: float16 does not get here
+        return outputs
+
+    def _autocast(self):
+        runtime = self.run.runtime
+        # torch's rule for graphs: autocast must not keep cast weights across a recording
+        return torch.autocast(runtime.device.type, dtype=runtime.dtype,
+                              enabled=runtime.dtype != torch.float32, cache_enabled=False)
+
+    def _held_objects(self):
+        optimizer = self.run.optimizer
+        return (optimizer.state, *(group["lr"] for group in optimizer.param_groups))
+
+    def _holds_current_tensors(self):
+        current = self._held_objects()
+        return len(current) == len(self.held) and all(a is b for a, b in zip(current, self.held))
+
+    def _record(self):
+        try:
+            if not all(isinstance(group["lr"], torch.Tensor)
+                       for group in self.run.optimizer.param_groups):
+                raise TypeError("a float learning rate would be recorded as a constant")
+            self.replay = self.recorder.record(self._step)
+        except Exception as error:  # torch raises many kinds; each means: not recordable
+            self.run.optimizer.zero_grad(set_to_none=True)
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            print0(f"note: the training step could not be recorded as a CUDA graph "
+                   f"({type(error).__name__}: {reason}); it runs eagerly from here on")
+            self.recorder = CallRecorder()
+            self.replay = self.recorder.record(self._step)
+        self.held = self._held_objects()
+
+
+class CUDAGraphRecorder:
+    """Records a step as a CUDA graph. Warm-up steps run on the side stream the recording uses, as
+    torch's docs ask: cuBLAS and the autograd engine set up their per-stream state there first."""
+
+    def __init__(self, device):
+        torch.cuda.set_device(device)  # a replay launches on the current device's stream
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.recordings = 0
+
+    def warmup(self, step):
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            outputs = step()
+        current.wait_stream(self.stream)
+        return outputs
+
+    def record(self, step):
+        """Record `step` (recording runs nothing); return a function that runs it and returns its
+        outputs: the same tensors each time, overwritten by each replay."""
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a DataLoader's pin-memory thread may allocate while the step records
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            outputs = step()
+        self.recordings += 1
+
+        def replay():
+            graph.replay()
+            return outputs
+
+        return replay
+
+
+class CallRecorder:
+    """A recorder whose replay calls the step again: eager execution with a recorder's interface.
+
+    The CPU tests use it to run GraphedStep's logic (static buffers, warm-up, recording again after
+    a resume) without a GPU; a step that fails to record as a CUDA graph falls back to it.
+    """
+
+    def __init__(self):
+        self.recordings = 0
+
+    def warmup(self, step):
+        return step()
+
+    def record(self, step):
+        self.recordings += 1
+        return step
+
+
+def recorder_for(device):
+    """What records a training step on `device`: CUDA graphs on CUDA, nothing elsewhere."""
+    return CUDAGraphRecorder(device) if device.type == "cuda" else None

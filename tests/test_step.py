@@ -1,0 +1,206 @@
+"""The training step recorded and replayed (step.py), and the fused loss (fused_loss.py), on the CPU.
+
+CUDA graphs need a GPU. Here `CallRecorder`, whose replay calls the recorded step again, stands in
+for them, so these tests run the logic a GPU run runs: static input buffers, eager warm-up steps,
+a learning rate the schedule fills in place, recording again after a resume, and checkpoints that
+move between the graph-ready optimizer (a tensor learning rate, `capturable`) and the plain one.
+tests/test_cuda.py has the CUDA twins.
+"""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import fused_loss
+import step
+import train
+from checkpoint import load_checkpoint
+from config import GPTConfig, TrainConfig
+from conftest import tiny_argv, write_corpus
+from model import build_model
+from runtime import setup_runtime
+from test_cuda import assert_equal_nested, load
+
+STATE_KEYS = ("model_state_dict", "optimizer_state_dict", "loss")
+
+
+class Recorders(list):
+    """Stands in for train.recorder_for: every run gets a new CallRecorder, listed here."""
+
+    def __call__(self, device):
+        self.append(step.CallRecorder())
+        return self[-1]
+
+
+@pytest.fixture
+def recorders(monkeypatch):
+    """Runs started after this act as they would on CUDA, with CallRecorder for CUDA graphs."""
+    made = Recorders()
+    monkeypatch.setattr(train, "recorder_for", made)
+    return made
+
+
+def logged_steps(directory):
+    """(step, loss, learning rate) of every training record in metrics.jsonl."""
+    records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["lr"]) for r in records if "loss" in r]
+
+
+def assert_same_state(path_a, path_b):
+    a, b = load(path_a), load(path_b)
+    for key in STATE_KEYS:
+        assert_equal_nested(a[key], b[key], key)
+
+
+def param_groups(path):
+    return load(path)["optimizer_state_dict"]["param_groups"]
+
+
+def test_a_replayed_step_matches_the_eager_step_bit_for_bit(tmp_path, recorders):
+    # two micro-batches per step, and a learning rate that changes at every one of the 10 steps
+    data = write_corpus(tmp_path)
+    flags = dict(grad_accum_steps=2, warmup_iters=3, max_iters=10, log_iter=1, eval_iter=10,
+                 save_iter=10)
+    train.train(tiny_argv(tmp_path / "graphed", data, **flags))
+    train.train(tiny_argv(tmp_path / "eager", data, cuda_graphs="false", **flags))
+
+    assert recorders[0].recordings == 1  # after 3 warm-up steps; the changing rate needs no other
+    assert recorders[1].recordings == 0  # --cuda_graphs false: the eager step throughout
+    graphed, eager = logged_steps(tmp_path / "graphed"), logged_steps(tmp_path / "eager")
+    assert len(graphed) == 10 and graphed == eager  # losses and rates, step by step
+    assert len({rate for _, _, rate in graphed}) == 9  # the peak rate lasts two steps
+    assert_same_state(tmp_path / "graphed" / "gpt_step10.pt", tmp_path / "eager" / "gpt_step10.pt")
+
+
+def test_resume_is_exact_from_graphed_to_eager_steps_and_back(tmp_path, recorders):
+    data = write_corpus(tmp_path)
+    train.train(tiny_argv(tmp_path / "eager", data, cuda_graphs="false"))  # 8 steps, saves 4 and 8
+    train.train(tiny_argv(tmp_path / "graphed", data))
+    train.train(tiny_argv(tmp_path / "graphed_then_eager", data, cuda_graphs="false",
+                          resume=tmp_path / "graphed" / "gpt_step4.pt"))
+    train.train(tiny_argv(tmp_path / "eager_then_graphed", data, cuda_graphs="true",
+                          resume=tmp_path / "eager" / "gpt_step4.pt"))
+
+    assert [r.recordings for r in recorders] == [0, 1, 0, 1]
+    reference = tmp_path / "eager" / "gpt_step8.pt"
+    for name in ("graphed", "graphed_then_eager", "eager_then_graphed"):
+        assert_same_state(tmp_path / name / "gpt_step8.pt", reference)
+
+
+def test_a_checkpoint_moves_between_the_graph_ready_optimizer_and_the_plain_one(
+        tmp_path, monkeypatch):
+    data = write_corpus(tmp_path)
+    graph_ready = Recorders()
+    monkeypatch.setattr(train, "recorder_for", graph_ready)
+    train.train(tiny_argv(tmp_path / "graphed", data))
+    monkeypatch.undo()  # the plain CPU optimizer: float rates, not capturable
+    train.train(tiny_argv(tmp_path / "plain", data))
+    train.train(tiny_argv(tmp_path / "graphed_then_plain", data,
+                          resume=tmp_path / "graphed" / "gpt_step4.pt"))
+    monkeypatch.setattr(train, "recorder_for", graph_ready)
+    train.train(tiny_argv(tmp_path / "plain_then_graphed", data,
+                          resume=tmp_path / "plain" / "gpt_step4.pt"))
+
+    for name, tensor_rates in (("graphed", True), ("plain", False), ("graphed_then_plain", False),
+                               ("plain_then_graphed", True)):
+        for group in param_groups(tmp_path / name / "gpt_step8.pt"):
+            assert isinstance(group["lr"], torch.Tensor) is tensor_rates, name
+            assert group["capturable"] is tensor_rates, name
+    assert graph_ready[-1].recordings == 1  # the resumed graph-ready run recorded its step
+    # A float32 tensor rate and a Python float round the schedule differently: the resumed runs
+    # agree with the uninterrupted ones to that rounding, not bit for bit.
+    for resumed, whole in (("graphed_then_plain", "graphed"), ("plain_then_graphed", "plain")):
+        resumed_weights = load(tmp_path / resumed / "gpt_step8.pt")["model_state_dict"]
+        whole_weights = load(tmp_path / whole / "gpt_step8.pt")["model_state_dict"]
+        torch.testing.assert_close(resumed_weights, whole_weights, rtol=1e-5, atol=1e-6)
+
+
+def test_a_resume_in_the_same_process_records_the_step_again(tmp_path, recorders):
+    data = write_corpus(tmp_path)
+    gpt_config, train_config, _ = train.configure(tiny_argv(tmp_path / "run", data))
+    run = train.build_run(gpt_config, train_config, setup_runtime(train_config))
+    train.prepare_checkpoint_dir(run)
+    train.run_loop(run)  # 8 steps: 3 warm-up, recorded at step 4, replayed to step 8
+    first_pass = load(tmp_path / "run" / "gpt_step8.pt")
+
+    halfway = tmp_path / "run" / "gpt_step4.pt"
+    run.train_config.resume = str(halfway)
+    train.resume(run, load_checkpoint(halfway))  # new optimizer state: the recording is stale
+    train.run_loop(run)
+
+    assert recorders[0].recordings == 2
+    second_pass = load(tmp_path / "run" / "gpt_step8.pt")
+    for key in STATE_KEYS:
+        assert_equal_nested(first_pass[key], second_pass[key], key)
+
+
+@pytest.mark.parametrize("flags, dtype, world_size", [
+    (dict(cuda_graphs=False), torch.bfloat16, 1),
+    ({}, torch.float16, 1),
+    ({}, torch.bfloat16, 2),
+    (dict(skip_nonfinite=3), torch.bfloat16, 1),
+    (dict(optimizer="muon"), torch.bfloat16, 1),
+])
+def test_graphs_fall_back_to_the_eager_step_where_they_cannot_work(flags, dtype, world_size):
+    runtime = SimpleNamespace(dtype=dtype, distributed=world_size > 1)
+    assert step.graph_fallback(TrainConfig(**flags), runtime)
+    run = SimpleNamespace(train_config=TrainConfig(**flags), runtime=runtime)
+    assert step.graphed_step_for(run, step.CallRecorder()) is None
+
+
+def test_graphs_are_used_with_bfloat16_float32_and_compile_and_never_off_cuda():
+    for flags, dtype in (({}, torch.bfloat16), ({}, torch.float32), (dict(compile=True), torch.bfloat16)):
+        runtime = SimpleNamespace(dtype=dtype, distributed=False)
+        assert step.graph_fallback(TrainConfig(**flags), runtime) == ""
+    assert step.recorder_for(torch.device("cpu")) is None
+
+
+# --------------------------------------------------------------------------------- fused loss
+
+def loss_and_gradients(model, x, y, dtype, return_logits, forward=None):
+    """The loss of `forward` (the model itself by default) and the gradients of the model's weights."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        output = (model if forward is None else forward)(input_ids=x, labels=y, return_logits=return_logits)
+    output.loss.backward()
+    return output, {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype, loss_tolerance, gradient_tolerance", [
+    (torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-3, 2e-2)])
+def test_the_fused_loss_matches_the_plain_loss_and_its_gradients(
+        monkeypatch, dtype, loss_tolerance, gradient_tolerance):
+    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 64 * 16)  # 4 chunks of 13 rows, and one of 12
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    x, y = torch.randint(0, 64, (2, 4, 16))
+    y[0, :5] = -100  # positions that are not scored
+    plain, plain_gradients = loss_and_gradients(model, x, y, dtype, return_logits=True)
+    fused, fused_gradients = loss_and_gradients(model, x, y, dtype, return_logits=False)
+
+    assert fused.logits is None
+    assert fused.loss.dtype == torch.float32
+    assert abs(fused.loss.item() - plain.loss.item()) < loss_tolerance
+    for name, gradient in plain_gradients.items():  # the tied head's rows reach the embedding
+        scale = gradient.abs().max()
+        assert (fused_gradients[name] - gradient).abs().max() <= gradient_tolerance * scale, name
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        scored = model(input_ids=x, labels=y, return_logits=False).loss  # scoring: no gradients
+    assert scored.item() == fused.loss.item()
+
+
+def test_the_fused_loss_traces_into_one_compiled_graph(monkeypatch):
+    # "aot_eager" runs Dynamo and AOTAutograd for real and skips code generation: fast on a CPU
+    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 64 * 32)  # two chunks
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(64, 32, generator=generator, requires_grad=True)
+    weight = torch.randn(64, 32, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 64, (64,), generator=generator)
+    compiled = torch.compile(fused_loss.linear_cross_entropy, backend="aot_eager", fullgraph=True)
+    results = []
+    for function in (fused_loss.linear_cross_entropy, compiled):  # fullgraph: no graph breaks
+        loss = function(hidden, weight, labels, torch.float32)
+        results.append((loss, *torch.autograd.grad(loss, (hidden, weight))))
+    torch.testing.assert_close(results[1], results[0])
