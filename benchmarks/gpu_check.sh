@@ -1,20 +1,109 @@
 #!/usr/bin/env bash
-# GPU check, under 5 minutes on one H100/H200: throughput and MFU of the GPT-2 124M shape with
-# bf16 + torch.compile on synthetic tokens, then the tests that need CUDA. Needs no network.
-# Usage: benchmarks/gpu_check.sh [extra bench_train.py flags, e.g. --batch_size 32]
-set -euo pipefail
+# GPU check of issue 15, about 6 minutes on one H100/H200, no network. Rows, each next to today's
+# figure: the used-by command (5000 steps of the 0.8M-parameter default) with CUDA graphs and the
+# fused loss, and the old step for comparison; tiny Shakespeare, 1000 steps, with and without
+# --compile; the GPT-2 124M shape (bf16, compiled, batch 16, synthetic tokens) with the fused loss
+# on and off: ms/step, tokens/s, MFU, peak memory; then the CUDA tests; then extra rows while time
+# is left. Every row has a time limit and a failing row does not stop the next. The whole log,
+# each row's output (rows/) and the final table (gpu_check.md) go to $OUT, else a temporary folder.
+#
+# Usage: benchmarks/gpu_check.sh [--data gpu_data/tinyshakespeare.txt] [--budget SECONDS] [--dry_run]
+#   --budget: the whole script's wall-clock limit (default 420); rows past it are cut or skipped
+#   --dry_run: the same rows on the CPU, tiny shapes, a few steps and no compilation: checks the
+#              script itself in a few minutes without a GPU
+# To add a row, add a `row` line (kinds: train, bench, pytest; see benchmarks/gpu_check.py).
+set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
+DATA=gpu_data/tinyshakespeare.txt
+BUDGET=420
+DRY_RUN=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --data) DATA=$2; shift 2 ;;
+        --budget) BUDGET=$2; shift 2 ;;
+        --dry_run) DRY_RUN=1; shift ;;
+        *) echo "error: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+export OUT_DIR=${OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+mkdir -p "$OUT_DIR"
+rm -rf "$OUT_DIR/rows" "$OUT_DIR/rows.jsonl"
+exec > >(tee "$OUT_DIR/gpu_check.log") 2>&1
+export GPU_CHECK_DEADLINE=$(( $(date +%s) + BUDGET ))
 
-"$PYTHON" -c 'import torch; assert torch.cuda.is_available(), "CUDA is not available"; print(torch.__version__, torch.cuda.get_device_name(0))'
+# row NAME TIMEOUT KIND TODAY -- ARGS: one line of the table (skipped when under 20 s are left)
+row() {
+    local name=$1 timeout=$2 kind=$3 today=$4
+    shift 4
+    if [ $(( GPU_CHECK_DEADLINE - $(date +%s) )) -lt 20 ]; then
+        echo "== $name: skipped, the --budget of ${BUDGET} s is spent"
+        return
+    fi
+    "$PYTHON" benchmarks/gpu_check.py row --name "$name" --timeout "$timeout" --kind "$kind" \
+        --today "$today" "$@" || echo "   (the row's helper failed: status $?)"
+}
 
-echo "== GPT-2 124M shape: bf16, compile, synthetic tokens =="
-"$PYTHON" benchmarks/bench_train.py \
-    --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --synthetic_vocab 50304 \
-    --bias true --dropout 0.0 --batch_size 16 --grad_accum_steps 1 \
-    --dtype bfloat16 --compile true --device cuda \
-    --warmup_steps 10 --bench_steps 50 --repeats 2 --bare true "$@"
+if [ "$DRY_RUN" = 1 ]; then  # the CPU, tiny shapes: every row runs in seconds
+    DEVICE=cpu; COMPILE=false; USED_BY_STEPS=30; SHORT_STEPS=20
+    export OMP_NUM_THREADS=1
+    SMALL=(--n_layer 1 --n_head 2 --n_embd 32 --block_size 32 --batch_size 4 --eval_batches 2
+           --warmup_iters 5)
+    GPT2=(--n_layer 2 --n_head 2 --n_embd 64 --block_size 64 --synthetic_vocab 512 --batch_size 2)
+    BENCH=(--warmup_steps 5 --bench_steps 3 --repeats 1 --bare false)
+    TESTS=(tests/test_step.py)
+else
+    DEVICE=cuda; COMPILE=true; USED_BY_STEPS=5000; SHORT_STEPS=1000
+    SMALL=()
+    GPT2=(--n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --synthetic_vocab 50304
+          --batch_size 16)
+    BENCH=(--warmup_steps 10 --bench_steps 30 --repeats 2 --bare false)
+    TESTS=(tests/test_cuda.py tests/test_step.py)
+fi
+OLD_STEP=(--cuda_graphs false --fused_loss false)
+GPT2+=(--bias true --dropout 0.0 --grad_accum_steps 1 --dtype bfloat16 --compile "$COMPILE"
+       --device "$DEVICE")
 
-echo "== CUDA tests =="
-"$PYTHON" -m pytest -q -rs tests/test_cuda.py
+echo "== gpu_check: $(git rev-parse --short HEAD 2>/dev/null), budget ${BUDGET} s, output in $OUT_DIR"
+"$PYTHON" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "CUDA",
+torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "(no GPU)")'
+
+echo "== small model (0.8M parameters, batch 16 x 128, built-in corpus)"
+row "used-by command: train.py --max_iters $USED_BY_STEPS --device $DEVICE" 150 train \
+    "57 s wall, 90-130 steps/s" -- --max_iters "$USED_BY_STEPS" --device "$DEVICE" "${SMALL[@]}"
+row "the same, old step (graphs and fused loss off), $SHORT_STEPS steps" 90 train \
+    "90-130 steps/s" -- --max_iters "$SHORT_STEPS" --device "$DEVICE" "${OLD_STEP[@]}" "${SMALL[@]}"
+
+echo "== tiny Shakespeare, the same shape, $SHORT_STEPS steps, start-up included"
+if [ -f "$DATA" ]; then
+    row "tiny Shakespeare $SHORT_STEPS steps" 90 train "17 s (nanoGPT: 15 s)" -- \
+        --data "$DATA" --max_iters "$SHORT_STEPS" --device "$DEVICE" "${SMALL[@]}"
+    row "tiny Shakespeare $SHORT_STEPS steps, --compile $COMPILE" 150 train "34 s" -- \
+        --data "$DATA" --max_iters "$SHORT_STEPS" --device "$DEVICE" --compile "$COMPILE" \
+        "${SMALL[@]}"
+else
+    echo "   skipped: no $DATA (give --data PATH)"
+fi
+
+echo "== GPT-2 124M shape: bf16, compiled, batch 16 x 1024, synthetic tokens"
+row "124M batch 16, fused loss" 240 bench "34.1 ms/step, 41.5% MFU, 11.7 GiB" -- \
+    "${GPT2[@]}" "${BENCH[@]}"
+row "124M batch 16, plain loss (--fused_loss false)" 240 bench \
+    "34.1 ms/step, 41.5% MFU, 11.7 GiB" -- "${GPT2[@]}" "${BENCH[@]}" --fused_loss false
+
+echo "== tests"
+row "pytest ${TESTS[*]}" 240 pytest "" -- -q -rs -p no:cacheprovider "${TESTS[@]}"
+
+echo "== extra rows, while the budget lasts"
+if [ -f "$DATA" ]; then
+    row "tiny Shakespeare $SHORT_STEPS steps, old step" 90 train "17 s" -- \
+        --data "$DATA" --max_iters "$SHORT_STEPS" --device "$DEVICE" "${OLD_STEP[@]}" "${SMALL[@]}"
+fi
+row "124M batch 16, fused loss, graphs off" 200 bench "34.1 ms/step" -- \
+    "${GPT2[@]}" "${BENCH[@]}" --cuda_graphs false
+row "used-by shape in float32 (TF32), $SHORT_STEPS steps" 90 train "" -- \
+    --max_iters "$SHORT_STEPS" --device "$DEVICE" --dtype float32 "${SMALL[@]}"
+
+echo "== table (also in $OUT_DIR/gpu_check.md)"
+"$PYTHON" benchmarks/gpu_check.py table

@@ -1,17 +1,22 @@
-"""Mixed precision and the fused optimizer, on CUDA and on the CPU.
+"""Mixed precision, the fused optimizer, CUDA graphs and the fused loss, on CUDA and on the CPU.
 
-Each test runs once per device: on CUDA where a GPU is present (benchmarks/gpu_check.sh runs this
-file there), and on the CPU everywhere, so that CI without a GPU still exercises the same code
+The first tests run once per device: on CUDA where a GPU is present (benchmarks/gpu_check.sh runs
+this file there), and on the CPU everywhere, so that CI without a GPU still exercises the same code
 paths: fused AdamW, bfloat16 autocast, and float16 with a gradient scaler whose state a resumed
-run restores exactly.
+run restores exactly. The last ones need CUDA: they are the twins of tests/test_step.py's CPU tests
+with real CUDA graphs (the graphed step against the eager one, resume) and the fused loss in
+bfloat16 on the GPU's kernels.
 """
 
+import json
 import math
 
 import pytest
 import torch
 
+import fused_loss
 import optim
+import step
 import train
 from config import TrainConfig
 from conftest import TINY_VOCAB, read_checkpoint, tiny_argv, tiny_model, write_corpus
@@ -98,3 +103,90 @@ def test_a_float16_run_with_a_gradient_scaler_resumes_bit_for_bit(device, tmp_pa
     for key in ("model_state_dict", "optimizer_state_dict", "scheduler_state_dict",
                 "scaler_state_dict", "loss"):
         assert_equal_nested(whole[key], resumed[key], key)
+
+
+# ---------------------------------------------------------------- CUDA graphs and the fused loss
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def watch_recorders(monkeypatch):
+    """The recorders train.build_run makes from here on, newest last."""
+    made = []
+
+    def recorder_for(device):
+        made.append(step.recorder_for(device))
+        return made[-1]
+
+    monkeypatch.setattr(train, "recorder_for", recorder_for)
+    return made
+
+
+def logged_steps(directory):
+    records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["lr"]) for r in records if "loss" in r]
+
+
+def assert_same_run_state(path_a, path_b):
+    a, b = load(path_a), load(path_b)
+    worst = max((a["model_state_dict"][k].float() - b["model_state_dict"][k].float()).abs().max()
+                for k in a["model_state_dict"]).item()
+    assert worst == 0, f"the weights differ by up to {worst:.3g}"
+    for key in ("optimizer_state_dict", "loss"):
+        assert_equal_nested(a[key], b[key], key)
+
+
+@needs_cuda
+def test_a_cuda_graph_step_matches_the_eager_step_bit_for_bit(tmp_path, monkeypatch):
+    # the same kernels run in both: a replay only skips the Python and the launches
+    recorders = watch_recorders(monkeypatch)
+    data = write_corpus(tmp_path)
+    flags = dict(device="cuda", dtype="bfloat16", grad_accum_steps=2, warmup_iters=3, max_iters=10,
+                 log_iter=1, eval_iter=10, save_iter=10)
+    train.train(tiny_argv(tmp_path / "graphed", data, **flags))
+    train.train(tiny_argv(tmp_path / "eager", data, cuda_graphs="false", **flags))
+
+    assert isinstance(recorders[0], step.CUDAGraphRecorder)
+    assert recorders[0].recordings == 1, "the step was not recorded (see the note in the output)"
+    assert logged_steps(tmp_path / "graphed") == logged_steps(tmp_path / "eager")
+    assert_same_run_state(tmp_path / "graphed" / "gpt_step10.pt",
+                          tmp_path / "eager" / "gpt_step10.pt")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_cuda_graph_run_resumes_bit_for_bit(tmp_path, monkeypatch, dropout):
+    # the whole run replays from step 4 on; the resumed one warms up eagerly on steps 6-8
+    recorders = watch_recorders(monkeypatch)
+    data = write_corpus(tmp_path)
+    flags = dict(device="cuda", dtype="bfloat16", dropout=dropout, max_iters=10, save_iter=5,
+                 eval_iter=5)
+    train.train(tiny_argv(tmp_path / "whole", data, **flags))
+    train.train(tiny_argv(tmp_path / "resumed", data, resume=tmp_path / "whole" / "gpt_step5.pt",
+                          **flags))
+
+    assert [r.recordings for r in recorders] == [1, 1]
+    assert_same_run_state(tmp_path / "whole" / "gpt_step10.pt",
+                          tmp_path / "resumed" / "gpt_step10.pt")
+
+
+@needs_cuda
+def test_the_fused_loss_matches_the_plain_loss_on_cuda_in_bfloat16(monkeypatch):
+    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 512 * 64)  # 4 chunks of 64 rows
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(vocab_size=512, block_size=64, n_layer=1, n_head=2,
+                                  n_embd=64)).cuda()
+    x, y = torch.randint(0, 512, (2, 4, 64), device="cuda")
+    y[0, :10] = -100
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad(set_to_none=True)
+        with autocast_context(torch.device("cuda"), torch.bfloat16):
+            loss = model(input_ids=x, labels=y, return_logits=return_logits).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
+    (plain_loss, plain_gradients), (fused, fused_gradients) = results
+    assert abs(fused - plain_loss) < 1e-3
+    for name, gradient in plain_gradients.items():
+        scale = gradient.abs().max()
+        assert (fused_gradients[name] - gradient).abs().max() <= 2e-2 * scale, name
