@@ -2,15 +2,15 @@
 as one recorded graph.
 
 - `forward_backward`: forward and backward over a step's micro-batches, then gradient clipping;
-  the loss, the gradient norm and a non-finite flag stay on the device. The eager step (train.py) and the recorded
-  one both run it.
+  the loss, the gradient norm and a non-finite flag stay on the device. The eager step
+  (train.py) and the recorded one both run it.
 - `GraphedStep`: for a small model a step is mostly Python and kernel launches, so the whole step
   (every micro-batch, clipping, AdamW) is recorded once as a CUDA graph and replayed, one launch
   per step. Each step's batch is copied into static input buffers; the loss, gradient norm and
-  non-finite flag are static tensors each replay overwrites. The first steps after a start or a resume run eagerly (they are
-  real steps, taken once) to warm up, then the next step is recorded and replayed. A recording
-  holds tensors by address, so it is recorded again whenever the optimizer's state or a
-  learning-rate tensor is replaced (a resume loads new ones).
+  non-finite flag are static tensors each replay overwrites. The first steps after a start or a
+  resume run eagerly (they are real steps, taken once) to warm up, then the next step is
+  recorded and replayed. A recording holds tensors by address, so it is recorded again whenever
+  the optimizer's state or a learning-rate tensor is replaced (a resume loads new ones).
 - Recorders record a step and return its replay: `CUDAGraphRecorder` on CUDA, and
   `CallRecorder`, whose replay calls the step again. With it the CPU tests run all of the above.
 - `graphed_step_for` says why a run cannot use graphs (float16's scaler, DDP, --skip_nonfinite,
@@ -81,7 +81,7 @@ def graph_fallback(train_config, runtime):
 
 
 def graphed_step_for(run, recorder):
-    """The run's GraphedStep, or None where the step runs eagerly (with a note where it says why)."""
+    """The run's GraphedStep, or None where the step runs eagerly (with a note saying why)."""
     if recorder is None:
         return None
     reason = graph_fallback(run.train_config, run.runtime)

@@ -40,13 +40,14 @@ def out_dir():
 
 
 def run_limited(command, timeout, log_path):
-    """(exit status or "timeout", output, wall seconds) of `command`, its output also in log_path."""
+    """(exit status or "timeout", output, wall seconds) of `command`; its output goes to log_path."""
     deadline = float(os.environ.get("GPU_CHECK_DEADLINE", "inf"))
     timeout = max(1.0, min(timeout, deadline - time.time()))
     start = time.perf_counter()
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                   start_new_session=True,
+                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
         try:
             status = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -67,8 +68,8 @@ def train_figures(output, checkpoint_dir):
     figures = {"val_loss": figure(r"final validation loss: " + NUMBER, output)}
     metrics = Path(checkpoint_dir) / "metrics.jsonl"
     if tokens_per_step and metrics.exists():
-        rates = [json.loads(line).get("tokens_per_sec") for line in metrics.read_text().splitlines()]
-        rates = [rate for rate in rates if rate]
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        rates = [record["tokens_per_sec"] for record in records if record.get("tokens_per_sec")]
         if rates:
             figures["steps_per_s"] = statistics.median(rates[1:] or rates) / tokens_per_step
     return figures

@@ -7,8 +7,10 @@
 # is left. Every row has a time limit and a failing row does not stop the next. The whole log,
 # each row's output (rows/) and the final table (gpu_check.md) go to $OUT, else a temporary folder.
 #
-# Usage: benchmarks/gpu_check.sh [--data gpu_data/tinyshakespeare.txt] [--budget SECONDS] [--dry_run]
+# Usage: benchmarks/gpu_check.sh [--data gpu_data/tinyshakespeare.txt] [--budget SECONDS]
+#                                [--only TEXT] [--dry_run]
 #   --budget: the whole script's wall-clock limit (default 420); rows past it are cut or skipped
+#   --only: run only the rows whose name contains TEXT
 #   --dry_run: the same rows on the CPU, tiny shapes, a few steps and no compilation: checks the
 #              script itself in a few minutes without a GPU
 # To add a row, add a `row` line (kinds: train, bench, pytest; see benchmarks/gpu_check.py).
@@ -19,10 +21,12 @@ PYTHON=${PYTHON:-python}
 DATA=gpu_data/tinyshakespeare.txt
 BUDGET=420
 DRY_RUN=0
+ONLY=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --data) DATA=$2; shift 2 ;;
         --budget) BUDGET=$2; shift 2 ;;
+        --only) ONLY=$2; shift 2 ;;
         --dry_run) DRY_RUN=1; shift ;;
         *) echo "error: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -37,6 +41,7 @@ export GPU_CHECK_DEADLINE=$(( $(date +%s) + BUDGET ))
 row() {
     local name=$1 timeout=$2 kind=$3 today=$4
     shift 4
+    [[ "$name" == *"$ONLY"* ]] || return 0
     if [ $(( GPU_CHECK_DEADLINE - $(date +%s) )) -lt 20 ]; then
         echo "== $name: skipped, the --budget of ${BUDGET} s is spent"
         return
@@ -65,7 +70,8 @@ OLD_STEP=(--cuda_graphs false --fused_loss false)
 GPT2+=(--bias true --dropout 0.0 --grad_accum_steps 1 --dtype bfloat16 --compile "$COMPILE"
        --device "$DEVICE")
 
-echo "== gpu_check: $(git rev-parse --short HEAD 2>/dev/null), budget ${BUDGET} s, output in $OUT_DIR"
+echo "== gpu_check at $(git rev-parse --short HEAD 2>/dev/null), budget ${BUDGET} s"
+echo "   output in $OUT_DIR"
 "$PYTHON" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "CUDA",
 torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "(no GPU)")'
 

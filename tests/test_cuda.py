@@ -8,7 +8,6 @@ with real CUDA graphs (the graphed step against the eager one, resume) and the f
 bfloat16 on the GPU's kernels.
 """
 
-import json
 import math
 
 import pytest
@@ -19,7 +18,8 @@ import optim
 import step
 import train
 from config import TrainConfig
-from conftest import TINY_VOCAB, read_checkpoint, tiny_argv, tiny_model, write_corpus
+from conftest import (TINY_VOCAB, metrics_records, read_checkpoint, tiny_argv, tiny_model,
+                      write_corpus)
 from runtime import autocast_context
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -123,12 +123,11 @@ def watch_recorders(monkeypatch):
 
 
 def logged_steps(directory):
-    records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["lr"]) for r in records if "loss" in r]
+    return [(r["step"], r["loss"], r["lr"]) for r in metrics_records(directory) if "loss" in r]
 
 
 def assert_same_run_state(path_a, path_b):
-    a, b = load(path_a), load(path_b)
+    a, b = read_checkpoint(path_a), read_checkpoint(path_b)
     worst = max((a["model_state_dict"][k].float() - b["model_state_dict"][k].float()).abs().max()
                 for k in a["model_state_dict"]).item()
     assert worst == 0, f"the weights differ by up to {worst:.3g}"
@@ -173,9 +172,7 @@ def test_a_cuda_graph_run_resumes_bit_for_bit(tmp_path, monkeypatch, dropout):
 @needs_cuda
 def test_the_fused_loss_matches_the_plain_loss_on_cuda_in_bfloat16(monkeypatch):
     monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 512 * 64)  # 4 chunks of 64 rows
-    torch.manual_seed(0)
-    model = build_model(GPTConfig(vocab_size=512, block_size=64, n_layer=1, n_head=2,
-                                  n_embd=64)).cuda()
+    model = tiny_model(vocab_size=512, block_size=64, n_layer=1, n_embd=64).cuda().train()
     x, y = torch.randint(0, 512, (2, 4, 64), device="cuda")
     y[0, :10] = -100
     results = []

@@ -1,4 +1,4 @@
-"""The training step recorded and replayed (step.py), and the fused loss (fused_loss.py), on the CPU.
+"""The training step recorded and replayed (step.py) and the fused loss (fused_loss.py), on a CPU.
 
 CUDA graphs need a GPU. Here `CallRecorder`, whose replay calls the recorded step again, stands in
 for them, so these tests run the logic a GPU run runs: static input buffers, eager warm-up steps,
@@ -7,7 +7,6 @@ move between the graph-ready optimizer (a tensor learning rate, `capturable`) an
 tests/test_cuda.py has the CUDA twins.
 """
 
-import json
 from types import SimpleNamespace
 
 import pytest
@@ -17,11 +16,11 @@ import fused_loss
 import step
 import train
 from checkpoint import load_checkpoint
-from config import GPTConfig, TrainConfig
-from conftest import tiny_argv, write_corpus
-from model import build_model
+from config import TrainConfig
+from conftest import (checkpoint_weights, metrics_records, read_checkpoint, tiny_argv, tiny_model,
+                      write_corpus)
 from runtime import setup_runtime
-from test_cuda import assert_equal_nested, load
+from test_cuda import assert_equal_nested
 
 STATE_KEYS = ("model_state_dict", "optimizer_state_dict", "loss")
 
@@ -44,18 +43,17 @@ def recorders(monkeypatch):
 
 def logged_steps(directory):
     """(step, loss, learning rate) of every training record in metrics.jsonl."""
-    records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["lr"]) for r in records if "loss" in r]
+    return [(r["step"], r["loss"], r["lr"]) for r in metrics_records(directory) if "loss" in r]
 
 
 def assert_same_state(path_a, path_b):
-    a, b = load(path_a), load(path_b)
+    a, b = read_checkpoint(path_a), read_checkpoint(path_b)
     for key in STATE_KEYS:
         assert_equal_nested(a[key], b[key], key)
 
 
 def param_groups(path):
-    return load(path)["optimizer_state_dict"]["param_groups"]
+    return read_checkpoint(path)["optimizer_state_dict"]["param_groups"]
 
 
 def test_a_replayed_step_matches_the_eager_step_bit_for_bit(tmp_path, recorders):
@@ -112,8 +110,8 @@ def test_a_checkpoint_moves_between_the_graph_ready_optimizer_and_the_plain_one(
     # A float32 tensor rate and a Python float round the schedule differently: the resumed runs
     # agree with the uninterrupted ones to that rounding, not bit for bit.
     for resumed, whole in (("graphed_then_plain", "graphed"), ("plain_then_graphed", "plain")):
-        resumed_weights = load(tmp_path / resumed / "gpt_step8.pt")["model_state_dict"]
-        whole_weights = load(tmp_path / whole / "gpt_step8.pt")["model_state_dict"]
+        resumed_weights = checkpoint_weights(tmp_path / resumed / "gpt_step8.pt")
+        whole_weights = checkpoint_weights(tmp_path / whole / "gpt_step8.pt")
         torch.testing.assert_close(resumed_weights, whole_weights, rtol=1e-5, atol=1e-6)
 
 
@@ -123,7 +121,7 @@ def test_a_resume_in_the_same_process_records_the_step_again(tmp_path, recorders
     run = train.build_run(gpt_config, train_config, setup_runtime(train_config))
     train.prepare_checkpoint_dir(run)
     train.run_loop(run)  # 8 steps: 3 warm-up, recorded at step 4, replayed to step 8
-    first_pass = load(tmp_path / "run" / "gpt_step8.pt")
+    first_pass = read_checkpoint(tmp_path / "run" / "gpt_step8.pt")
 
     halfway = tmp_path / "run" / "gpt_step4.pt"
     run.train_config.resume = str(halfway)
@@ -131,7 +129,7 @@ def test_a_resume_in_the_same_process_records_the_step_again(tmp_path, recorders
     train.run_loop(run)
 
     assert recorders[0].recordings == 2
-    second_pass = load(tmp_path / "run" / "gpt_step8.pt")
+    second_pass = read_checkpoint(tmp_path / "run" / "gpt_step8.pt")
     for key in STATE_KEYS:
         assert_equal_nested(first_pass[key], second_pass[key], key)
 
@@ -151,7 +149,8 @@ def test_graphs_fall_back_to_the_eager_step_where_they_cannot_work(flags, dtype,
 
 
 def test_graphs_are_used_with_bfloat16_float32_and_compile_and_never_off_cuda():
-    for flags, dtype in (({}, torch.bfloat16), ({}, torch.float32), (dict(compile=True), torch.bfloat16)):
+    for flags, dtype in (({}, torch.bfloat16), ({}, torch.float32),
+                         (dict(compile=True), torch.bfloat16)):
         runtime = SimpleNamespace(dtype=dtype, distributed=False)
         assert step.graph_fallback(TrainConfig(**flags), runtime) == ""
     assert step.recorder_for(torch.device("cpu")) is None
@@ -160,10 +159,11 @@ def test_graphs_are_used_with_bfloat16_float32_and_compile_and_never_off_cuda():
 # --------------------------------------------------------------------------------- fused loss
 
 def loss_and_gradients(model, x, y, dtype, return_logits, forward=None):
-    """The loss of `forward` (the model itself by default) and the gradients of the model's weights."""
+    """The loss of `forward` (by default the model itself) and the model's weights' gradients."""
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        output = (model if forward is None else forward)(input_ids=x, labels=y, return_logits=return_logits)
+        output = (model if forward is None else forward)(input_ids=x, labels=y,
+                                                         return_logits=return_logits)
     output.loss.backward()
     return output, {name: p.grad for name, p in model.named_parameters()}
 
@@ -173,8 +173,7 @@ def loss_and_gradients(model, x, y, dtype, return_logits, forward=None):
 def test_the_fused_loss_matches_the_plain_loss_and_its_gradients(
         monkeypatch, dtype, loss_tolerance, gradient_tolerance):
     monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 64 * 16)  # 4 chunks of 13 rows, and one of 12
-    torch.manual_seed(0)
-    model = build_model(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    model = tiny_model(vocab_size=64, n_layer=1).train()
     x, y = torch.randint(0, 64, (2, 4, 16))
     y[0, :5] = -100  # positions that are not scored
     plain, plain_gradients = loss_and_gradients(model, x, y, dtype, return_logits=True)
