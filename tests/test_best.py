@@ -25,11 +25,11 @@ def test_evaluation_follows_eval_iter_whatever_log_iter(tmp_path, corpus_file):
 def test_gpt_best_holds_the_step_with_the_lowest_validation_loss(tmp_path, corpus_file, capsys):
     run_dir = tmp_path / "run"
     # a learning rate this high, never decayed, makes the validation loss go up and down
-    train.train(tiny_argv(run_dir, corpus_file, max_iters=16, eval_iter=2, save_iter=2,
-                          log_iter=16, learning_rate=0.2, warmup_iters=1, min_lr_ratio=1.0))
+    train.train(tiny_argv(run_dir, corpus_file, max_iters=12, eval_iter=2, save_iter=2,
+                          log_iter=12, learning_rate=0.2, warmup_iters=1, min_lr_ratio=1.0))
     evaluations = [r for r in metrics_records(run_dir) if "val_loss" in r]
     lowest = min(evaluations, key=lambda r: r["val_loss"])
-    assert lowest["step"] < 16  # the best is not the last: gpt_best.pt is not gpt_final.pt
+    assert lowest["step"] < 12  # the best is not the last: gpt_best.pt is not gpt_final.pt
     best = read_checkpoint(run_dir / "gpt_best.pt")
     assert best["step"] == lowest["step"] and best["val_loss"] == lowest["val_loss"]
     assert "optimizer_state_dict" not in best
@@ -37,7 +37,7 @@ def test_gpt_best_holds_the_step_with_the_lowest_validation_loss(tmp_path, corpu
     printed = capsys.readouterr().out
     assert f"best validation loss: {lowest['val_loss']:.4f} at step {lowest['step']}" in printed
     final = evaluations[-1]
-    assert f"final validation loss: {final['val_loss']:.4f} at step 16" in printed
+    assert f"final validation loss: {final['val_loss']:.4f} at step 12" in printed
 
 
 def test_sampling_prefers_gpt_best_then_gpt_final_then_the_newest_step(tmp_path):
