@@ -186,19 +186,35 @@ def remove_temporary_files(directory, names="*"):
         leftover.unlink(missing_ok=True)
 
 
+# The first bytes of what torch.save writes: a zip archive, or (before PyTorch 1.6) a pickle.
+SAVED_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint safely; every problem with the file is one clear UserError.
 
     A Hugging Face GPT-2, a model id or a directory, is imported as a checkpoint (on the CPU).
     """
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        fail(f"checkpoint {path} is a directory; give a file in it, such as "
+             f"{Path(path) / FINAL_NAME} (a directory is read only as a Hugging Face model, "
+             f"with its config.json)")
     if is_pretrained(path):
         return checkpoint_from_pretrained(path)
     path = Path(path)
     if not path.is_file():
-        fail(f"checkpoint not found: {path}")
+        fail(f"checkpoint not found: {path}" if not path.exists() else
+             f"checkpoint {path} is not a regular file")
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    if not start.startswith(SAVED_FILE_STARTS):
+        fail(f"{path} is not a checkpoint: train.py writes checkpoints with torch.save "
+             f"(gpt_step*.pt, gpt_final.pt), and this file is something else")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as error:
+        if "weights_only" not in str(error) and "Weights only" not in str(error):
+            fail(f"checkpoint {path} is unreadable (corrupt or truncated): {error}")
         fail(f"checkpoint {path} is refused as unsafe: it holds objects that could run code "
              f"when loaded (only plain tensors and data are accepted)")
     except Exception as error:  # torch raises many types for a damaged file; all mean the same
@@ -229,6 +245,47 @@ def best_path(directory):
 def metrics_path(directory):
     """metrics.jsonl: one JSON object per log line."""
     return Path(directory) / METRICS_NAME
+
+
+def is_run_file(path, directory):
+    """Whether `path` is one of the files a run writes into `directory`."""
+    path = Path(path)
+    return path.resolve().parent == Path(directory).resolve() and (
+        path.name in (FINAL_NAME, BEST_NAME, METRICS_NAME) or bool(STEP_PATTERN.match(path.name)))
+
+
+def run_files(directory):
+    """The run files in `directory`: step checkpoints (oldest first), final, best, metrics.
+
+    A directory that has any of them holds a run; other files are never a run's.
+    """
+    named = [final_path(directory), best_path(directory), metrics_path(directory)]
+    return step_checkpoints(directory) + [path for path in named if path.is_file()]
+
+
+def run_files_after(directory, step):
+    """The checkpoints in `directory` from after `step`: what going back to `step` would replace.
+
+    Step files are judged by name, gpt_final.pt and gpt_best.pt by the step they hold (one that
+    cannot be read counts as later: it is not ours to judge).
+    """
+    later = [path for path in step_checkpoints(directory)
+             if int(STEP_PATTERN.match(path.name).group(1)) > step]
+    for path in (final_path(directory), best_path(directory)):
+        if path.is_file():
+            saved = saved_step(path)
+            if saved is None or saved > step:
+                later.append(path)
+    return later
+
+
+def saved_step(path):
+    """The step a checkpoint holds, read without loading its tensors; None if unreadable."""
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
+    except Exception:  # unreadable for any reason: the caller treats it as unknown
+        return None
+    return step if isinstance(step, int) else None
 
 
 def step_checkpoints(directory):
@@ -271,18 +328,23 @@ def add_checkpoint_arguments(parser):
 
 def checkpoint_to_load(args):
     """The --checkpoint given, else the best file of --checkpoint_dir, else a UserError."""
+    if not args.checkpoint and not args.checkpoint_dir.strip():
+        fail("--checkpoint_dir must not be empty (use . for the current directory)")
     path = args.checkpoint or find_sampling_checkpoint(args.checkpoint_dir)
     if not path:
         fail(f"no checkpoint in {args.checkpoint_dir}/: train a model first with `python train.py`")
     return path
 
 
-def prune_checkpoints(directory, keep_last):
-    """Keep only the `keep_last` newest step checkpoints (0 keeps all); gpt_best.pt and gpt_final.pt
-    are never touched."""
+def prune_checkpoints(directory, keep_last, up_to_step):
+    """Keep only the `keep_last` newest step checkpoints (0 keeps all) among the run's own, those
+    up to its current step; gpt_best.pt, gpt_final.pt and any later step file (one the run skipped as
+    unreadable on --resume latest, or not its own) are never touched."""
     if keep_last <= 0:
         return
-    for path in step_checkpoints(directory)[:-keep_last]:
+    own = [path for path in step_checkpoints(directory)
+           if int(STEP_PATTERN.match(path.name).group(1)) <= up_to_step]
+    for path in own[:-keep_last]:
         path.unlink(missing_ok=True)
 
 
@@ -303,17 +365,27 @@ def check_room_for_checkpoints(directory, bytes_per_checkpoint):
 
 
 def configs_from_checkpoint(checkpoint, path="checkpoint"):
-    """The saved (GPTConfig, TrainConfig), validated; a damaged config is a UserError."""
+    """The saved (GPTConfig, TrainConfig), checked as strictly as typed flags: a damaged config
+    (a hand-edited value of the wrong type or out of range) is a UserError naming the field."""
     try:
         gpt_config = config_from_dict(GPTConfig, checkpoint["gpt_config"])
         train_config = config_from_dict(TrainConfig, checkpoint.get("train_config", {}))
-    except (TypeError, AttributeError) as error:
-        fail(f"checkpoint {path} has a malformed config: {error}")
-    try:
         validate_configs(gpt_config, train_config)
     except UserError as error:
         fail(f"checkpoint {path} has an invalid config: {error}")
     return gpt_config, train_config
+
+
+def tokenizer_from_checkpoint(checkpoint, gpt_config, path="checkpoint"):
+    """The checkpoint's tokenizer, which must fit its model's vocabulary; else a UserError."""
+    try:
+        tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
+    except UserError as error:
+        fail(f"checkpoint {path}: {error}")
+    if tokenizer.vocab_size > gpt_config.vocab_size:
+        fail(f"checkpoint {path}: its {tokenizer.kind} tokenizer has {tokenizer.vocab_size} tokens "
+             f"but the model's vocabulary only {gpt_config.vocab_size}")
+    return tokenizer
 
 
 def load_model_state(model, state_dict, path="checkpoint"):
@@ -329,10 +401,7 @@ def model_from_checkpoint(path, device="cpu"):
     """(model in eval mode, tokenizer, checkpoint) from a checkpoint file, for sampling and export."""
     checkpoint = load_checkpoint(path)
     gpt_config, _ = configs_from_checkpoint(checkpoint, path)
-    try:
-        tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
-    except UserError as error:
-        fail(f"checkpoint {path}: {error}")
+    tokenizer = tokenizer_from_checkpoint(checkpoint, gpt_config, path)
     model = build_model(gpt_config, vocab_limit=tokenizer.vocab_size)
     load_model_state(model, checkpoint["model_state_dict"], path)
     return model.to(device).eval(), tokenizer, checkpoint

@@ -4,8 +4,11 @@
 name and a key of a `--config` recipe (a TOML file); `parse_args` reads only what the user gave
 (flags over the recipe), and `apply_args_to_configs` lays those values over the defaults (or over
 a checkpoint's saved configs on resume). `validate` checks values that no type can check, and
-`configs_to_toml` writes a recipe back out (`--print_config`). Mistakes a user can make end in `UserError`, which `run_main` turns into one
-line on stderr and exit status 2. What the flags *do* is left to the modules that use them.
+`configs_to_toml` writes a recipe back out (`--print_config`). Mistakes a user can make end in
+`UserError`, which `run_main` turns into one line on stderr and exit status 2; Ctrl-C or SIGTERM
+before the training loop takes over (even while torch is still being imported) is one line and
+exit status 130 or 143. A default the user did not set that conflicts with flags they did set
+adapts, with a note (`adapt_defaults`). What the flags *do* is left to the modules that use them.
 """
 
 import argparse
@@ -13,8 +16,12 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
+import os
 import re
+import signal
 import sys
+import threading
 import tomllib
 from dataclasses import dataclass
 
@@ -35,16 +42,60 @@ def fail(message):
     raise UserError(message)
 
 
+# The conventional exit status of a program stopped by a signal: 128 + the signal's number.
+EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def exit_on_signals():
+    """From now on, Ctrl-C (SIGINT) or SIGTERM ends the program with one line and exit status 130
+    or 143, never a traceback; the training loop installs its own handlers, which save first.
+
+    The scripts call this before their slow imports (torch takes a second or more to load).
+    Returns the handlers it replaced (none outside the main thread, where it does nothing).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {number: signal.signal(number, _exit_on_signal) for number in EXIT_STATUS}
+
+
+def _exit_on_signal(number, frame):
+    # os.write, not print: the signal may arrive in the middle of a print to stderr
+    os.write(2, b"interrupted\n" if number == signal.SIGINT else b"terminated\n")
+    raise SystemExit(EXIT_STATUS[number])
+
+
 def run_main(main, argv=None):
-    """Run a command-line entry point; a UserError or ResourceError becomes one line on stderr."""
+    """Run a command-line entry point; a UserError or ResourceError becomes one line on stderr,
+    and so does running out of memory (the sizes given do not fit this machine)."""
+    previous = exit_on_signals()
     try:
         return main(argv)
     except (UserError, ResourceError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_status)
-    except KeyboardInterrupt:  # Ctrl-C before training started (the loop handles its own)
+    except KeyboardInterrupt:  # Ctrl-C, should anything have restored Python's own handler
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except (MemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        print(f"error: out of memory: {_first_line(error)}; the sizes given do not fit on this "
+              f"machine", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def is_out_of_memory(error):
+    """Python's MemoryError, torch's OutOfMemoryError (CUDA, MPS) or its CPU allocator's failure."""
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or \
+        "can't allocate memory" in str(error) or "out of memory" in str(error)
+
+
+def _first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 @dataclass
@@ -102,6 +153,7 @@ class TrainConfig:
     early_stop_patience: int = 0  # stop after N evaluations without improvement; 0 = never
     early_stop_min_delta: float = 0.0  # the least drop in validation loss that counts as one
     skip_nonfinite: int = 0  # skip up to this many batches with a non-finite loss instead of stopping
+    overwrite: bool = False  # replace the run in --checkpoint_dir: its files go once this run starts
     # runtime
     seed: int = 1337
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
@@ -119,6 +171,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
 ARCHITECTURE_CHOICES = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
                         "mlp": ("gelu", "relu2", "swiglu")}
+DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps)(:\d+)?")
+MAX_SEED = 2**32 - 1  # numpy's generators take seeds below 2**32
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout")
 
 
@@ -132,7 +186,13 @@ def _parse_bool(text):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is a UserError: one line and exit status 2."""
+    """argparse, but a bad flag is a UserError: one line and exit status 2, and `-1e-3` or `-inf`
+    after a flag is a value (argparse itself takes only `-1` and `-0.5` for negative numbers)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
     def error(self, message):
         # argparse prints usage and exits 2 itself; one line suits a tool people script
@@ -217,17 +277,22 @@ def read_recipe(path):
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             fail(f"{path}: unknown key {key!r}{hint}; a recipe sets GPTConfig/TrainConfig fields")
-        recipe[key] = _recipe_value(path, key, value, fields[key].default)
+        try:
+            recipe[key] = typed_value(key, value, fields[key].default)
+        except UserError as error:
+            fail(f"{path}: {error}")
     return recipe
 
 
-def _recipe_value(path, key, value, default):
-    """`value` as the type of the field whose default is `default`, or a UserError naming both."""
+def typed_value(key, value, default):
+    """`value` as the type of the field whose default is `default` (an int is a fine float, a
+    list a fine tuple), or a UserError naming the key: for recipes and for saved configs."""
     def is_number(item):
         return isinstance(item, (int, float)) and not isinstance(item, bool)
 
     if isinstance(default, tuple):
-        if isinstance(value, list) and len(value) == len(default) and all(map(is_number, value)):
+        if isinstance(value, (list, tuple)) and len(value) == len(default) and \
+                all(map(is_number, value)):
             return tuple(float(item) for item in value)
         expected = f"a list of {len(default)} numbers"
     elif isinstance(default, float):
@@ -238,7 +303,7 @@ def _recipe_value(path, key, value, default):
         return value
     else:
         expected = {bool: "true or false", int: "an integer", str: "a string"}[type(default)]
-    fail(f"{path}: {key} must be {expected}, got {value!r}")
+    fail(f"{key} must be {expected}, got {value!r}")
 
 
 def apply_args_to_configs(args, gpt_config, train_config):
@@ -296,17 +361,26 @@ def _toml_value(value):
 
 
 def config_from_dict(config_class, values):
-    """Rebuild a config saved as a plain dict (unknown keys from other versions are ignored)."""
-    names = {f.name for f in dataclasses.fields(config_class)}
-    config = config_class(**{k: v for k, v in values.items() if k in names})
-    if isinstance(getattr(config, "betas", None), list):
-        config.betas = tuple(config.betas)
-    return config
+    """Rebuild a config saved as a plain dict (unknown keys from other versions are ignored).
+
+    A value of the wrong type (a hand-edited checkpoint) is a UserError naming the field, so a
+    saved config is checked as strictly as a typed flag before `validate` checks its range.
+    """
+    if not isinstance(values, dict):
+        fail(f"expected a dict of {config_class.__name__} fields, got {type(values).__name__}")
+    return config_class(**{f.name: typed_value(f.name, values[f.name], f.default)
+                           for f in dataclasses.fields(config_class) if f.name in values})
 
 
 def validate(gpt_config, train_config):
     """Check values the types cannot: one clear UserError for the first problem found."""
     g, t = gpt_config, train_config
+    for config in (g, t):  # nan and inf pass every comparison below the wrong way
+        for config_field in dataclasses.fields(config):
+            values = getattr(config, config_field.name)
+            for value in values if isinstance(values, tuple) else (values,):
+                if isinstance(value, float) and not math.isfinite(value):
+                    fail(f"--{config_field.name} must be a finite number, got {value}")
     for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
         if getattr(g, name) <= 0:
             fail(f"--{name} must be positive, got {getattr(g, name)}")
@@ -330,18 +404,28 @@ def validate(gpt_config, train_config):
             fail(f"--{name} must not be negative, got {getattr(t, name)}")
     if t.learning_rate <= 0:
         fail(f"--learning_rate must be positive, got {t.learning_rate}")
-    if t.weight_decay < 0 or t.grad_clip < 0 or t.peak_flops < 0:
-        fail("--weight_decay, --grad_clip and --peak_flops must not be negative")
+    for name in ("weight_decay", "grad_clip", "peak_flops"):
+        if getattr(t, name) < 0:
+            fail(f"--{name} must not be negative, got {getattr(t, name)}")
+    if t.learning_rate * t.weight_decay >= 1:  # AdamW scales weights by 1 - lr * wd every step
+        fail(f"--weight_decay {t.weight_decay:g} times --learning_rate {t.learning_rate:g} must be "
+             f"below 1: each step multiplies the weights by 1 - their product")
     if t.optimizer not in OPTIMIZERS:
         fail(f"unknown --optimizer {t.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if t.muon_learning_rate <= 0 or t.muon_weight_decay < 0 or not 0.0 <= t.muon_momentum < 1.0:
-        fail("--muon_learning_rate must be positive, --muon_weight_decay not negative and "
-             "--muon_momentum in [0, 1)")
+    if t.muon_learning_rate <= 0:
+        fail(f"--muon_learning_rate must be positive, got {t.muon_learning_rate}")
+    if t.muon_weight_decay < 0:
+        fail(f"--muon_weight_decay must not be negative, got {t.muon_weight_decay}")
+    if not 0.0 <= t.muon_momentum < 1.0:
+        fail(f"--muon_momentum must be in [0, 1), got {t.muon_momentum}")
     if not all(0.0 <= beta < 1.0 for beta in t.betas):
         fail(f"--betas must both be in [0, 1), got {t.betas[0]} {t.betas[1]}")
-    if t.lora_alpha <= 0 or not 0.0 <= t.lora_dropout < 1.0 or t.early_stop_min_delta < 0:
-        fail("--lora_alpha must be positive, --lora_dropout in [0, 1) and --early_stop_min_delta "
-             "not negative")
+    if t.lora_alpha <= 0:
+        fail(f"--lora_alpha must be positive, got {t.lora_alpha}")
+    if not 0.0 <= t.lora_dropout < 1.0:
+        fail(f"--lora_dropout must be in [0, 1), got {t.lora_dropout}")
+    if t.early_stop_min_delta < 0:
+        fail(f"--early_stop_min_delta must not be negative, got {t.early_stop_min_delta}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         fail(f"--min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if t.warmup_iters > t.max_iters:
@@ -352,10 +436,47 @@ def validate(gpt_config, train_config):
         fail(f"unknown --tokenizer {t.tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
     if t.dtype not in DTYPES:
         fail(f"unknown --dtype {t.dtype!r}; choose one of {', '.join(DTYPES)}")
-    if t.device != "auto" and t.device.split(":")[0] not in ("cpu", "cuda", "mps"):
-        fail(f"unknown --device {t.device!r}; choose auto, cpu, cuda, cuda:N or mps")
+    if t.device != "auto":
+        check_device(t.device)
+    if not 0 <= t.seed <= MAX_SEED:
+        fail(f"--seed must be in [0, {MAX_SEED}], got {t.seed}")
+    if not t.checkpoint_dir.strip():
+        fail("--checkpoint_dir must not be empty (use . for the current directory)")
     if t.resume and t.init_from:
         fail("--resume continues a run and --init_from starts a new one: give only one")
+
+
+def check_device(name):
+    """A device name: cpu, cuda, cuda:N or mps (whether this machine has it is checked later)."""
+    if not DEVICE_PATTERN.fullmatch(name):
+        fail(f"unknown --device {name!r}; choose auto, cpu, cuda, cuda:N or mps")
+
+
+def adapt_defaults(gpt_config, train_config, given):
+    """Defaults the user did not set that conflict with flags they did set give way, with a note.
+
+    `given` holds the flags the user typed. Returns the notes to print; flags the user typed
+    are never changed (a conflict between two of them is `validate`'s error).
+    """
+    notes = []
+    t, g = train_config, gpt_config
+    if "warmup_iters" not in given and t.warmup_iters > t.max_iters:
+        warmup = t.max_iters // 10
+        notes.append(f"--warmup_iters {t.warmup_iters} (the default) exceeds --max_iters "
+                     f"{t.max_iters}; using --warmup_iters {warmup}, a tenth of the run")
+        t.warmup_iters = warmup
+    if g.n_head > 0 and g.n_embd > 0 and g.n_embd % g.n_head:
+        if "n_head" not in given:
+            heads = max(h for h in range(1, g.n_head + 1) if g.n_embd % h == 0)
+            notes.append(f"--n_head {g.n_head} (the default) does not divide --n_embd {g.n_embd}; "
+                         f"using --n_head {heads}")
+            g.n_head = heads
+        elif "n_embd" not in given:
+            width = -(-g.n_embd // g.n_head) * g.n_head
+            notes.append(f"--n_embd {g.n_embd} (the default) is not divisible by --n_head "
+                         f"{g.n_head}; using --n_embd {width}")
+            g.n_embd = width
+    return notes
 
 
 def config_to_dict(config):

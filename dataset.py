@@ -164,8 +164,11 @@ def build_dataloader(windows, stop, start=0, num_workers=0, pin_memory=False):
 
 
 def _leave_interrupts_to_the_main_process(worker_id):
-    """Ctrl-C reaches every process of the terminal; the training loop, not a worker, handles it."""
+    """Ctrl-C reaches every process of the terminal, and `timeout`, schedulers and `kill -- -PGID`
+    send SIGTERM to the whole process group: the main process saves a checkpoint and shuts the
+    workers down, so a worker ignores both rather than die under the loader it feeds."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def validation_batches(tokens, block_size, batch_size, num_batches, rank=0, world_size=1):

@@ -14,6 +14,11 @@ text; bits per byte does not, so it is the figure that compares runs with differ
 Checkpoint loading is checkpoint.py's job, tokenizing dataset.py's and tokenizer.py's.
 """
 
+from config import exit_on_signals
+
+if __name__ == "__main__":
+    exit_on_signals()  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback
+
 import contextlib
 import math
 
@@ -27,7 +32,7 @@ from config import DTYPES, ArgumentParser, fail, run_main
 from dataset import get_dataset, split_tokens
 from tokencache import cached_tokens
 from model import IGNORE_INDEX
-from runtime import autocast_context, select_device, select_dtype
+from runtime import autocast_context, check_memory, select_device, select_dtype
 from scoring import piece_lengths, score_batches, summarize
 
 
@@ -43,8 +48,10 @@ def parse_evaluate_args(argv=None):
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="autocast dtype; auto = bfloat16 on recent GPUs, float32 on the CPU")
     args = parser.parse_args(argv)
-    if args.stride < 0 or args.batch_size <= 0:
-        fail("--stride must not be negative and --batch_size must be positive")
+    if args.stride < 0:
+        fail(f"--stride must not be negative, got {args.stride}")
+    if args.batch_size <= 0:
+        fail(f"--batch_size must be positive, got {args.batch_size}")
     return args
 
 
@@ -100,6 +107,15 @@ def evaluate_tokens(model, tokenizer, ids, stride=None, batch_size=32,
     return total_nats, int(num_tokens), int(num_bytes)
 
 
+def scoring_memory(gpt_config, num_tokens, stride, batch_size, device):
+    """A lower bound of one forward pass over a batch of windows, for `check_memory`: the logits
+    in float32, and a few widths of activations per token."""
+    windows = min(batch_size, math.ceil(max(num_tokens - 1, 1) / stride))
+    per_token = 4 * gpt_config.vocab_size + 4 * 4 * gpt_config.n_embd
+    return ("a batch of windows", f"--batch_size {batch_size}",
+            windows * gpt_config.block_size * per_token, device)
+
+
 def tokens_to_score(checkpoint, tokenizer, data, path):
     """(ids, description): the text of `data`, or the checkpoint's own validation split."""
     gpt_config, train_config = configs_from_checkpoint(checkpoint, path)
@@ -123,6 +139,8 @@ def main(argv=None):
         fail(f"--stride {args.stride} exceeds the model's block_size {block_size}: "
              f"tokens between windows would never be scored")
     ids, source = tokens_to_score(checkpoint, tokenizer, args.data, path)
+    check_memory([scoring_memory(model.config, len(ids), args.stride or block_size,
+                                 args.batch_size, device)])
     totals = evaluate_tokens(model, tokenizer, ids, args.stride or block_size, args.batch_size,
                              autocast=lambda: autocast_context(device, dtype))
     result = summarize(*totals)

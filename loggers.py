@@ -3,8 +3,9 @@
 Every destination receives the same records (the dicts train.py's `log_step` builds) at the same
 steps, and only rank 0 writes. TensorBoard and W&B are optional packages, imported only when asked
 for. A resumed run continues the same curves: metrics.jsonl drops the records after the resumed
-step, TensorBoard purges its points after it (`purge_step`), and W&B resumes the same run, whose id
-is kept in the checkpoint directory. What is measured, and when, is train.py's business.
+step (at its first record, so a resume that fails before then changes nothing), TensorBoard
+purges its points after it (`purge_step`), and W&B resumes the same run, whose id is kept in the
+checkpoint directory. What is measured, and when, is train.py's business.
 """
 
 import html
@@ -75,22 +76,29 @@ class MetricsLog:
 
     def __init__(self, path):
         self.path = path
+        self.resumed_step = None  # set on resume: the records after it go at the first write
 
     def write(self, record):
+        if self.resumed_step is not None:  # only a run that got this far may change the history
+            self.trim_after(self.resumed_step)
+            self.resumed_step = None
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def trim_after(self, step):
-        """Drop records after `step` so the file tells one consistent history; mark the resume."""
+        """Drop records after `step` so the file tells one consistent history; mark the resume.
+
+        A line that is not a record (the torn last line a kill during a write leaves) goes too.
+        """
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [line for line in self.path.read_text(errors="replace").splitlines()
+                if (record := _record(line)) is not None and record.get("step", 0) <= step]
         kept.append(json.dumps({"step": step, "event": "resume"}))
         self.path.write_text("\n".join(kept) + "\n")
 
     def resume(self, step):
-        self.trim_after(step)
+        self.resumed_step = step
 
     def write_sample(self, step, text):
         pass  # samples are printed; metrics.jsonl keeps numbers
@@ -174,3 +182,14 @@ class WandbLog:
     def close(self, failed=False):
         if self.run is not None:
             self.run.finish(exit_code=1 if failed else 0)
+
+
+def _record(line):
+    """The metrics record on `line`, or None for a line that is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("step", 0), (int, float)):
+        return None
+    return record

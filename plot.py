@@ -11,6 +11,11 @@ global pyplot state. matplotlib is optional; only this script needs it. What the
 is train.py's business.
 """
 
+from config import exit_on_signals
+
+if __name__ == "__main__":
+    exit_on_signals()  # Ctrl-C or SIGTERM while the imports load: one line, not a traceback
+
 import json
 import math
 from pathlib import Path
@@ -24,29 +29,43 @@ def parse_plot_args(argv=None):
     default = str(metrics_path("checkpoints"))
     parser.add_argument("metrics", nargs="?", default=default,
                         help=f"train.py's metrics file (default: {default})")
-    parser.add_argument("--out", default="loss.png", help="image to write (default: loss.png)")
+    parser.add_argument("--out", default="loss.png", help="image file to write; its suffix picks "
+                        "the format: png, svg, pdf, ... (default: loss.png)")
     parser.add_argument("--smoothing", type=float, default=0.6,
                         help="weight of the past in the smoothed training loss, in [0, 1)")
     args = parser.parse_args(argv)
-    if not 0.0 <= args.smoothing < 1.0:
+    if not 0.0 <= args.smoothing < 1.0:  # also rejects nan
         fail(f"--smoothing must be in [0, 1), got {args.smoothing}")
+    if Path(args.out).is_dir() or args.out.endswith(("/", "\\")) or not Path(args.out).name:
+        fail(f"--out {args.out} is a directory; give an image file, such as "
+             f"{Path(args.out) / 'loss.png'}")
     return args
 
 
 def read_metrics(path):
     """The series in a metrics file: {"train": [(step, loss)], "val": [...], "lr": [...],
-    "resumes": [step, ...]}. Non-finite losses (a log with no steps behind it) are left out."""
+    "resumes": [step, ...]}. Non-finite losses (a log with no steps behind it) are left out, and
+    so is a torn last line (what a run killed while writing it leaves)."""
     path = Path(path)
+    if path.is_dir():
+        fail(f"{path} is a directory; give the metrics file in it: {metrics_path(path)}")
     if not path.is_file():
         fail(f"metrics file not found: {path} (train.py writes it into --checkpoint_dir)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        fail(f"{path} is not a metrics file: it is not UTF-8 text (train.py writes JSON lines)")
+    lines = text.splitlines()
     series = {"train": [], "val": [], "lr": [], "resumes": []}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
             step = int(record["step"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError):  # int(inf): OverflowError
+            if number == len(lines) and not text.endswith("\n"):
+                break  # the torn last line of a killed run
             fail(f"{path}, line {number}: not a metrics record")
         if record.get("event") == "resume":
             series["resumes"].append(step)
@@ -104,11 +123,14 @@ def draw(series, out, smoothing=0.6, title=""):
     lr_axes.set_ylabel("learning rate")
     lr_axes.set_xlabel("step")
     lr_axes.grid(alpha=0.3)
+    out = Path(out)
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")  # what savefig would write; say so, by its name
     try:
         figure.savefig(out, dpi=100)
     except (OSError, ValueError) as error:
         fail(f"could not write {out}: {error}")
-    return Path(out)
+    return out
 
 
 def main(argv=None):

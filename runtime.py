@@ -3,7 +3,9 @@
 Shared by train.py, sample.py, evaluate.py and the benchmarks, so that every entry point picks
 devices the same way ('auto' = cuda, then mps, then cpu) and rejects a device the machine lacks
 with the same message. Under torchrun, `setup_runtime` joins the process group (NCCL on CUDA, gloo
-on the CPU) and `print0` prints on rank 0 only. What to do on the device is left to the callers.
+on the CPU) and `print0` prints on rank 0 only. `check_memory` compares what a command is about
+to allocate with the memory there is, so a size that cannot fit is one line, not a traceback or
+the kernel's OOM killer. What to do on the device is left to the callers.
 """
 
 import os
@@ -15,7 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import fail
+from config import check_device, fail
 
 # Peak dense bf16 FLOP/s (no sparsity) of common accelerators, matched against the device name.
 PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("A10G", 125e12),
@@ -68,6 +70,7 @@ def select_device(name, local_rank=0):
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    check_device(name)
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -79,6 +82,53 @@ def select_device(name, local_rank=0):
     if device.type == "mps" and not torch.backends.mps.is_available():
         fail(f"--device {name} was given but MPS is not available on this machine")
     return device
+
+
+def available_memory(device):
+    """Bytes that can still be allocated on `device`, or None when unknown.
+
+    CUDA: the free device memory. Otherwise the host's: available RAM plus free swap, capped by
+    the container's memory limit (cgroup v2 or v1) when there is one.
+    """
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as handle:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle}
+        free = info["MemAvailable"] + info.get("SwapFree", 0)
+    except (OSError, KeyError, ValueError, IndexError):
+        return None  # not Linux: no estimate, allocation failures are still caught
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as limit, open(usage_file) as usage:
+                free = min(free, int(limit.read()) - int(usage.read()))
+        except (OSError, ValueError):  # no such file, or "max": no limit
+            continue
+    return free
+
+
+def check_memory(needs):
+    """Fail, naming the flags, if any need does not fit where it is allocated.
+
+    `needs` holds (what, the flags that set it, bytes, device) lower bounds: a need that exceeds
+    the memory there is cannot fit, whatever else happens.
+    """
+    free = {}
+    for what, flags, size, where in needs:
+        if where not in free:
+            free[where] = available_memory(where)
+        if free[where] is not None and size > free[where]:
+            fail(f"{what} ({flags}) needs at least {format_bytes(size)} but {where} has "
+                 f"{format_bytes(free[where])} available; use smaller sizes")
+
+
+def format_bytes(size):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(size) < 1024 or unit == "PiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
 
 
 def select_dtype(name, device):

@@ -7,22 +7,33 @@ and the same --seed gives the same text. The model and its key/value cache live 
 the generation loop in generation.py, checkpoint loading in checkpoint.py.
 """
 
+from config import exit_on_signals
+
+if __name__ == "__main__":
+    exit_on_signals()  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback
+
 import argparse
+import math
 import sys
 
 import torch
 
 from checkpoint import add_checkpoint_arguments, checkpoint_to_load, model_from_checkpoint
-from config import ArgumentParser, fail, run_main
+from config import MAX_SEED, ArgumentParser, UserError, fail, run_main
 from generation import encode_prompt, generate_text
-from runtime import autocast_context, select_device, select_dtype, set_seed
+from runtime import autocast_context, check_memory, select_device, select_dtype, set_seed
+
+# Below this a temperature is greedy decoding in all but name, and the scaled logits overflow.
+SMALLEST_TEMPERATURE = 1e-6
 
 
 def parse_sample_args(argv=None):
     parser = ArgumentParser(description="Generate text from a trained checkpoint.",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_checkpoint_arguments(parser)
-    parser.add_argument("--prompt", default="\n", help="text the samples continue")
+    parser.add_argument("--prompt", default=None,
+                        help="text the samples continue (default: a newline, when the vocabulary "
+                        "has one)")
     parser.add_argument("--max_new_tokens", type=int, default=500)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest; 0 = all")
@@ -31,13 +42,35 @@ def parse_sample_args(argv=None):
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 0 or args.num_samples <= 0 or args.top_k < 0:
-        fail("--max_new_tokens and --top_k must not be negative, --num_samples must be positive")
-    if args.temperature < 0:
-        fail(f"--temperature must not be negative, got {args.temperature}")
-    if not 0.0 < args.top_p <= 1.0:
+    for name in ("max_new_tokens", "top_k"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.num_samples <= 0:
+        fail(f"--num_samples must be positive, got {args.num_samples}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        fail(f"--temperature must be a finite number, 0 or more, got {args.temperature}")
+    if 0 < args.temperature < SMALLEST_TEMPERATURE:
+        fail(f"--temperature {args.temperature:g} is too small to sample with; use 0 for greedy "
+             f"decoding")
+    if not 0.0 < args.top_p <= 1.0:  # also rejects nan
         fail(f"--top_p must be in (0, 1], got {args.top_p}")
+    if not 0 <= args.seed <= MAX_SEED:
+        fail(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
+    if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the terminal passed that are not UTF-8
+            fail("--prompt is not valid UTF-8 text; check the terminal's encoding")
     return args
+
+
+def default_prompt(tokenizer):
+    """A newline, where a corpus's lines start; a vocabulary without one starts from its first id."""
+    try:
+        tokenizer.encode("\n")
+    except UserError:
+        return ""
+    return "\n"
 
 
 def main(argv=None):
@@ -46,20 +79,27 @@ def main(argv=None):
     device = select_device(args.device)
     set_seed(args.seed)
     model, tokenizer, _ = model_from_checkpoint(path, device)
+    prompt = default_prompt(tokenizer) if args.prompt is None else args.prompt
+    tokens = len(prompt) + args.max_new_tokens  # at most one token per character of the prompt
+    # the ids on the device, and each token's text kept as a Python string
+    check_memory([("the generated text", f"--max_new_tokens {args.max_new_tokens}", 8 * tokens,
+                   device),
+                  ("the generated text", f"--max_new_tokens {args.max_new_tokens}", 80 * tokens,
+                   torch.device("cpu"))])
     generator = torch.Generator(device=device).manual_seed(args.seed)
     dtype = select_dtype("auto", device)
 
     def autocast():
         return autocast_context(device, dtype)
 
-    encode_prompt(tokenizer, args.prompt, device)  # a prompt the vocabulary lacks fails before output
+    encode_prompt(tokenizer, prompt, device)  # a prompt the vocabulary lacks fails before output
     if not args.checkpoint:  # evaluate.py and export.py name the file in their output
         print(f"sampling from {path}", file=sys.stderr)
     for index in range(args.num_samples):
         if index:
             sys.stdout.write("\n---------------\n")
-        sys.stdout.write(args.prompt)
-        generate_text(model, tokenizer, args.prompt, args.max_new_tokens, sys.stdout, autocast,
+        sys.stdout.write(prompt)
+        generate_text(model, tokenizer, prompt, args.max_new_tokens, sys.stdout, autocast,
                       temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                       generator=generator)
     sys.stdout.write("\n")

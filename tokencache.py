@@ -45,8 +45,10 @@ def corpus_files(path):
         if not files:
             fail(f"data directory {path} has no *.txt files")
         return files
-    if not source.is_file():
+    if not source.exists():
         fail(f"data file not found: {path}")
+    if not source.is_file():  # /dev/null, a pipe: a cache needs a file it can fingerprint
+        fail(f"--data {path} is not a regular file; give a text file or a directory of *.txt")
     return [source]
 
 

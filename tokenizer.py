@@ -242,7 +242,12 @@ def tokenizer_from_state(state):
     kind = state.get("kind") if isinstance(state, dict) else None
     try:
         if kind == "char":
-            return CharTokenizer(str(state["chars"]))
+            chars = state["chars"]
+            # saved as the sorted distinct characters: anything else would renumber the ids
+            if not isinstance(chars, str) or not chars or chars != "".join(sorted(set(chars))):
+                raise ValueError(f"'chars' must be the sorted distinct characters of the corpus, "
+                                 f"got {str(chars)[:40]!r}")
+            return CharTokenizer(chars)
         if kind == "byte":
             return ByteTokenizer()
         if kind == "bpe":

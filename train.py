@@ -14,10 +14,18 @@ checkpoints read. Notable details:
   it before the first step; --lora_rank trains low-rank adapters only (lora.py);
 - under torchrun, every rank trains on its slice of the same global batch, and only rank 0 prints
   and writes files.
+- nothing in --checkpoint_dir is replaced unless a flag says so: a new run into a directory that
+  holds a run stops before touching it (unless --overwrite), and the files a run does replace go
+  only once its first steps have passed the finite-loss check.
 The model lives in model.py, batches in dataset.py, the optimizer in optim.py, the step's
 gradients and its CUDA graph in step.py, checkpoint files and the run directory's names in
 checkpoint.py.
 """
+
+from config import exit_on_signals
+
+if __name__ == "__main__":
+    exit_on_signals()  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback
 
 import contextlib
 import math
@@ -32,12 +40,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import (best_path, check_room_for_checkpoints, configs_from_checkpoint, final_path,
-                        hold_run_directory, latest_checkpoint, load_checkpoint, load_model_state,
-                        prune_checkpoints, remove_temporary_files, save_checkpoint, step_path)
-from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, apply_args_to_configs,
-                    check_configs, config_to_dict, configs_to_toml, fail, parse_args, run_main,
-                    validate)
+from checkpoint import (best_path, check_room_for_checkpoints, configs_from_checkpoint,
+                        final_path, hold_run_directory, is_run_file, latest_checkpoint, load_checkpoint,
+                        load_model_state, prune_checkpoints, remove_temporary_files, run_files,
+                        run_files_after, save_checkpoint, step_path, tokenizer_from_checkpoint)
+from config import (ARCHITECTURE_FIELDS, EXIT_STATUS, GPTConfig, TrainConfig, adapt_defaults,
+                    apply_args_to_configs, check_configs, config_to_dict, configs_to_toml, fail,
+                    parse_args, run_main, validate)
 from dataset import (RandomWindows, build_dataloader, get_dataset, split_tokens,
                      validation_batches)
 from early_stopping import EarlyStopping
@@ -47,7 +56,8 @@ from lora import add_lora, merged_state_dict
 from model import build_model, count_parameters, crop_block_size, flops_per_token
 from optim import (base_learning_rates, configure_optimizer, current_learning_rate,
                    get_cosine_schedule_with_warmup, load_optimizer_state, set_learning_rate)
-from runtime import peak_flops, print0, random_states, restore_random_states, setup_runtime
+from runtime import (check_memory, peak_flops, print0, random_states, restore_random_states,
+                     setup_runtime)
 from scoring import piece_lengths, score_batches
 from step import device_micro_batches, forward_backward, graphed_step_for, recorder_for
 from tokenizer import tokenizer_from_state
@@ -60,7 +70,7 @@ def train(argv=None):
         # one run per directory: rank 0 writes the files, so rank 0 holds the directory
         with hold_run_directory(train_config.checkpoint_dir, enabled=runtime.is_main):
             run = build_run(gpt_config, train_config, runtime, checkpoint)
-            prepare_checkpoint_dir(run)
+            prepare_checkpoint_dir(run, checkpoint)
             if train_config.resume:
                 resume(run, checkpoint)
             record = run_loop(run)
@@ -78,6 +88,7 @@ def configure(argv=None):
     `--resume auto` resumes the newest readable step checkpoint if there is one, else starts a new
     run (from --init_from if given), so a requeued job can repeat its command; a finished run
     exits at once.
+    Every refusal happens here, before any file is touched.
     """
     args = parse_args(argv)
     gpt_config, train_config = apply_args_to_configs(args, GPTConfig(), TrainConfig())
@@ -91,38 +102,64 @@ def configure(argv=None):
     if train_config.resume and train_config.init_from:
         validate(gpt_config, train_config)  # says to give only one, before either file is read
     if train_config.resume:
-        path = train_config.resume
-        if path == "latest":
-            path = latest_checkpoint(train_config.checkpoint_dir, require_readable=True, report=print0)
-            if path is None:
-                fail(f"--resume latest: no readable gpt_step*.pt in {train_config.checkpoint_dir}")
-        checkpoint = load_checkpoint(path)
-        if "optimizer_state_dict" not in checkpoint:
-            fail(f"{path} holds weights only (a final, best or pretrained model); resume from a "
-                 f"gpt_step*.pt, or start a new run from it with --init_from")
-        saved_gpt, saved_train = configs_from_checkpoint(checkpoint, path)
-        reject_architecture_changes(given, saved_gpt, path, checkpoint["tokenizer"])
-        gpt_config, train_config = apply_args_to_configs(args, saved_gpt, saved_train)
-        train_config.resume, train_config.init_from = str(path), ""
+        gpt_config, train_config, checkpoint = configure_resume(args, train_config, automatic)
+    else:
+        if train_config.init_from:
+            gpt_config, checkpoint = configure_init_from(given, train_config)
+        for note in adapt_defaults(gpt_config, train_config, given):
+            print0(f"note: {note}")
         if automatic:
-            exit_if_finished(Path(path), checkpoint, train_config)
-    elif train_config.init_from:
-        checkpoint = load_checkpoint(train_config.init_from)
-        saved_gpt, _ = configs_from_checkpoint(checkpoint, train_config.init_from)
-        requested_block_size = given.get("block_size", saved_gpt.block_size)
-        if requested_block_size > saved_gpt.block_size:
-            fail(f"--block_size {requested_block_size} exceeds the checkpoint's "
-                 f"{saved_gpt.block_size}: position embeddings can be cropped, not invented")
-        reject_architecture_changes({k: v for k, v in given.items() if k != "block_size"},
-                                    saved_gpt, train_config.init_from, checkpoint["tokenizer"])
-        saved_gpt.block_size = requested_block_size
-        saved_gpt.dropout = given.get("dropout", saved_gpt.dropout)
-        gpt_config = saved_gpt
-        train_config.tokenizer = tokenizer_from_state(checkpoint["tokenizer"]).kind
+            replace_an_attempt_that_saved_nothing(train_config)
     check_configs(args, gpt_config, train_config)
     if given.get("print_config"):
         print0(configs_to_toml(gpt_config, train_config), end="")
         raise SystemExit(0)
+    refuse_to_replace_a_run(train_config, checkpoint)
+    return gpt_config, train_config, checkpoint
+
+
+def configure_resume(args, train_config, automatic):
+    """--resume: the checkpoint's configs with the flags given laid over its training settings.
+
+    `train_config` holds the flags over the defaults; with `automatic` (--resume auto), its
+    resume is the newest readable step checkpoint, and a finished run exits at once.
+    """
+    given = vars(args)
+    path, directory = train_config.resume, train_config.checkpoint_dir
+    if path == "latest":
+        path = latest_checkpoint(directory, require_readable=True, report=print0)
+        if path is None:
+            fail(f"--resume latest: no readable gpt_step*.pt in {directory}")
+    checkpoint = load_checkpoint(path)
+    if "optimizer_state_dict" not in checkpoint:
+        fail(f"{path} holds weights only (a final, best or pretrained model); resume from a "
+             f"gpt_step*.pt, or start a new run from it with --init_from")
+    step = checkpoint.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        fail(f"checkpoint {path} cannot be resumed: its 'step' is missing or damaged ({step!r})")
+    saved_gpt, saved_train = configs_from_checkpoint(checkpoint, path)
+    tokenizer_from_checkpoint(checkpoint, saved_gpt, path)
+    reject_architecture_changes(given, saved_gpt, path, checkpoint["tokenizer"])
+    gpt_config, train_config = apply_args_to_configs(args, saved_gpt, saved_train)
+    train_config.resume, train_config.init_from = str(path), ""
+    train_config.overwrite = given.get("overwrite", False)  # never inherited from the saved run
+    if "checkpoint_dir" not in given:  # the run continues where its checkpoint is
+        train_config.checkpoint_dir = str(Path(path).parent)
+    if automatic:  # a requeued job: whatever is left of the run, if anything, is what to do
+        exit_if_finished(Path(path), checkpoint, train_config)
+        return gpt_config, train_config, checkpoint
+    if train_config.max_iters <= step:
+        fail(f"{path} is at step {step} and --max_iters is {train_config.max_iters}: nothing is "
+             f"left to train, and nothing was changed; to train further, add a larger "
+             f"--max_iters, e.g. --max_iters {2 * step}")
+    rewinding = given["resume"] != "latest" and same_directory(path, train_config.checkpoint_dir)
+    if rewinding and not train_config.overwrite:
+        later = run_files_after(train_config.checkpoint_dir, step)
+        if later:
+            fail(f"--resume {path} goes back to step {step}, but {train_config.checkpoint_dir} "
+                 f"holds later files of the run ({list_names(later)}) that it would replace; "
+                 f"nothing was changed. Continue from the newest with --resume latest, branch off "
+                 f"into another --checkpoint_dir, or discard the later files with --overwrite true")
     return gpt_config, train_config, checkpoint
 
 
@@ -145,6 +182,76 @@ def exit_if_finished(path, checkpoint, train_config):
     print0(f"the run in {path.parent} is finished: {final.name} follows {ending}; nothing to "
            f"train ({flag} continues it)")
     raise SystemExit(0)
+
+
+def configure_init_from(given, train_config):
+    """--init_from: the checkpoint's architecture (block_size may shrink) and tokenizer."""
+    checkpoint = load_checkpoint(train_config.init_from)
+    saved_gpt, _ = configs_from_checkpoint(checkpoint, train_config.init_from)
+    requested_block_size = given.get("block_size", saved_gpt.block_size)
+    if requested_block_size > saved_gpt.block_size:
+        fail(f"--block_size {requested_block_size} exceeds the checkpoint's "
+             f"{saved_gpt.block_size}: position embeddings can be cropped, not invented")
+    reject_architecture_changes({k: v for k, v in given.items() if k != "block_size"},
+                                saved_gpt, train_config.init_from, checkpoint["tokenizer"])
+    saved_gpt.block_size = requested_block_size
+    saved_gpt.dropout = given.get("dropout", saved_gpt.dropout)
+    train_config.tokenizer = tokenizer_from_checkpoint(checkpoint, saved_gpt,
+                                                       train_config.init_from).kind
+    return saved_gpt, checkpoint
+
+
+def replace_an_attempt_that_saved_nothing(train_config):
+    """--resume auto without a checkpoint to resume: an earlier attempt of the same job that never
+    saved one left at most metrics.jsonl and gpt_best.pt, which the new attempt replaces. A
+    gpt_final.pt is another run's model: the usual refusal keeps it."""
+    t = train_config
+    existing = run_files(t.checkpoint_dir)
+    if existing and not final_path(t.checkpoint_dir).exists() and not t.overwrite:
+        print0(f"note: --resume auto: {t.checkpoint_dir} holds no checkpoint to resume, only "
+               f"{list_names(existing)} of an attempt that saved none; this run replaces them")
+        t.overwrite = True
+
+
+def refuse_to_replace_a_run(train_config, checkpoint):
+    """A run never replaces another run's files, nor the model it fine-tunes, unless told to.
+
+    The directory holds a run when it has any run file (checkpoints or metrics.jsonl). A resume
+    continues the run in its own directory; anywhere else, as for a new run, the directory must
+    hold no run, or --overwrite must say to replace it.
+    """
+    t = train_config
+    if t.init_from and is_run_file(t.init_from, t.checkpoint_dir):
+        fail(f"--init_from {t.init_from} lies in --checkpoint_dir {t.checkpoint_dir}, where this run "
+             f"writes its own checkpoints: the model being fine-tuned would be replaced; give "
+             f"another --checkpoint_dir")
+    if t.overwrite or (t.resume and same_directory(t.resume, t.checkpoint_dir)):
+        return
+    existing = run_files(t.checkpoint_dir)
+    if existing:
+        fail(f"{t.checkpoint_dir} already holds a run ({list_names(existing)}); nothing was "
+             f"changed. Continue it with --resume latest (and a larger --max_iters if it "
+             f"finished), train into another --checkpoint_dir, or replace it with --overwrite true")
+
+
+def files_replaced(train_config, step):
+    """The files of an earlier run that this run deletes when it starts (only with --overwrite)."""
+    t = train_config
+    if not t.overwrite:
+        return []
+    if t.resume and same_directory(t.resume, t.checkpoint_dir):
+        return run_files_after(t.checkpoint_dir, step)
+    return run_files(t.checkpoint_dir)
+
+
+def same_directory(path, directory):
+    return Path(path).resolve().parent == Path(directory).resolve()
+
+
+def list_names(paths, shown=4):
+    names = [Path(p).name for p in paths]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def reject_architecture_changes(given, saved_gpt, path, saved_tokenizer):
@@ -178,6 +285,9 @@ class Run:
     graphed_step: object = None  # step.GraphedStep where the step replays as a CUDA graph
     metrics: Loggers = field(init=False)  # metrics.jsonl, TensorBoard, W&B: --log_to
     early_stopping: EarlyStopping = field(init=False)  # the best validation loss so far
+    # what this run replaces in --checkpoint_dir once it starts writing (see start_writing)
+    replaced_files: list = field(default_factory=list)
+    writing: bool = False
 
     def __post_init__(self):
         t = self.train_config
@@ -200,6 +310,7 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
     t = train_config
     tokenizer, ids = tokens or load_corpus(gpt_config, t, checkpoint)
     train_tokens, val_tokens = split_tokens(ids, t.val_fraction, gpt_config.block_size)
+    check_memory(memory_needs(gpt_config, t, runtime))
     print0(f"data: {len(ids):,} tokens ({len(train_tokens):,} train, {len(val_tokens):,} "
            f"validation), {tokenizer.kind} tokenizer, vocabulary {tokenizer.vocab_size}")
     windows = RandomWindows(train_tokens, gpt_config.block_size, t.batch_size, t.seed,
@@ -218,6 +329,28 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
               scheduler, scaler)
     run.graphed_step = graphed_step_for(run, recorder)
     return run
+
+
+def memory_needs(gpt_config, train_config, runtime):
+    """Lower bounds of what a run allocates, as (what, the flags that set it, bytes, where), for
+    `check_memory` to compare with the memory there is before anything large is allocated."""
+    g, t = gpt_config, train_config
+    parameters = 12 * g.n_layer * g.n_embd**2 + (g.vocab_size + g.block_size) * g.n_embd
+    activation_bytes = torch.finfo(runtime.dtype).bits // 8
+    # per token: a dozen widths of activations saved per layer for backward, and the logits
+    per_token = 12 * g.n_layer * g.n_embd * activation_bytes + 2 * 4 * g.vocab_size
+    window_bytes = 2 * 8 * (g.block_size + 1)  # a window of int64 ids, as input and as labels
+    device, host = runtime.device, torch.device("cpu")
+    return [
+        (f"a model of {parameters:,} parameters, with its gradients and AdamW state",
+         f"--n_layer {g.n_layer}, --n_embd {g.n_embd}", 16 * parameters, device),
+        ("the activations of a batch", f"--batch_size {t.batch_size}, --block_size {g.block_size}",
+         16 * parameters + t.batch_size * g.block_size * per_token, device),
+        ("the validation set", f"--eval_batches {t.eval_batches}, --batch_size {t.batch_size}",
+         t.eval_batches * t.batch_size * runtime.world_size * window_bytes, host),
+        ("the sample printed at each evaluation", f"--sample_tokens {t.sample_tokens}",
+         t.sample_tokens * 80, host),  # the ids, and each token's text kept as a Python string
+    ]
 
 
 def load_corpus(gpt_config, train_config, checkpoint=None):
@@ -259,16 +392,19 @@ def prepare_model(gpt_config, train_config, runtime, checkpoint=None, vocab_limi
     return model, wrapped_model
 
 
-def prepare_checkpoint_dir(run):
-    """Before the first step: the directory is writable and has room; old temporary files go."""
+def prepare_checkpoint_dir(run, checkpoint=None):
+    """Before the first step: the directory is writable and has room; old temporary files go.
+
+    What the run replaces (with --overwrite) is only noted here: `start_writing` deletes it once
+    the first steps are done, so a run that fails before then has changed nothing.
+    """
     t = run.train_config
     if run.runtime.is_main:
         weights = sum(p.numel() for p in run.model.parameters())
         bytes_per_checkpoint = 4 * (weights + 2 * count_parameters(run.model)) + (1 << 20)  # + moments
         check_room_for_checkpoints(t.checkpoint_dir, bytes_per_checkpoint)
         remove_temporary_files(t.checkpoint_dir)
-        if not t.resume:  # a new run starts a new history
-            run.metrics.path.unlink(missing_ok=True)
+        run.replaced_files = files_replaced(t, int(checkpoint["step"]) if t.resume else 0)
 
 
 def resume(run, checkpoint):
@@ -306,6 +442,20 @@ def resume(run, checkpoint):
     print0(f"resumed from {path} after step {run.step}")
 
 
+def start_writing(run):
+    """The moment the run directory starts to change: before the run's first record or file.
+
+    The loop writes its first record only after the loss of its first steps was found finite
+    (or, fine-tuning, once the starting model is evaluated), so a run that fails before then has
+    deleted nothing. Now the files of the run it replaces (--overwrite) go.
+    """
+    if run.writing or not run.runtime.is_main:
+        return
+    run.writing = True
+    for path in run.replaced_files:
+        Path(path).unlink(missing_ok=True)
+
+
 class StopRequest:
     """Turns SIGINT / SIGTERM into a request to stop after the current optimizer step.
 
@@ -314,7 +464,7 @@ class StopRequest:
     all-reduce on a CPU (gloo) group, so every rank stops at the same step.
     """
 
-    EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+    EXIT_STATUS = EXIT_STATUS
 
     def __init__(self, runtime):
         self.signal_number = 0
@@ -481,6 +631,7 @@ def log_step(run, meter, step_lr, progress, evaluate):
     peak = peak_flops(t, run.runtime.device)
     if peak:
         record["mfu"] = round(flops_per_token(run.model) * tokens_per_second / peak, 4)
+    start_writing(run)  # the loss is finite: from here on the run changes its directory
     if evaluate:
         record.update(estimate_loss(run))
         keep_if_best(run, record)
@@ -515,6 +666,7 @@ def estimate_loss(run):
 def evaluate_starting_model(run):
     """Before a fine-tune's first step: the starting model's validation loss, the one to beat."""
     record = {"step": 0, **estimate_loss(run)}
+    start_writing(run)
     keep_if_best(run, record)
     run.metrics.write(record)
     print0(f"step 0 (starting model) | val_loss {record['val_loss']:.4f} "
@@ -573,8 +725,9 @@ def save_step_checkpoint(run, loss):
     state = checkpoint_state(run, loss)  # every rank takes part: random states are gathered
     path = step_path(run.train_config.checkpoint_dir, run.step)
     if run.runtime.is_main:
+        start_writing(run)  # a no-op: the log before a save has started the run's files
         save_checkpoint(state, path)
-        prune_checkpoints(run.train_config.checkpoint_dir, run.train_config.keep_last)
+        prune_checkpoints(run.train_config.checkpoint_dir, run.train_config.keep_last, run.step)
     return path
 
 
@@ -617,6 +770,7 @@ def finish(run, record):
     """The final save: weights, configs and tokenizer, no optimizer state; then the final figures."""
     path = final_path(run.train_config.checkpoint_dir)
     if run.runtime.is_main:
+        start_writing(run)
         save_checkpoint(weights_state(run, record["loss"]), path)
     if "val_loss" not in record:  # resumed at the end: the loop had nothing left to do
         record.update(estimate_loss(run))

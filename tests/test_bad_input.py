@@ -2,8 +2,10 @@
 
 Each case listed in the issue runs `python train.py ...` or `python sample.py ...` in a
 subprocess and must end with exit status 2, exactly one line on stderr, no traceback, and the
-existing checkpoints untouched. The commands would otherwise write gpt_step4.pt, gpt_step8.pt and
-gpt_final.pt, the very names already in their checkpoint directory. The subprocesses run
+existing checkpoints untouched. The training commands say --overwrite true, so they would
+otherwise delete the run already in their checkpoint directory and write gpt_step4.pt,
+gpt_step8.pt and gpt_final.pt in its place: a run that fails before it starts must not have
+deleted or written anything. The subprocesses run
 concurrently (each costs a Python start-up and a torch import); a few further cases run
 in-process through the same `run_main` wrapper that the scripts' `__main__` blocks use.
 """
@@ -41,7 +43,7 @@ def build_cases(root, trained_run):
     def train_case(data_path, *flags, expect):
         checkpoint_dir = root / f"checkpoints-{len(cases)}"
         shutil.copytree(trained_run, checkpoint_dir)
-        argv = tiny_argv(checkpoint_dir, data_path) + list(flags)
+        argv = tiny_argv(checkpoint_dir, data_path, overwrite="true") + list(flags)
         return ("train.py", argv, checkpoint_dir, expect)
 
     def sample_case(*args, expect):

@@ -35,7 +35,7 @@ def train_and_resume(checkpoint_dir, data, log_to, **flags):
     points at steps 6 and 8 are written twice and must be shown once."""
     argv = tiny_argv(checkpoint_dir, data, log_to=log_to, **flags)
     train.train(argv)
-    train.train([*argv, "--resume", str(checkpoint_dir / "gpt_step4.pt")])
+    train.train([*argv, "--resume", str(checkpoint_dir / "gpt_step4.pt"), "--overwrite", "true"])
 
 
 def test_tensorboard_shows_the_metrics_at_their_steps_once_across_a_resume(tmp_path, corpus_file):
@@ -120,10 +120,10 @@ def test_an_offline_wandb_run_holds_the_config_metrics_and_samples_and_resumes_b
 def test_the_logged_gradient_norm_is_the_norm_before_clipping(tmp_path, corpus_file):
     argv = tiny_argv(tmp_path / "run", corpus_file, max_iters=1, warmup_iters=0, log_iter=1,
                      eval_iter=1, save_iter=1, grad_clip=1e-3)
+    gpt_config, train_config, _ = train.configure(argv)  # before the run fills the directory
     train.train(argv)
     (record,) = records(tmp_path / "run")
     # the same first step by hand: same seed, same initial weights, same first batch
-    gpt_config, train_config, _ = train.configure(argv)
     run = train.build_run(gpt_config, train_config, setup_runtime(train_config))
     input_ids, labels = next(iter(run.loader))
     run.model(input_ids=input_ids, labels=labels).loss.backward()

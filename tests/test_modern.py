@@ -245,7 +245,8 @@ def test_a_resumed_muon_run_restores_the_momentum_and_both_learning_rates(muon_r
     data = write_corpus(tmp_path)
     run = train.build_run(*train.configure(["--resume", str(root / "uninterrupted" / "gpt_step4.pt"),
                                             "--data", str(data), "--muon_learning_rate", "0.04",
-                                            "--learning_rate", "0.001"])[:2],
+                                            "--learning_rate", "0.001",
+                                            "--checkpoint_dir", str(tmp_path / "branch")])[:2],
                           train.setup_runtime(TrainConfig(device="cpu")))
     assert base_learning_rates(run.optimizer, run.train_config) == [0.04, 0.001, 0.001]
 

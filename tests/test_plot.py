@@ -19,7 +19,7 @@ def resumed_run(tmp_path_factory):
     data = write_corpus(root)
     checkpoint_dir = root / "checkpoints"
     train.train(tiny_argv(checkpoint_dir, data, log_iter=1))
-    train.train(["--resume", str(checkpoint_dir / "gpt_step4.pt")])
+    train.train(["--resume", str(checkpoint_dir / "gpt_step4.pt"), "--overwrite", "true"])
     return checkpoint_dir
 
 

@@ -156,7 +156,8 @@ def test_a_signal_saves_the_step_prints_the_resume_command_and_the_resumed_run_m
 def entry_point_argv(entry_point, checkpoint, tmp_path, data):
     """(main function, argv) that makes `entry_point` load `checkpoint`."""
     if entry_point == "train --resume":
-        return train.train, ["--resume", checkpoint, "--checkpoint_dir", tmp_path / "resumed"]
+        return train.train, ["--resume", checkpoint, "--checkpoint_dir", tmp_path / "resumed",
+                             "--max_iters", 8]  # beyond the checkpoint's step 6: a step to train
     if entry_point == "train --init_from":
         return train.train, tiny_argv(tmp_path / "fine-tuned", data, init_from=checkpoint)
     if not (REPO / f"{entry_point}.py").is_file():
@@ -194,7 +195,7 @@ def test_resume_latest_skips_a_newest_checkpoint_that_would_run_code(run_copy, t
     directory, _ = run_copy
     marker = tmp_path / "code-ran"
     forge_checkpoint(directory / "gpt_step6.pt", directory / "gpt_step8.pt", marker)
-    argv = ["--resume", "latest", "--checkpoint_dir", str(directory)]
+    argv = ["--resume", "latest", "--checkpoint_dir", str(directory), "--max_iters", "7"]
     assert exit_status(train.train, argv) == 0
     output = capsys.readouterr().out
     assert "skipping gpt_step8.pt" in output and "unsafe" in output
@@ -248,7 +249,8 @@ def test_resuming_a_step_checkpoint_without_its_training_state_is_one_clear_erro
     del checkpoint[key]
     damaged = tmp_path / "damaged.pt"
     torch.save(checkpoint, damaged)
-    argv = ["--resume", str(damaged), "--checkpoint_dir", str(tmp_path / "resumed")]
+    argv = ["--resume", str(damaged), "--checkpoint_dir", str(tmp_path / "resumed"),
+            "--max_iters", "8"]
     assert exit_status(train.train, argv) == 2
     one_error_line(capsys.readouterr().err, "damaged.pt", key)
 
@@ -260,7 +262,7 @@ def test_an_absurd_learning_rate_stops_naming_the_step_and_leaves_the_good_check
     directory, _ = run_copy
     before = {name: data for name, data in snapshot(directory).items() if name.endswith(".pt")}
     argv = ["--resume", str(directory / "gpt_step6.pt"), "--checkpoint_dir", str(directory),
-            "--learning_rate", "1e30", "--max_iters", "10"]
+            "--learning_rate", "1e30", "--weight_decay", "0", "--max_iters", "10"]
     assert exit_status(train.train, argv) == 2
     line = one_error_line(capsys.readouterr().err, "--learning_rate", "lower")
     step = int(line.split(" at step ")[1].split(":")[0])

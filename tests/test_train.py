@@ -185,7 +185,7 @@ def test_resuming_an_earlier_checkpoint_rewrites_history_without_duplicate_steps
     first_weights = checkpoint_weights(checkpoint_dir / f"gpt_step{MAX_STEPS}.pt")
     assert any(step > STOP for step, *_ in first_history)
 
-    train.train(["--resume", str(checkpoint_dir / f"gpt_step{STOP}.pt")])
+    train.train(["--resume", str(checkpoint_dir / f"gpt_step{STOP}.pt"), "--overwrite", "true"])
     history = loss_history(checkpoint_dir)
     steps = [step for step, *_ in history]
     assert len(steps) == len(set(steps)) and steps == sorted(steps)

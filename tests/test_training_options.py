@@ -34,7 +34,8 @@ def test_a_compiled_run_saves_plain_keys_that_sample_and_an_uncompiled_resume_lo
     assert out.startswith("\n") and len(out[1:].removesuffix("\n")) == 10  # prompt, 10 characters
 
     monkeypatch.undo()
-    record = train.train(["--resume", str(compiled_dir / "gpt_step2.pt"), "--compile", "false"])
+    record = train.train(["--resume", str(compiled_dir / "gpt_step2.pt"), "--compile", "false",
+                          "--overwrite", "true"])  # it goes back to step 2: replaces step 4
     assert record["step"] == 4
 
 

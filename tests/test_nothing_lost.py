@@ -1,0 +1,411 @@
+"""Nothing the user has is ever lost, and every mistake gets one clear line.
+
+Each command runs the way its `__main__` block does (in-process, through `run_main`), mostly on a
+private copy of a finished tiny run, and must end with exit status 2, one `error: ` line naming
+the flag or file, and every file of the run directory byte-identical afterwards. Training
+commands that must fail say `--overwrite true` where that makes the check stronger: even a run
+allowed to replace the directory's files must not have touched them when it fails before its
+first steps. Only start-up itself and signals sent to a process group need a real subprocess.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluate
+import plot
+import sample
+import train
+from checkpoint import save_checkpoint
+from config import GPTConfig, config_to_dict
+from conftest import (REPO, exit_status, metrics_records, one_error_line, read_checkpoint,
+                      snapshot, tiny_argv, write_corpus)
+from model import build_model
+from robust_helpers import PAUSED_LINE, poison_training_losses
+
+SUBPROCESS_SECONDS = 90  # a bound for a hung run; a healthy one takes a few seconds
+
+
+@pytest.fixture
+def run_dir(trained_run, tmp_path):
+    """A private copy of the finished tiny run: gpt_step4.pt, gpt_step8.pt, gpt_final.pt, metrics."""
+    return shutil.copytree(trained_run, tmp_path / "run")
+
+
+@pytest.fixture
+def corpus(trained_run):
+    return trained_run.parent / "corpus.txt"
+
+
+def refused(capsys, main, argv, directory, *fragments):
+    """Run `main(argv)`: exit status 2, one error line holding `fragments`, `directory` unchanged."""
+    before = snapshot(directory)
+    assert exit_status(main, [str(arg) for arg in argv]) == 2
+    line = one_error_line(capsys.readouterr().err, *fragments)
+    assert snapshot(directory) == before
+    return line
+
+
+# ------------------------------------------------------------------------- the run directory
+
+@pytest.mark.parametrize("run_file", ["gpt_step4.pt", "gpt_final.pt", "gpt_best.pt",
+                                      "metrics.jsonl"])
+def test_a_new_run_into_a_directory_that_holds_a_run_stops_before_touching_it(
+        run_file, trained_run, corpus, tmp_path, capsys):
+    directory = tmp_path / "run"
+    directory.mkdir()
+    shutil.copy(trained_run / run_file.replace("best", "final"), directory / run_file)
+    (directory / "notes.txt").write_text("the user's own file")
+    refused(capsys, train.train, tiny_argv(directory, corpus), directory,
+            run_file, "--resume latest", "--checkpoint_dir", "--overwrite true")
+
+
+def test_a_resume_into_another_directory_that_holds_a_run_stops_too(run_dir, trained_run,
+                                                                    capsys):
+    argv = ["--resume", trained_run / "gpt_step4.pt", "--checkpoint_dir", run_dir]
+    refused(capsys, train.train, argv, run_dir, "already holds a run", "--overwrite true")
+
+
+def test_resume_auto_replaces_an_attempt_that_saved_nothing_but_never_a_model(
+        trained_run, corpus, tmp_path, capsys):
+    attempt = tmp_path / "attempt"  # killed before its first checkpoint: a few records only
+    attempt.mkdir()
+    (attempt / "metrics.jsonl").write_text('{"step": 2, "loss": 9.0}\n{"step": 4, "lo')
+    argv = tiny_argv(attempt, corpus, resume="auto", max_iters=4, save_iter=4)
+    assert exit_status(train.train, argv) == 0
+    assert "replaces them" in capsys.readouterr().out
+    assert [r["step"] for r in metrics_records(attempt)] == [2, 4]
+    assert metrics_records(attempt)[0]["loss"] != 9.0
+    model = tmp_path / "model"  # a gpt_final.pt and no step checkpoint: not an attempt's
+    model.mkdir()
+    shutil.copy(trained_run / "gpt_final.pt", model / "gpt_final.pt")
+    refused(capsys, train.train, tiny_argv(model, corpus, resume="auto"), model,
+            "already holds a run", "--overwrite true")
+
+
+def test_overwrite_replaces_the_old_run_and_nothing_else(run_dir, corpus):
+    (run_dir / "notes.txt").write_text("the user's own file")
+    argv = tiny_argv(run_dir, corpus, overwrite="true", max_iters=4, save_iter=2, keep_last=1)
+    assert exit_status(train.train, argv) == 0
+    assert sorted(p.name for p in run_dir.iterdir()) == ["gpt_best.pt", "gpt_final.pt",
+                                                          "gpt_step4.pt", "metrics.jsonl",
+                                                          "notes.txt"]
+    assert (run_dir / "notes.txt").read_text() == "the user's own file"
+    assert [r["step"] for r in metrics_records(run_dir)] == [2, 4]  # the new history only
+    assert read_checkpoint(run_dir / "gpt_final.pt")["step"] == 4
+
+
+def test_a_run_that_fails_at_its_first_steps_has_deleted_nothing(run_dir, corpus, monkeypatch,
+                                                                   capsys):
+    poison_training_losses(monkeypatch, {1})
+    refused(capsys, train.train, tiny_argv(run_dir, corpus, overwrite="true"), run_dir,
+            "diverged at step 1")
+
+
+def test_keep_last_prunes_only_the_runs_own_step_files(run_dir, capsys):
+    foreign = run_dir / "gpt_step100.pt"
+    foreign.write_bytes(b"not this run's checkpoint")  # --resume latest skips it
+    argv = ["--resume", "latest", "--checkpoint_dir", run_dir, "--max_iters", 10,
+            "--save_iter", 1, "--keep_last", 1]
+    assert exit_status(train.train, [str(arg) for arg in argv]) == 0
+    assert "skipping gpt_step100.pt" in capsys.readouterr().out
+    assert sorted(p.name for p in run_dir.glob("gpt_step*.pt")) == ["gpt_step10.pt",
+                                                                     "gpt_step100.pt"]
+    assert foreign.read_bytes() == b"not this run's checkpoint"
+
+
+@pytest.mark.parametrize("overwrite", ["false", "true"])
+def test_fine_tuning_never_overwrites_the_model_it_starts_from(run_dir, corpus, overwrite, capsys):
+    argv = tiny_argv(run_dir, corpus, init_from=run_dir / "gpt_final.pt", overwrite=overwrite)
+    refused(capsys, train.train, argv, run_dir, "--init_from", "another --checkpoint_dir")
+
+
+@pytest.mark.parametrize("resume, max_iters", [("gpt_step4.pt", 3), ("gpt_step4.pt", 4),
+                                               ("latest", None)])
+def test_a_resume_with_nothing_left_to_train_changes_nothing_and_says_what_to_type(
+        run_dir, resume, max_iters, capsys):
+    argv = ["--resume", run_dir / resume if resume != "latest" else resume,
+            "--checkpoint_dir", run_dir] + (["--max_iters", max_iters] if max_iters else [])
+    refused(capsys, train.train, argv, run_dir, "nothing is left to train", "--max_iters")
+
+
+def test_going_back_to_an_earlier_checkpoint_needs_overwrite(run_dir, capsys):
+    argv = ["--resume", run_dir / "gpt_step4.pt"]
+    refused(capsys, train.train, argv, run_dir, "gpt_step8.pt, gpt_final.pt", "--overwrite true")
+
+
+def test_resume_latest_tolerates_the_torn_last_line_a_kill_leaves_in_metrics(run_dir):
+    with open(run_dir / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 9, "lo')  # a kill in the middle of a write
+    argv = ["--resume", "latest", "--checkpoint_dir", str(run_dir), "--max_iters", "10"]
+    assert exit_status(train.train, argv) == 0
+    records = metrics_records(run_dir)  # every line parses
+    assert {"step": 8, "event": "resume"} in records and records[-1]["step"] == 10
+
+
+def test_the_quick_start_run_twice_says_exactly_what_to_type(run_dir, corpus, capsys):
+    first_run = tiny_argv(run_dir, corpus, seed=1)
+    refused(capsys, train.train, first_run, run_dir, "--resume latest")
+    resume = ["--resume", "latest", "--checkpoint_dir", run_dir]
+    refused(capsys, train.train, resume, run_dir, "--max_iters 16")
+    assert exit_status(train.train, [str(arg) for arg in resume + ["--max_iters", 9]]) == 0
+
+
+# ------------------------------------------------------------------------------ flag values
+
+# (flags, what the one line must name): each value passed validation or argparse misread it
+TRAIN_FLAGS = [
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
+    (["--learning_rate", "inf"], "--learning_rate must be a finite number"),
+    (["--learning_rate", "-1e-3"], "--learning_rate must be positive"),
+    (["--weight_decay", "nan"], "--weight_decay must be a finite number"),
+    (["--grad_clip", "nan"], "--grad_clip must be a finite number"),
+    (["--peak_flops", "nan"], "--peak_flops must be a finite number"),
+    (["--weight_decay", "1e4"], "--weight_decay"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**32)], "--seed"),
+    (["--device", "cpu:abc"], "--device"),
+    (["--device", "cuda:x"], "--device"),
+    (["--checkpoint_dir", ""], "--checkpoint_dir"),
+    (["--data", "/dev/null"], "not a regular file"),
+]
+
+
+@pytest.mark.parametrize("flags, named", TRAIN_FLAGS, ids=lambda v: " ".join(v)
+                         if isinstance(v, list) else None)
+def test_a_bad_train_flag_is_one_line_naming_it(run_dir, corpus, flags, named, capsys):
+    argv = tiny_argv(run_dir, corpus, overwrite="true") + flags
+    refused(capsys, train.train, argv, run_dir, named)
+
+
+SIZES = [
+    (["--n_embd", "2000000"], "--n_embd 2000000"),
+    (["--batch_size", "2000000000"], "--batch_size 2000000000"),
+    (["--eval_batches", str(10**12)], f"--eval_batches {10**12}"),
+    (["--sample_tokens", str(10**14)], f"--sample_tokens {10**14}"),
+]
+
+
+@pytest.mark.parametrize("flags, named", SIZES, ids=lambda v: v[0] if isinstance(v, list) else None)
+def test_a_size_that_cannot_fit_is_one_line_before_anything_is_allocated(
+        run_dir, corpus, flags, named, capsys):
+    argv = tiny_argv(run_dir, corpus, overwrite="true") + flags
+    refused(capsys, train.train, argv, run_dir, named, "available")
+
+
+@pytest.mark.parametrize("error", [MemoryError(), torch.OutOfMemoryError("CUDA out of memory."),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory")],
+                         ids=["MemoryError", "OutOfMemoryError", "CPU allocator"])
+def test_an_allocation_failure_is_one_line(run_dir, corpus, error, monkeypatch, capsys):
+    def build_model_that_does_not_fit(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(train, "build_model", build_model_that_does_not_fit)
+    refused(capsys, train.train, tiny_argv(run_dir, corpus, overwrite="true"), run_dir,
+            "out of memory")
+
+
+SAMPLE_FLAGS = [
+    (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "inf"], "--temperature"),
+    (["--max_new_tokens", "-5"], "--max_new_tokens"),
+    (["--top_k", "-3"], "--top_k"),
+    (["--num_samples", "0"], "--num_samples"),
+    (["--prompt", "caf\udce9"], "--prompt"),  # how Python receives the bytes caf\xe9
+    (["--seed", "-1"], "--seed"),
+    (["--device", "cpu:abc"], "--device"),
+    (["--max_new_tokens", str(10**14)], "--max_new_tokens"),
+]
+
+
+@pytest.mark.parametrize("flags, named", SAMPLE_FLAGS, ids=lambda v: v[0] if isinstance(v, list)
+                         else None)
+def test_a_bad_sample_flag_is_one_line_naming_it_alone(run_dir, flags, named, capsys):
+    line = refused(capsys, sample.main, ["--checkpoint_dir", run_dir] + flags, run_dir, named)
+    others = {"--max_new_tokens", "--top_k", "--num_samples"} - {named}
+    assert not [flag for flag in others if flag in line]
+
+
+@pytest.mark.parametrize("flags, named", [(["--device", "cuda:x"], "--device"),
+                                          (["--stride", "-1"], "--stride"),
+                                          (["--batch_size", "0"], "--batch_size")],
+                         ids=["device", "stride", "batch_size"])
+def test_a_bad_evaluate_flag_is_one_line_naming_it_alone(run_dir, flags, named, capsys):
+    line = refused(capsys, evaluate.main, ["--checkpoint_dir", run_dir] + flags, run_dir, named)
+    assert not [flag for flag in {"--stride", "--batch_size"} - {named} if flag in line]
+
+
+# ----------------------------------------------------------------------- defaults that adapt
+
+@pytest.mark.parametrize("flags, field, value", [
+    (["--max_iters", "30"], "warmup_iters", 3),
+    (["--n_embd", "30"], "n_head", 3),
+    (["--n_head", "3"], "n_embd", 129),
+])
+def test_a_default_that_conflicts_with_a_flag_given_adapts_and_says_so(flags, field, value,
+                                                                        tmp_path, capsys):
+    gpt_config, train_config, _ = train.configure(flags + ["--checkpoint_dir", str(tmp_path)])
+    config = gpt_config if hasattr(gpt_config, field) else train_config
+    assert getattr(config, field) == value
+    assert f"note: --{field}" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------- files that are not right
+
+def damage_checkpoint(source, destination, damage):
+    checkpoint = read_checkpoint(source)
+    damage(checkpoint)
+    torch.save(checkpoint, destination)
+    return destination
+
+
+DAMAGES = {
+    "empty char vocabulary": (lambda c: c["tokenizer"].update(chars=""), "chars"),
+    "vocabulary longer than the model's": (
+        lambda c: c["tokenizer"].update(chars="".join(sorted(set(c["tokenizer"]["chars"]) | {
+            chr(0x4E00 + i) for i in range(64)}))), "vocabulary"),
+    "betas 'ab'": (lambda c: c["train_config"].update(betas="ab"), "betas"),
+    "n_head 'two'": (lambda c: c["gpt_config"].update(n_head="two"), "n_head"),
+}
+
+
+@pytest.mark.parametrize("entry_point", ["sample", "train --resume"])
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_checkpoint_config_is_checked_as_strictly_as_a_flag(
+        run_dir, tmp_path, damage, entry_point, capsys):
+    change, named = DAMAGES[damage]
+    damaged = damage_checkpoint(run_dir / "gpt_step8.pt", tmp_path / "damaged.pt", change)
+    if entry_point == "sample":
+        main, argv = sample.main, ["--checkpoint", damaged]
+    else:
+        main, argv = train.train, ["--resume", damaged, "--max_iters", 12,
+                                   "--checkpoint_dir", tmp_path / "resumed"]
+    refused(capsys, main, argv, run_dir, "damaged.pt", named)
+
+
+@pytest.mark.parametrize("main, argv_of, named", [
+    (sample.main, lambda d, text: ["--checkpoint", text], "is not a checkpoint"),
+    (sample.main, lambda d, text: ["--checkpoint", d], "is a directory"),
+    (train.train, lambda d, text: ["--resume", d], "is a directory"),
+], ids=["text file", "directory to sample", "directory to resume"])
+def test_a_file_that_is_not_a_checkpoint_is_called_what_it_is(run_dir, tmp_path, main, argv_of,
+                                                               named, capsys):
+    text = tmp_path / "notes.pt"
+    text.write_text("these are my notes\n")  # 19 bytes
+    refused(capsys, main, argv_of(run_dir, text), run_dir, named)
+
+
+def test_a_corpus_of_one_repeated_character_samples_with_no_prompt(tmp_path, capsys):
+    gpt_config = GPTConfig(vocab_size=1, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    checkpoint = {"step": 1, "loss": 0.0, "model_state_dict": build_model(gpt_config).state_dict(),
+                  "gpt_config": config_to_dict(gpt_config), "tokenizer": {"kind": "char",
+                                                                           "chars": "a"}}
+    save_checkpoint(checkpoint, tmp_path / "gpt_final.pt")
+    assert exit_status(sample.main, ["--checkpoint_dir", str(tmp_path),
+                                     "--max_new_tokens", "5"]) == 0
+    assert capsys.readouterr().out == "aaaaa\n"
+
+
+# ------------------------------------------------------------------------------------ plot.py
+
+@pytest.mark.parametrize("content, named", [
+    (bytes(range(256)) * 4, "not UTF-8"),
+    (b'{"step": 1, "loss": 2.0}\n{"step": Infinity, "loss": 1.0}\n', "line 2"),
+], ids=["random bytes", "step Infinity"])
+def test_plot_names_a_file_that_is_not_metrics(tmp_path, content, named, capsys):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(content)
+    refused(capsys, plot.main, [metrics, "--out", tmp_path / "loss.png"], tmp_path, named)
+
+
+def test_plot_out_a_directory_is_one_line(run_dir, tmp_path, capsys):
+    refused(capsys, plot.main, [run_dir / "metrics.jsonl", "--out", tmp_path], tmp_path, "--out")
+
+
+def test_plot_tolerates_a_torn_last_line_and_names_the_file_it_wrote(run_dir, tmp_path, capsys):
+    with open(run_dir / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 9, "lo')
+    assert exit_status(plot.main, [str(run_dir / "metrics.jsonl"), "--out",
+                                   str(tmp_path / "loss")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'loss.png'}\n"
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+# ---------------------------------------------------------------------------------- signals
+
+@pytest.mark.parametrize("number, status, line", [(signal.SIGINT, 130, "interrupted"),
+                                                  (signal.SIGTERM, 143, "terminated")],
+                         ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_set_up_is_one_line_and_its_exit_status(run_dir, corpus, number, status,
+                                                                line, monkeypatch, capfd):
+    def signalled_while_loading(*args):
+        os.kill(os.getpid(), number)
+
+    monkeypatch.setattr(train, "load_corpus", signalled_while_loading)
+    before = snapshot(run_dir)
+    assert exit_status(train.train, tiny_argv(run_dir, corpus, overwrite="true")) == status
+    assert capfd.readouterr().err == f"{line}\n"  # written to the file descriptor itself
+    assert snapshot(run_dir) == before
+
+
+# Runs train.py as `python train.py` does, but delivers the signal while `import torch` runs.
+SIGNAL_DURING_IMPORT = """
+import importlib.abc, os, runpy, sys
+class SignalWhenTorchIsImported(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), {number})
+sys.meta_path.insert(0, SignalWhenTorchIsImported())
+sys.path.insert(0, {repo!r})
+sys.argv = ["train.py"]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("number, status, line", [(signal.SIGINT, 130, "interrupted"),
+                                                  (signal.SIGTERM, 143, "terminated")],
+                         ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_torch_is_imported_is_one_line_not_a_traceback(number, status, line,
+                                                                      tmp_path):
+    code = SIGNAL_DURING_IMPORT.format(number=int(number), repo=str(REPO),
+                                       script=str(REPO / "train.py"))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=SUBPROCESS_SECONDS)
+    assert (result.returncode, result.stderr) == (status, f"{line}\n")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_sigterm_to_the_whole_process_group_with_a_worker_saves_and_exits_143(tmp_path):
+    data = write_corpus(tmp_path)
+    checkpoint_dir = tmp_path / "checkpoints"
+    argv = tiny_argv(checkpoint_dir, data, max_iters=50, save_iter=2, log_iter=1, num_workers=1)
+    # after gpt_step2.pt is saved the run waits for a signal, its DataLoader worker alive
+    command = [sys.executable, str(REPO / "tests" / "robust_helpers.py"), "pause-after-save", "2",
+               *argv]
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr,
+                                   text=True, start_new_session=True,
+                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        try:
+            for line in process.stdout:
+                if line.startswith(PAUSED_LINE):
+                    os.killpg(process.pid, signal.SIGTERM)  # what `timeout` and schedulers do
+                    break
+            output = process.stdout.read()
+            status = process.wait(timeout=SUBPROCESS_SECONDS)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.stdout.close()
+    errors = (tmp_path / "stderr.txt").read_text()
+    assert status == 143, errors
+    assert "stopped by SIGTERM after step 3" in output
+    assert read_checkpoint(checkpoint_dir / "gpt_step3.pt")["step"] == 3
+    for sign_of_trouble in ("Traceback", "Exception ignored", "killed by signal", "Error"):
+        assert sign_of_trouble not in errors
