@@ -226,7 +226,9 @@ class GPT(nn.Module):
             cache.length += time
         x = self.ln_f(x)
         if labels is not None and not return_logits:
-            loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, labels.flatten(),
+            # the head's padded rows (see vocab_limit) are left out: no probability for them
+            loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight[:self.vocab_limit],
+                                        labels.flatten(),
                                         _activation_dtype(x.device, self.lm_head.weight),
                                         IGNORE_INDEX)
             return GPTOutput(logits=None, loss=loss)

@@ -6,6 +6,7 @@ run saves (weights, `gpt_config`, tokenizer), so checkpoint.py hands it to train
 sample.py, evaluate.py and export.py as if it had been read from a file. Notable details:
 - GPT-2 stores its linear layers as `Conv1D`, whose weight is the transpose of `nn.Linear`'s;
   its `gelu_new` is the tanh GELU of model.py written out, and its LayerNorm eps is ours (1e-5);
+  export.py's GPT-2 variants (ReLU², an untied head) come back as they went out;
 - a BPE vocabulary is padded to a multiple of 64, as a trained one is: padded ids are never
   sampled nor predicted (model.py's `vocab_limit`);
 - the tokenizer is read from `tokenizer.json` (or `vocab.json` + `merges.txt`) with `tokenizers`
@@ -54,7 +55,7 @@ def checkpoint_from_pretrained(source):
         fail(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
              f"{settings['vocab_size']}")
     gpt_config = gpt_config_from(settings, source)
-    if tokenizer.kind == "bpe":  # as a trained BPE vocabulary is (export.py's char and byte are not)
+    if tokenizer.kind == "bpe":  # as a trained one is (export.py's char and byte ones are not)
         gpt_config.vocab_size = (settings["vocab_size"] + 63) // 64 * 64
     state = model_state_from(read_weights(directory), gpt_config, source)
     return {"model_state_dict": state, "gpt_config": config_to_dict(gpt_config),
@@ -105,22 +106,24 @@ def gpt_config_from(settings, source):
     if settings.get("model_type") != "gpt2":
         fail(f"{source} holds a {settings.get('model_type')!r} model; only GPT-2 models "
              f"(model_type 'gpt2') map onto this project's GPT")
-    n_embd = settings["n_embd"]
+    n_embd, activation = settings["n_embd"], settings.get("activation_function", "gelu_new")
     fits = {
-        "activation_function": settings.get("activation_function", "gelu_new") in TANH_GELUS,
+        "activation_function": activation in TANH_GELUS or activation == "relu2",
         "layer_norm_epsilon": math.isclose(settings.get("layer_norm_epsilon", 1e-5), 1e-5),
         "n_inner": settings.get("n_inner") in (None, 4 * n_embd),
         "scale_attn_weights": settings.get("scale_attn_weights", True) is True,
         "scale_attn_by_inverse_layer_idx": not settings.get("scale_attn_by_inverse_layer_idx"),
         "add_cross_attention": not settings.get("add_cross_attention"),
-        "tie_word_embeddings": settings.get("tie_word_embeddings", True) is True,
     }
     for name, fit in fits.items():
         if not fit:
             fail(f"{source}: {name}={settings.get(name)!r} has no equivalent in this project's "
-                 f"GPT (GPT-2's tanh GELU, LayerNorm eps 1e-5, MLP width 4 x n_embd, tied head)")
-    return GPTConfig(vocab_size=settings["vocab_size"], block_size=settings["n_positions"], n_layer=settings["n_layer"],
-                     n_head=settings["n_head"], n_embd=n_embd, dropout=0.0, bias=True)
+                 f"GPT (GPT-2's tanh GELU or ReLU², LayerNorm eps 1e-5, MLP width 4 x n_embd)")
+    # the other settings are model.py's defaults: GPT-2's learned positions and LayerNorm
+    return GPTConfig(vocab_size=settings["vocab_size"], block_size=settings["n_positions"],
+                     n_layer=settings["n_layer"], n_head=settings["n_head"], n_embd=n_embd,
+                     dropout=0.0, bias=True, mlp="relu2" if activation == "relu2" else "gelu",
+                     tie_embeddings=settings.get("tie_word_embeddings", True) is not False)
 
 
 def read_weights(directory):
@@ -152,12 +155,16 @@ def model_state_from(weights, gpt_config, source):
             fail(f"{source}: the weights lack {name!r}, which a GPT-2 has")
         return weights[name].to(torch.float32)
 
-    embedding = take("wte.weight")
-    # Padded rows start as the mean real row: the logit they get is an average one, so even a
-    # model exported back to Hugging Face (which does not know they are padding) never favours them.
-    padding = embedding.new_empty(gpt_config.vocab_size - embedding.size(0), embedding.size(1))
-    embedding = torch.cat([embedding, padding.copy_(embedding.mean(0))])
-    state = {"token_embedding.weight": embedding, "lm_head.weight": embedding,
+    def padded(matrix):
+        # Padded rows start as the mean real row: the logit they get is an average one, so even a
+        # model exported back to Hugging Face (which does not know they are padding) never
+        # favours them.
+        rows = matrix.new_empty(gpt_config.vocab_size - matrix.size(0), matrix.size(1))
+        return torch.cat([matrix, rows.copy_(matrix.mean(0))])
+
+    embedding = padded(take("wte.weight"))
+    head = embedding if gpt_config.tie_embeddings else padded(take("lm_head.weight"))
+    state = {"token_embedding.weight": embedding, "lm_head.weight": head,
              "position_embedding.weight": take("wpe.weight"),
              "ln_f.weight": take("ln_f.weight"), "ln_f.bias": take("ln_f.bias")}
     for index in range(gpt_config.n_layer):
@@ -167,7 +174,7 @@ def model_state_from(weights, gpt_config, source):
                 state[f"{ours}.{our_name}.{part}"] = take(f"{theirs}.{their_name}.{part}")
         for their_name, our_name in CONV1DS.items():
             weight = take(f"{theirs}.{their_name}.weight")
-            state[f"{ours}.{our_name}.weight"] = weight.t().contiguous()  # Conv1D: x @ W, not x @ W.T
+            state[f"{ours}.{our_name}.weight"] = weight.t().contiguous()  # Conv1D: x @ W
             state[f"{ours}.{our_name}.bias"] = take(f"{theirs}.{their_name}.bias")
     return state
 

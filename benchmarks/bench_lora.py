@@ -1,4 +1,4 @@
-"""Full fine-tune versus LoRA: `python benchmarks/bench_lora.py [--device cuda] [--batch_size B ...]`.
+"""Full fine-tune versus LoRA: `python benchmarks/bench_lora.py [--device cuda] [--batch_size B]`.
 
 The GPT-2 124M shape (12 layers, width 768, 12 heads, vocabulary 50304; random weights, synthetic
 tokens: no download) trained both ways by train.py's own Run (`build_run`, which adds the adapters

@@ -1,4 +1,4 @@
-"""A Hugging Face GPT-2 is a checkpoint: --init_from and --checkpoint take a directory or a model id.
+"""A Hugging Face GPT-2 is a checkpoint: --init_from and --checkpoint take a directory or model id.
 
 Every model here is a tiny random GPT-2 made by `transformers` and saved to a temporary directory
 with a tiny BPE tokenizer: no network, no download.
@@ -58,14 +58,17 @@ def test_padded_ids_are_never_scored_nor_sampled_even_with_the_largest_logits(gp
     directory, theirs = gpt2_dir
     ours, tokenizer, _ = model_from_checkpoint(directory)
     padded_rows = ours.token_embedding.weight[VOCAB:]
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # padded logits now dwarf the real ones
-        padded_rows.copy_(100 * torch.randn(padded_rows.shape, generator=torch.Generator().manual_seed(0)))
-        ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(2))
+        padded_rows.copy_(100 * torch.randn(padded_rows.shape, generator=generator))
+        ids = torch.randint(0, VOCAB, (2, 32), generator=generator)
         assert (ours(ids).logits.argmax(-1) >= VOCAB).all()
-        our_loss = ours(ids[:, :-1], labels=ids[:, 1:]).loss
+        their_loss = theirs(ids, labels=ids).loss.item()
+        for fused in (False, True):  # the plain loss, and the chunked one training and scoring use
+            our_loss = ours(ids[:, :-1], labels=ids[:, 1:], return_logits=not fused).loss
+            assert our_loss.item() == pytest.approx(their_loss, abs=1e-5), fused
         drawn = ours.generate(ids[:1, :4], 100, vocab_limit=tokenizer.vocab_size,
-                              generator=torch.Generator().manual_seed(0))
-    assert our_loss.item() == pytest.approx(theirs(ids, labels=ids).loss.item(), abs=1e-5)
+                              generator=generator)
     assert drawn.max() < VOCAB
 
 
@@ -88,8 +91,9 @@ def test_init_from_a_directory_fine_tunes_from_its_evaluated_start_and_lowers_va
     directory, _ = gpt2_dir
     data = write_corpus(tmp_path)
     run_dir = tmp_path / "tuned"
-    train.train(tiny_argv(run_dir, data, init_from=directory, n_layer=2, max_iters=20, warmup_iters=2, learning_rate=1e-2, eval_iter=20,
-                          save_iter=20, log_iter=20))
+    train.train(tiny_argv(run_dir, data, init_from=directory, n_layer=2, max_iters=20,
+                          warmup_iters=2, learning_rate=1e-2, eval_iter=20, save_iter=20,
+                          log_iter=20))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     start, end = records[0], records[-1]
     assert start["step"] == 0 and end["step"] == 20
@@ -116,11 +120,21 @@ def test_sample_takes_the_directory_and_its_tokenizer(gpt2_dir, capsys):
     assert text.startswith("the quick") and len(text) > len("the quick\n")
 
 
-@pytest.mark.parametrize("source", ["gpt2", "char run"])
-def test_export_then_import_then_export_gives_identical_tensors(source, gpt2_dir, trained_run,
-                                                                tmp_path):
+@pytest.fixture(scope="module")
+def relu2_untied_run(tmp_path_factory):
+    """A tiny byte-level run with GPT-2's other exportable options: ReLU² and an untied head."""
+    root = tmp_path_factory.mktemp("relu2-untied")
+    train.train(tiny_argv(root / "run", write_corpus(root), tokenizer="byte", mlp="relu2",
+                          tie_embeddings="false", max_iters=2, eval_iter=2, save_iter=2))
+    return root / "run" / "gpt_final.pt"
+
+
+@pytest.mark.parametrize("source", ["gpt2", "char run", "byte relu2 untied run"])
+def test_export_then_import_then_export_gives_identical_tensors(source, request, tmp_path):
     from safetensors.torch import load_file
-    start = gpt2_dir[0] if source == "gpt2" else trained_run / "gpt_final.pt"
+    start = {"gpt2": lambda: request.getfixturevalue("gpt2_dir")[0],
+             "char run": lambda: request.getfixturevalue("trained_run") / "gpt_final.pt",
+             "byte relu2 untied run": lambda: request.getfixturevalue("relu2_untied_run")}[source]()
     first = export.export(start, tmp_path / "first")
     second = export.export(first, tmp_path / "second")  # the export is read back as a checkpoint
     tensors_first = load_file(first / "model.safetensors")
