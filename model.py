@@ -226,11 +226,11 @@ class GPT(nn.Module):
             cache.length += time
         x = self.ln_f(x)
         if labels is not None and not return_logits:
-            # the head's padded rows (see vocab_limit) are left out: no probability for them
-            loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight[:self.vocab_limit],
-                                        labels.flatten(),
-                                        _activation_dtype(x.device, self.lm_head.weight),
-                                        IGNORE_INDEX)
+            head = self.lm_head.weight
+            if self.vocab_limit < head.size(0):  # the padded rows take no probability mass
+                head = head[:self.vocab_limit]
+            loss = linear_cross_entropy(x.flatten(0, 1), head, labels.flatten(),
+                                        _activation_dtype(x.device, head), IGNORE_INDEX)
             return GPTOutput(logits=None, loss=loss)
         logits = self.lm_head(x)
         loss = None

@@ -16,9 +16,10 @@ import fused_loss
 import step
 import train
 from checkpoint import load_checkpoint
-from config import TrainConfig
+from config import GPTConfig, TrainConfig
 from conftest import (checkpoint_weights, metrics_records, read_checkpoint, tiny_argv, tiny_model,
                       write_corpus)
+from model import build_model
 from runtime import setup_runtime
 from test_cuda import assert_equal_nested
 
@@ -188,6 +189,17 @@ def test_the_fused_loss_matches_the_plain_loss_and_its_gradients(
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         scored = model(input_ids=x, labels=y, return_logits=False).loss  # scoring: no gradients
     assert scored.item() == fused.loss.item()
+
+
+def test_the_fused_loss_leaves_padded_ids_out_as_the_plain_loss_does():
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32),
+                        vocab_limit=50).train()  # ids 50 to 63 only pad the vocabulary
+    x, y = torch.randint(0, 50, (2, 4, 16))
+    plain, plain_gradients = loss_and_gradients(model, x, y, torch.float32, return_logits=True)
+    fused, fused_gradients = loss_and_gradients(model, x, y, torch.float32, return_logits=False)
+    assert fused.loss.item() == pytest.approx(plain.loss.item(), abs=1e-6)
+    torch.testing.assert_close(fused_gradients, plain_gradients)
 
 
 def test_the_fused_loss_traces_into_one_compiled_graph(monkeypatch):
