@@ -135,6 +135,26 @@ def test_a_resume_in_the_same_process_records_the_step_again(tmp_path, recorders
         assert_equal_nested(first_pass[key], second_pass[key], key)
 
 
+class FailingRecorder(step.CallRecorder):
+    """A recorder whose recording fails, as a CUDA graph does when a kernel cannot be captured."""
+
+    def record(self, step_function):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+
+def test_a_step_that_cannot_be_recorded_runs_eagerly_with_a_note(tmp_path, monkeypatch, capsys):
+    data = write_corpus(tmp_path)
+    monkeypatch.setattr(train, "recorder_for", lambda device: FailingRecorder())
+    train.train(tiny_argv(tmp_path / "unrecordable", data))
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: the training step could not be recorded as a CUDA graph (RuntimeError: "
+                     "operation not permitted when stream is capturing); it runs eagerly from "
+                     "here on"]
+    train.train(tiny_argv(tmp_path / "eager", data, cuda_graphs="false"))
+    assert_same_state(tmp_path / "unrecordable" / "gpt_step8.pt",
+                      tmp_path / "eager" / "gpt_step8.pt")
+
+
 @pytest.mark.parametrize("flags, dtype, world_size", [
     (dict(cuda_graphs=False), torch.bfloat16, 1),
     ({}, torch.float16, 1),
