@@ -36,6 +36,8 @@ def parse_plot_args(argv=None):
     args = parser.parse_args(argv)
     if not 0.0 <= args.smoothing < 1.0:  # also rejects nan
         fail(f"--smoothing must be in [0, 1), got {args.smoothing}")
+    if not args.out.strip():
+        fail("--out must not be empty; give an image file, such as loss.png")
     if Path(args.out).is_dir() or args.out.endswith(("/", "\\")) or not Path(args.out).name:
         fail(f"--out {args.out} is a directory; give an image file, such as "
              f"{Path(args.out) / 'loss.png'}")
@@ -49,8 +51,10 @@ def read_metrics(path):
     path = Path(path)
     if path.is_dir():
         fail(f"{path} is a directory; give the metrics file in it: {metrics_path(path)}")
-    if not path.is_file():
+    if not path.exists():
         fail(f"metrics file not found: {path} (train.py writes it into --checkpoint_dir)")
+    if not path.is_file():
+        fail(f"{path} is not a regular file; give the metrics.jsonl that train.py writes")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:

@@ -41,9 +41,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import (best_path, check_room_for_checkpoints, configs_from_checkpoint,
-                        final_path, hold_run_directory, is_run_file, latest_checkpoint, load_checkpoint,
-                        load_model_state, prune_checkpoints, remove_temporary_files, run_files,
-                        run_files_after, save_checkpoint, step_path, tokenizer_from_checkpoint)
+                        final_path, hold_run_directory, is_run_file, latest_checkpoint,
+                        load_checkpoint, load_model_state, prune_checkpoints,
+                        remove_temporary_files, run_files, run_files_after, save_checkpoint,
+                        saved_step, step_checkpoints, step_path, tokenizer_from_checkpoint)
 from config import (ARCHITECTURE_FIELDS, EXIT_STATUS, GPTConfig, TrainConfig, adapt_defaults,
                     apply_args_to_configs, check_configs, config_to_dict, configs_to_toml, fail,
                     parse_args, run_main, validate)
@@ -229,9 +230,25 @@ def refuse_to_replace_a_run(train_config, checkpoint):
         return
     existing = run_files(t.checkpoint_dir)
     if existing:
+        ways = ["train into another --checkpoint_dir",
+                "replace it with --overwrite true"]
+        resume = resume_command(t.checkpoint_dir)
+        if resume:
+            ways.insert(0, f"continue it with {resume}")
+        first = ", ".join(ways[:-1])
         fail(f"{t.checkpoint_dir} already holds a run ({list_names(existing)}); nothing was "
-             f"changed. Continue it with --resume latest (and a larger --max_iters if it "
-             f"finished), train into another --checkpoint_dir, or replace it with --overwrite true")
+             f"changed. {first[0].upper()}{first[1:]}, or {ways[-1]}")
+
+
+def resume_command(directory):
+    """The flags that continue the run in `directory`, or None if it has no step checkpoint."""
+    if not step_checkpoints(directory):
+        return None
+    final = final_path(directory)
+    finished_at = saved_step(final) if final.is_file() else None
+    if finished_at:  # the run is over: it continues only with more steps
+        return f"--resume latest --max_iters {2 * finished_at}"
+    return "--resume latest"
 
 
 def files_replaced(train_config, step):

@@ -61,8 +61,9 @@ def test_a_new_run_into_a_directory_that_holds_a_run_stops_before_touching_it(
     directory.mkdir()
     shutil.copy(trained_run / run_file.replace("best", "final"), directory / run_file)
     (directory / "notes.txt").write_text("the user's own file")
-    refused(capsys, train.train, tiny_argv(directory, corpus), directory,
-            run_file, "--resume latest", "--checkpoint_dir", "--overwrite true")
+    line = refused(capsys, train.train, tiny_argv(directory, corpus), directory,
+                   run_file, "another --checkpoint_dir", "--overwrite true")
+    assert ("--resume latest" in line) == (run_file == "gpt_step4.pt")  # only a step file resumes
 
 
 def test_a_resume_into_another_directory_that_holds_a_run_stops_too(run_dir, trained_run,
@@ -150,10 +151,11 @@ def test_resume_latest_tolerates_the_torn_last_line_a_kill_leaves_in_metrics(run
 
 def test_the_quick_start_run_twice_says_exactly_what_to_type(run_dir, corpus, capsys):
     first_run = tiny_argv(run_dir, corpus, seed=1)
-    refused(capsys, train.train, first_run, run_dir, "--resume latest")
+    refused(capsys, train.train, first_run, run_dir, "Continue it with --resume latest "
+            "--max_iters 16,")  # the run finished at step 8
     resume = ["--resume", "latest", "--checkpoint_dir", run_dir]
     refused(capsys, train.train, resume, run_dir, "--max_iters 16")
-    assert exit_status(train.train, [str(arg) for arg in resume + ["--max_iters", 9]]) == 0
+    assert exit_status(train.train, [str(arg) for arg in resume + ["--max_iters", 16]]) == 0
 
 
 # ------------------------------------------------------------------------------ flag values
@@ -323,8 +325,13 @@ def test_plot_names_a_file_that_is_not_metrics(tmp_path, content, named, capsys)
     refused(capsys, plot.main, [metrics, "--out", tmp_path / "loss.png"], tmp_path, named)
 
 
-def test_plot_out_a_directory_is_one_line(run_dir, tmp_path, capsys):
-    refused(capsys, plot.main, [run_dir / "metrics.jsonl", "--out", tmp_path], tmp_path, "--out")
+@pytest.mark.parametrize("metrics, out, named", [
+    ("metrics.jsonl", "DIR", "--out"), ("metrics.jsonl", "", "--out must not be empty"),
+    ("/dev/null", "loss.png", "not a regular file")], ids=["out a directory", "out empty",
+                                                          "metrics /dev/null"])
+def test_plot_names_the_argument_that_is_wrong(run_dir, tmp_path, metrics, out, named, capsys):
+    argv = [run_dir / metrics, "--out", tmp_path if out == "DIR" else out and tmp_path / out]
+    refused(capsys, plot.main, argv, tmp_path, named)
 
 
 def test_plot_tolerates_a_torn_last_line_and_names_the_file_it_wrote(run_dir, tmp_path, capsys):
