@@ -31,8 +31,9 @@ def scalars(record):
 class Loggers:
     """The destinations --log_to names, fed the same records; on ranks other than 0, none.
 
-    Used as a context manager around the loop: TensorBoard and W&B open on entry (after a resume,
-    so they know its step) and close on exit.
+    Used as a context manager around the loop: W&B starts its run on entry, so a problem with it
+    shows before the first step, and everything closes on exit. Files already in the run directory
+    change only from the first record on, so a run that fails before then has replaced nothing.
     """
 
     def __init__(self, gpt_config, train_config, runtime):
@@ -125,17 +126,22 @@ class TensorBoardLog:
         self.start_step = step
 
     def open(self):
-        # points after the start step, left by an earlier attempt, are hidden from every reader
-        self.writer = self.make_writer(str(self.directory), purge_step=self.start_step + 1,
-                                       flush_secs=10)
+        pass  # at the first record: see _writer
+
+    def _writer(self):
+        if self.writer is None:
+            # points after the start step, left by an earlier attempt, are hidden from every reader
+            self.writer = self.make_writer(str(self.directory), purge_step=self.start_step + 1,
+                                           flush_secs=10)
+        return self.writer
 
     def write(self, record):
         for chart, value in scalars(record).items():
-            self.writer.add_scalar(chart, value, record["step"])
+            self._writer().add_scalar(chart, value, record["step"])
 
     def write_sample(self, step, text):
         code_block = "\n".join("    " + line for line in text.splitlines())  # Markdown: verbatim
-        self.writer.add_text("sample", code_block, step)
+        self._writer().add_text("sample", code_block, step)
 
     def close(self, failed=False):
         if self.writer is not None:
@@ -155,7 +161,7 @@ class WandbLog:
         except ImportError:
             fail("--log_to wandb needs the wandb package: pip install wandb")
         self.wandb, self.directory, self.configs = wandb, Path(directory), configs
-        self.run, self.resumed = None, False
+        self.run, self.resumed, self.id_saved = None, False, False
 
     def resume(self, step):
         self.resumed = True
@@ -170,14 +176,19 @@ class WandbLog:
         except self.wandb.errors.Error as error:
             fail(f"W&B could not start a run ({' '.join(str(error).split())}); "
                  f"WANDB_MODE=offline logs locally")
-        id_path.write_text(self.run.id + "\n")
         self.run.config.update(self.configs, allow_val_change=True)  # a resume may change some
 
+    def _log(self, values, step):
+        if not self.id_saved:  # the first record: from now on a resume continues this W&B run
+            (self.directory / WANDB_RUN_ID_NAME).write_text(self.run.id + "\n")
+            self.id_saved = True
+        self.run.log(values, step=step)
+
     def write(self, record):
-        self.run.log(scalars(record), step=record["step"])
+        self._log(scalars(record), record["step"])
 
     def write_sample(self, step, text):
-        self.run.log({"sample": self.wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
+        self._log({"sample": self.wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step)
 
     def close(self, failed=False):
         if self.run is not None:
