@@ -174,6 +174,8 @@ ARCHITECTURE_CHOICES = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsno
 DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps)(:\d+)?")
 MAX_SEED = 2**32 - 1  # numpy's generators take seeds below 2**32
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout")
+CHOICES = {"tokenizer": TOKENIZERS, "dtype": DTYPES, "optimizer": OPTIMIZERS,
+           **ARCHITECTURE_CHOICES}
 
 
 def _parse_bool(text):
@@ -372,78 +374,65 @@ def config_from_dict(config_class, values):
                            for f in dataclasses.fields(config_class) if f.name in values})
 
 
+# What no type can say about a field's value: the ranges and choices `validate` checks.
+POSITIVE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size",
+            "grad_accum_steps", "max_iters", "log_iter", "eval_iter", "eval_batches", "save_iter",
+            "bpe_vocab_size", "learning_rate", "muon_learning_rate", "lora_alpha")
+NOT_NEGATIVE = ("warmup_iters", "num_workers", "keep_last", "skip_nonfinite", "sample_tokens",
+                "lora_rank", "early_stop_patience", "weight_decay", "grad_clip", "peak_flops",
+                "muon_weight_decay", "early_stop_min_delta")
+# name -> (low, high, whether low is allowed, whether high is allowed)
+INTERVALS = {"dropout": (0, 1, True, False), "muon_momentum": (0, 1, True, False),
+             "lora_dropout": (0, 1, True, False), "betas": (0, 1, True, False),
+             "min_lr_ratio": (0, 1, True, True), "val_fraction": (0, 1, False, False),
+             "seed": (0, MAX_SEED, True, True)}  # numpy's generators take seeds below 2**32
+
+
 def validate(gpt_config, train_config):
     """Check values the types cannot: one clear UserError for the first problem found."""
     g, t = gpt_config, train_config
-    for config in (g, t):  # nan and inf pass every comparison below the wrong way
+    for config in (g, t):
         for config_field in dataclasses.fields(config):
-            values = getattr(config, config_field.name)
-            for value in values if isinstance(values, tuple) else (values,):
-                if isinstance(value, float) and not math.isfinite(value):
-                    fail(f"--{config_field.name} must be a finite number, got {value}")
-    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-        if getattr(g, name) <= 0:
-            fail(f"--{name} must be positive, got {getattr(g, name)}")
+            _check_value(config_field.name, getattr(config, config_field.name))
     if g.n_embd % g.n_head != 0:
         fail(f"--n_embd ({g.n_embd}) must be divisible by --n_head ({g.n_head})")
-    for name, choices in ARCHITECTURE_CHOICES.items():
-        if getattr(g, name) not in choices:
-            fail(f"unknown --{name} {getattr(g, name)!r}; choose one of {', '.join(choices)}")
     if g.pos == "rope" and g.n_embd // g.n_head % 2:
         fail(f"--pos rope rotates channel pairs: the head size (--n_embd / --n_head = "
              f"{g.n_embd // g.n_head}) must be even")
-    if not 0.0 <= g.dropout < 1.0:
-        fail(f"--dropout must be in [0, 1), got {g.dropout}")
-    for name in ("batch_size", "grad_accum_steps", "max_iters", "log_iter", "eval_iter",
-                 "eval_batches", "save_iter", "bpe_vocab_size"):
-        if getattr(t, name) <= 0:
-            fail(f"--{name} must be positive, got {getattr(t, name)}")
-    for name in ("warmup_iters", "num_workers", "keep_last", "skip_nonfinite", "sample_tokens",
-                 "lora_rank", "early_stop_patience"):
-        if getattr(t, name) < 0:
-            fail(f"--{name} must not be negative, got {getattr(t, name)}")
-    if t.learning_rate <= 0:
-        fail(f"--learning_rate must be positive, got {t.learning_rate}")
-    for name in ("weight_decay", "grad_clip", "peak_flops"):
-        if getattr(t, name) < 0:
-            fail(f"--{name} must not be negative, got {getattr(t, name)}")
     if t.learning_rate * t.weight_decay >= 1:  # AdamW scales weights by 1 - lr * wd every step
         fail(f"--weight_decay {t.weight_decay:g} times --learning_rate {t.learning_rate:g} must be "
              f"below 1: each step multiplies the weights by 1 - their product")
-    if t.optimizer not in OPTIMIZERS:
-        fail(f"unknown --optimizer {t.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if t.muon_learning_rate <= 0:
-        fail(f"--muon_learning_rate must be positive, got {t.muon_learning_rate}")
-    if t.muon_weight_decay < 0:
-        fail(f"--muon_weight_decay must not be negative, got {t.muon_weight_decay}")
-    if not 0.0 <= t.muon_momentum < 1.0:
-        fail(f"--muon_momentum must be in [0, 1), got {t.muon_momentum}")
-    if not all(0.0 <= beta < 1.0 for beta in t.betas):
-        fail(f"--betas must both be in [0, 1), got {t.betas[0]} {t.betas[1]}")
-    if t.lora_alpha <= 0:
-        fail(f"--lora_alpha must be positive, got {t.lora_alpha}")
-    if not 0.0 <= t.lora_dropout < 1.0:
-        fail(f"--lora_dropout must be in [0, 1), got {t.lora_dropout}")
-    if t.early_stop_min_delta < 0:
-        fail(f"--early_stop_min_delta must not be negative, got {t.early_stop_min_delta}")
-    if not 0.0 <= t.min_lr_ratio <= 1.0:
-        fail(f"--min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if t.warmup_iters > t.max_iters:
         fail(f"--warmup_iters ({t.warmup_iters}) must not exceed --max_iters ({t.max_iters})")
-    if not 0.0 < t.val_fraction < 1.0:
-        fail(f"--val_fraction must be in (0, 1), got {t.val_fraction}")
-    if t.tokenizer not in TOKENIZERS:
-        fail(f"unknown --tokenizer {t.tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
-    if t.dtype not in DTYPES:
-        fail(f"unknown --dtype {t.dtype!r}; choose one of {', '.join(DTYPES)}")
     if t.device != "auto":
         check_device(t.device)
-    if not 0 <= t.seed <= MAX_SEED:
-        fail(f"--seed must be in [0, {MAX_SEED}], got {t.seed}")
     if not t.checkpoint_dir.strip():
         fail("--checkpoint_dir must not be empty (use . for the current directory)")
     if t.resume and t.init_from:
         fail("--resume continues a run and --init_from starts a new one: give only one")
+
+
+def _check_value(name, value):
+    """One field's value against its rule above; every number must be finite (nan and inf pass
+    every comparison the wrong way)."""
+    for number in value if isinstance(value, tuple) else (value,):
+        if isinstance(number, float) and not math.isfinite(number):
+            fail(f"--{name} must be a finite number, got {number}")
+    shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+    if name in POSITIVE and value <= 0:
+        fail(f"--{name} must be positive, got {value}")
+    if name in NOT_NEGATIVE and value < 0:
+        fail(f"--{name} must not be negative, got {value}")
+    if name in INTERVALS:
+        low, high, low_allowed, high_allowed = INTERVALS[name]
+        for number in value if isinstance(value, tuple) else (value,):
+            if not ((low <= number if low_allowed else low < number) and
+                    (number <= high if high_allowed else number < high)):
+                fail(f"--{name} must be in {'[' if low_allowed else '('}{low}, {high}"
+                     f"{']' if high_allowed else ')'}, got {shown}")
+    choices = CHOICES.get(name)
+    if choices and value not in choices:
+        fail(f"unknown --{name} {value!r}; choose one of {', '.join(choices)}")
 
 
 def check_device(name):
