@@ -757,10 +757,20 @@ def batches(loader):
         del iterator
 
 
+# Flags that shape each update: when one of them differs from its default, it may be the cause.
+UPDATE_FLAGS = ("weight_decay", "grad_clip", "betas", "warmup_iters", "muon_learning_rate",
+                "muon_momentum")
+
+
 def stop_nonfinite(step, train_config, reason="the loss or gradient norm is not finite"):
+    t, defaults = train_config, TrainConfig()
+    changed = [f"--{name} {' '.join(map(str, value)) if isinstance(value, tuple) else value}"
+               for name in UPDATE_FLAGS
+               if (value := getattr(t, name)) != getattr(defaults, name)]
+    suspects = f" or check {', '.join(changed)}" if changed else ""
     fail(f"training diverged at step {step}: {reason}. No checkpoint of this state was written; "
-         f"the last good one in {train_config.checkpoint_dir} is intact. Try a lower "
-         f"--learning_rate (now {train_config.learning_rate:g}) or --skip_nonfinite N")
+         f"the last good one in {t.checkpoint_dir} is intact. Try a lower --learning_rate (now "
+         f"{t.learning_rate:g}){suspects}, or --skip_nonfinite N")
 
 
 def format_record(record):

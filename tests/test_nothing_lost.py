@@ -104,8 +104,10 @@ def test_overwrite_replaces_the_old_run_and_nothing_else(run_dir, corpus):
 def test_a_run_that_fails_at_its_first_steps_has_deleted_nothing(run_dir, corpus, monkeypatch,
                                                                    capsys):
     poison_training_losses(monkeypatch, {1})
-    refused(capsys, train.train, tiny_argv(run_dir, corpus, overwrite="true"), run_dir,
-            "diverged at step 1")
+    argv = tiny_argv(run_dir, corpus, overwrite="true", grad_clip=0)
+    # the advice names the update flags that differ from their defaults, not only the rate
+    refused(capsys, train.train, argv, run_dir, "diverged at step 1", "--learning_rate",
+            "--grad_clip 0.0", "--warmup_iters 2")
 
 
 def test_keep_last_prunes_only_the_runs_own_step_files(run_dir, capsys):
