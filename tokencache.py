@@ -176,8 +176,8 @@ def cached_tokens(path, kind, cache_dir, val_fraction=0.1, bpe_vocab_size=4096, 
                     print(f"token cache {bin_path}: {problem}; rebuilding it")
                 if locked:  # no one else is building this cache: a killed build's leftovers go
                     remove_temporary_files(directory, f"{key}.*")
-                meta = _build_token_cache(path, kind, tokenizer, bin_path, meta_path, fingerprint,
-                                          val_fraction, bpe_vocab_size, chunk_bytes)
+                meta = _build_token_cache(path, settings, tokenizer, directory / key, fingerprint,
+                                          chunk_bytes)
             tokenizer = tokenizer_from_state(meta["tokenizer"])
             if meta["num_tokens"] == 0:
                 return tokenizer, np.zeros(0, dtype=np.int64)
@@ -188,16 +188,19 @@ def cached_tokens(path, kind, cache_dir, val_fraction=0.1, bpe_vocab_size=4096, 
         fail(f"cannot build the token cache in {directory} (--cache_dir): {error}")
 
 
-def _build_token_cache(path, kind, tokenizer, bin_path, meta_path, fingerprint, val_fraction,
-                       bpe_vocab_size, chunk_bytes):
-    """Write the ids, then the JSON: a cache is complete exactly when its JSON describes it."""
+def _build_token_cache(path, settings, tokenizer, cache_path, fingerprint, chunk_bytes):
+    """Write the ids (cache_path.bin), then the JSON (cache_path.json): a cache is complete exactly
+    when its JSON describes it. `settings` are the tokenizer's, as `cached_tokens` keys them."""
+    bin_path, meta_path = cache_path.with_suffix(".bin"), cache_path.with_suffix(".json")
+    kind = settings["kind"]
     meta_path.unlink(missing_ok=True)  # first: a build killed from here on leaves no JSON behind
     with atomic_write(bin_path) as handle:
         if tokenizer is None and kind == "char":
             tokenizer, dtype, count = _write_char_tokens(path, handle, chunk_bytes)
         else:
             if tokenizer is None:
-                tokenizer = _train_tokenizer(kind, path, val_fraction, bpe_vocab_size)
+                tokenizer = _train_tokenizer(kind, path, settings["val_fraction"],
+                                             settings["bpe_vocab_size"])
             dtype = _token_dtype(tokenizer.vocab_size)
             count = _write_tokens(path, tokenizer, dtype, handle, chunk_bytes)
     meta = {"format": CACHE_FORMAT, "source": str(Path(path).resolve()), "fingerprint": fingerprint,
