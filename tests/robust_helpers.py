@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -165,13 +166,14 @@ def step_of(line):
 def plant_pause_after_save(pause_step):
     import train
 
-    received = threading.Event()
+    # The signals received, appended by the handler. Not a threading.Event: a handler that sets
+    # one while the main thread waits on it can deadlock on the Event's own lock.
+    received = []
     record_signal = train.StopRequest._handle
 
     def handle(self, number, frame):
         record_signal(self, number, frame)
-        received.number = number
-        received.set()
+        received.append(number)
 
     save_step_checkpoint = train.save_step_checkpoint
 
@@ -179,18 +181,18 @@ def plant_pause_after_save(pause_step):
         path = save_step_checkpoint(run, loss)
         if run.step == pause_step:
             print(PAUSED_LINE, flush=True)
-            for _ in range(600):  # at most a minute; the test's own timeout is shorter
-                if received.wait(0.1):
-                    break
+            deadline = time.monotonic() + 60  # at most a minute; the test's own timeout is shorter
+            while not received and time.monotonic() < deadline:
+                time.sleep(0.05)
         return path
 
     real_fsync = os.fsync
     resent = []
 
     def fsync_with_second_signal(descriptor):
-        if received.is_set() and not resent:  # the stop checkpoint is being written right now
+        if received and not resent:  # the stop checkpoint is being written right now
             resent.append(True)
-            os.kill(os.getpid(), received.number)
+            os.kill(os.getpid(), received[0])
             print(SECOND_SIGNAL_LINE, flush=True)
         return real_fsync(descriptor)
 

@@ -406,8 +406,8 @@ def test_sigterm_to_the_whole_process_group_with_a_worker_saves_and_exits_143(tm
                 if line.startswith(PAUSED_LINE):
                     os.killpg(process.pid, signal.SIGTERM)  # what `timeout` and schedulers do
                     break
-            output = process.stdout.read()
-            status = process.wait(timeout=SUBPROCESS_SECONDS)
+            output, _ = process.communicate(timeout=SUBPROCESS_SECONDS)  # bounded, unlike read()
+            status = process.returncode
         finally:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
