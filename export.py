@@ -4,9 +4,10 @@ The directory it writes loads with `transformers.AutoModelForCausalLM.from_pretr
 runs in `pipeline("text-generation", model=DIR)` with no other step. It holds:
 - `config.json` and `model.safetensors`: the model in the target family's names and layout, one
   pair of functions per family: GPT-2 for learned positions + LayerNorm + GELU or ReLU²
-  (`gpt2_config`), Llama for RoPE + RMSNorm + SwiGLU (`llama_config`), each with or without
-  biases and with a tied or untied head. Any other combination of the model options is refused
-  in one line naming the option (`export_family`).
+  (`gpt2_config`), Llama for RoPE + RMSNorm + SwiGLU (`llama_config`), and Qwen3 for the same
+  with --qk_norm (`llama_config` too: Qwen3 is Llama with a norm on each head's queries and
+  keys), each with a tied or untied head, GPT-2 and Llama with or without biases. Any other
+  combination of the model options is refused in one line naming the option (`export_family`).
 - `tokenizer.json` and `tokenizer_config.json`: our tokenizer as the `tokenizers` library's file,
   which `AutoTokenizer` loads and which encodes text to exactly our ids (tokenizer.py builds it).
 - `generation_config.json`: what `model.generate` and the pipeline use when not told otherwise
@@ -54,23 +55,29 @@ def parse_export_args(argv=None):
     return args
 
 
-# What each Hugging Face family computes, in our options; an option outside its set has no export.
+# What each Hugging Face family computes, in our options: the family is chosen by --pos and
+# --qk_norm, and an option outside the family's set has no export.
 EXPORT_FAMILIES = {
-    "learned": ("GPT2LMHeadModel", {"norm": ("layernorm",), "mlp": ("gelu", "relu2"),
-                                    "qk_norm": (False,)}),
-    "rope": ("LlamaForCausalLM", {"norm": ("rmsnorm",), "mlp": ("swiglu",), "qk_norm": (False,)}),
+    ("learned", False): ("GPT2LMHeadModel", {"norm": ("layernorm",), "mlp": ("gelu", "relu2")}),
+    ("rope", False): ("LlamaForCausalLM", {"norm": ("rmsnorm",), "mlp": ("swiglu",)}),
+    ("rope", True): ("Qwen3ForCausalLM", {"norm": ("rmsnorm",), "mlp": ("swiglu",),
+                                          "bias": (False,)}),  # Qwen3's MLP has no biases
 }
 
 
 def export_family(gpt_config):
     """The Hugging Face class the model's options match, or one line naming the one that does not."""
-    family, needs = EXPORT_FAMILIES[gpt_config.pos]
+    options = (gpt_config.pos, gpt_config.qk_norm)
+    if options not in EXPORT_FAMILIES:
+        fail("--qk_norm true does not export with --pos learned: GPT2LMHeadModel has no norm of "
+             "queries and keys (with --pos rope --norm rmsnorm --mlp swiglu it is Qwen3's)")
+    family, needs = EXPORT_FAMILIES[options]
     for name, allowed in needs.items():
         value = getattr(gpt_config, name)
         if value not in allowed:
-            fail(f"--{name} {flag_text(value)} does not export: with --pos {gpt_config.pos} the "
-                 f"Hugging Face class is {family}, which needs --{name} "
-                 f"{' or '.join(map(flag_text, allowed))}")
+            chosen_by = f"--pos {gpt_config.pos}{' --qk_norm true' if gpt_config.qk_norm else ''}"
+            fail(f"--{name} {flag_text(value)} does not export: with {chosen_by} the Hugging Face "
+                 f"class is {family}, which needs --{name} {' or '.join(map(flag_text, allowed))}")
     return family
 
 
@@ -81,7 +88,7 @@ def flag_text(value):
 
 def hugging_face_model(model, special_ids):
     """(config.json, weights) of `model` in its family (see `export_family`)."""
-    if export_family(model.config) == "LlamaForCausalLM":
+    if export_family(model.config) in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
         return llama_config(model.config, special_ids), llama_state_dict(model)
     return gpt2_config(model.config, special_ids), gpt2_state_dict(model)
 
@@ -152,15 +159,20 @@ def gpt2_state_dict(model):
 
 
 def llama_config(gpt_config, special_ids):
-    """config.json for LlamaForCausalLM: RoPE, RMSNorm and SwiGLU, as our modern options.
+    """config.json for LlamaForCausalLM (RoPE, RMSNorm and SwiGLU, as our modern options) or,
+    with --qk_norm, Qwen3ForCausalLM, which adds an RMSNorm of each head's queries and keys
+    before the rotation, as ours.
 
     Our rotary layout pairs channel i with i + head_dim/2, which is Llama's `rotate_half`, and
     our RMSNorm uses Llama's epsilon, so the weights need no permutation. Every head has its own
     keys and values (num_key_value_heads = heads); `--bias true` is attention_bias + mlp_bias.
     """
+    qwen3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+             "use_sliding_window": False}
+    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+             "mlp_bias": gpt_config.bias}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        **(qwen3 if gpt_config.qk_norm else llama),
         "vocab_size": gpt_config.vocab_size,
         "hidden_size": gpt_config.n_embd,
         "intermediate_size": mlp_hidden_size(gpt_config),
@@ -173,7 +185,6 @@ def llama_config(gpt_config, special_ids):
         "rms_norm_eps": RMS_NORM_EPS,
         "rope_theta": ROPE_THETA,
         "attention_bias": gpt_config.bias,
-        "mlp_bias": gpt_config.bias,
         "attention_dropout": 0.0,
         "tie_word_embeddings": gpt_config.tie_embeddings,
         **special_ids,
@@ -182,8 +193,8 @@ def llama_config(gpt_config, special_ids):
 
 
 def llama_state_dict(model):
-    """Our weights under Llama's names: the fused qkv and gate+value matrices split in three and
-    two (rows, like every nn.Linear here), as contiguous float32 CPU tensors."""
+    """Our weights under Llama's (and Qwen3's) names: the fused qkv and gate+value matrices split
+    in three and two (rows, like every nn.Linear here), as contiguous float32 CPU tensors."""
     state = {"model.embed_tokens.weight": model.token_embedding.weight,
              "model.norm.weight": model.ln_f.weight}
 
@@ -200,6 +211,9 @@ def llama_state_dict(model):
             linear(f"{prefix}.self_attn.{name}", block.attn.qkv,
                    slice(part * width, (part + 1) * width))
         linear(f"{prefix}.self_attn.o_proj", block.attn.proj)
+        if block.attn.q_norm is not None:
+            state[f"{prefix}.self_attn.q_norm.weight"] = block.attn.q_norm.weight
+            state[f"{prefix}.self_attn.k_norm.weight"] = block.attn.k_norm.weight
         state[f"{prefix}.post_attention_layernorm.weight"] = block.ln_2.weight
         linear(f"{prefix}.mlp.gate_proj", block.mlp.fc, slice(0, hidden))
         linear(f"{prefix}.mlp.up_proj", block.mlp.fc, slice(hidden, 2 * hidden))

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 import evaluate
 from conftest import REPO, metrics_records, one_error_line, run_cli, tiny_model, write_corpus
@@ -149,3 +150,40 @@ def test_gpu_check_dry_run_tabulates_a_chosen_row_with_figures_that_agree(tmp_pa
     table = (tmp_path / "gpu_check.md").read_text()
     assert f"| {name} | ok, " in table and f"{row['ms_per_step']:.2f} ms/step" in table
     assert table in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_compare_recipes_tabulates_each_entry_with_the_loss_evaluate_gives_its_final_model(
+        tmp_path):
+    data = write_corpus(tmp_path)
+    tiny = ("--max_iters 3 --warmup_iters 1 --n_layer 1 --n_head 2 --n_embd 32 --block_size 16 "
+            "--eval_batches 1 --eval_iter 3")
+    entries = [tiny, tiny + " --optimizer muon"]
+    out = tmp_path / "runs"
+    result = run_cli("benchmarks/compare_recipes.py", "--data", data, "--out", out, *entries)
+    assert result.returncode == 0, result.stderr
+    for index, entry in enumerate(entries):
+        row = figure(rf"\| `{re.escape(entry)}` \| {NUMBER} \| {NUMBER} s \| {NUMBER} s "
+                     rf"\| {NUMBER} \|", result.stdout)
+        scored = evaluate.main(["--checkpoint", str(out / f"entry{index}-round0" / "gpt_final.pt"),
+                                "--device", "cpu", "--dtype", "float32"])
+        assert row[0] == row[1] == row[2] > 0  # one round: it is the fastest and the median
+        assert row[3] == pytest.approx(scored["loss"], abs=5e-5)
+    again = run_cli("benchmarks/compare_recipes.py", "--out", out, tiny)
+    assert again.returncode == 2  # a second comparison would mix its runs into the first one's
+    one_error_line(again.stderr, f"--out {out} is not empty")
+
+
+def test_bench_muon_times_each_round_and_reports_the_fastest():
+    result = run_cli("benchmarks/bench_muon.py", "--n_layer", "1", "--n_head", "2", "--n_embd",
+                     "32", "--steps", "2", "--repeats", "3")
+    assert result.returncode == 0, result.stderr
+    # the speedrun recipe's block, one layer 32 wide: attention's qkv and projection, SwiGLU's
+    # gate+value and projection; float32 everywhere at this width
+    assert ("Muon's step over 4 matrices, 3 rounds of 2 steps" in result.stdout
+            and "float32 for 32 x 32, float32 for 32 x 96, float32 for 96 x 32, float32 for "
+                "192 x 32" in result.stdout), result.stdout
+    names = ["ours \\(optim.py\\)"] + (["torch.optim.Muon"] if hasattr(torch.optim, "Muon") else [])
+    for name in names:
+        fastest, *rounds = figure(rf"{name}: {NUMBER} ms/step \(rounds: "
+                                  + ", ".join([NUMBER] * 3) + r"\)", result.stdout)
+        assert fastest == min(rounds) > 0

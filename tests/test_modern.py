@@ -6,6 +6,7 @@ exists: Hugging Face's implementation, in tests/test_export.py.
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -13,11 +14,12 @@ import torch
 import export
 import train
 from checkpoint import model_from_checkpoint
-from config import GPTConfig, TrainConfig
+from config import GPTConfig, TrainConfig, UserError
 from conftest import (assert_same_weights, checkpoint_weights, exit_status, metrics_records,
                       one_error_line, read_checkpoint, tiny_argv, write_corpus)
 from model import build_model, count_parameters, flops_per_token
-from optim import base_learning_rates, configure_optimizer, newton_schulz
+from optim import (base_learning_rates, configure_optimizer, newton_schulz,
+                   newton_schulz_dtype)
 
 OPTIONS = {
     "rope": {"pos": "rope"},
@@ -32,6 +34,7 @@ OPTIONS = {
     "llama_untied_with_bias": {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu",
                                "tie_embeddings": "false"},
 }
+OPTIONS_OF_QWEN3 = dict(pos="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu")
 TRAINING = dict(max_iters=10, learning_rate=1e-2, log_iter=10, eval_iter=10, save_iter=5)
 
 
@@ -139,15 +142,15 @@ def test_resuming_with_a_contradicting_option_is_one_line_and_status_2(runs, cap
 # ------------------------------------------------------------------------------- export
 
 EXPORTS = {"llama": "LlamaForCausalLM", "llama_untied_with_bias": "LlamaForCausalLM",
-           "relu2": "GPT2LMHeadModel", "untied": "GPT2LMHeadModel"}
+           "all_modern": "Qwen3ForCausalLM", "relu2": "GPT2LMHeadModel",
+           "untied": "GPT2LMHeadModel"}
 REFUSALS = {"rope": "--norm layernorm does not export: with --pos rope the Hugging Face class "
                     "is LlamaForCausalLM, which needs --norm rmsnorm",
             "rmsnorm": "--norm rmsnorm does not export: with --pos learned the Hugging Face class "
                        "is GPT2LMHeadModel, which needs --norm layernorm",
             "swiglu": "--mlp swiglu does not export: with --pos learned the Hugging Face class "
                       "is GPT2LMHeadModel, which needs --mlp gelu or relu2",
-            "qk_norm": "--qk_norm true does not export",
-            "all_modern": "--qk_norm true does not export"}
+            "qk_norm": "--qk_norm true does not export with --pos learned"}
 
 
 @pytest.mark.parametrize("name", EXPORTS)
@@ -165,6 +168,18 @@ def test_each_exportable_combination_gives_our_logits_in_transformers(runs, name
         our_logits, their_logits = ours(ids).logits, theirs(ids).logits
     assert our_logits.std() > 0.5  # trained weights: a wrong layout could not hide in the noise
     assert torch.allclose(their_logits, our_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"bias": True}, "--bias true does not export: with --pos rope --qk_norm true the Hugging Face "
+                     "class is Qwen3ForCausalLM, which needs --bias false"),
+    ({"bias": False, "mlp": "relu2"},
+     "--mlp relu2 does not export: with --pos rope --qk_norm true"),
+])
+def test_a_qk_norm_model_exports_as_qwen3_only_with_what_qwen3_computes(options, message):
+    config = GPTConfig(**{**OPTIONS_OF_QWEN3, **options})
+    with pytest.raises(UserError, match="^" + re.escape(message)):
+        export.export_family(config)
 
 
 @pytest.mark.parametrize("name", REFUSALS)
@@ -219,14 +234,54 @@ def test_muon_updates_the_blocks_matrices_and_adamw_the_rest():
     assert sorted(decayed) == ["position_embedding.weight", "token_embedding.weight"]
 
 
-def test_newton_schulz_makes_every_singular_value_close_to_one():
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
+def test_newton_schulz_makes_every_singular_value_close_to_one(dtype, tolerance):
     matrices = torch.randn(3, 48, 16, generator=torch.Generator().manual_seed(0))
     matrices[1] *= 1e-3  # the scale of the gradient does not matter
-    singular_values = torch.linalg.svdvals(newton_schulz(matrices, steps=5))
+    orthogonal = newton_schulz(matrices, steps=5, dtype=dtype)
+    assert orthogonal.dtype == torch.float32
+    singular_values = torch.linalg.svdvals(orthogonal)
     assert singular_values.min() > 0.6 and singular_values.max() < 1.25
     # the same singular vectors: the product with the original is symmetric positive (semi)definite
-    product = newton_schulz(matrices, steps=5).mT @ matrices
-    assert torch.allclose(product, product.mT, atol=1e-3 * product.abs().max())
+    product = orthogonal.mT @ matrices
+    assert torch.allclose(product, product.mT, atol=tolerance * product.abs().max())
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs PyTorch 2.9")
+def test_muon_moves_the_blocks_matrices_as_torch_optim_muon_does():
+    # torch's iterates in bfloat16, ours in float32 for matrices this small: equal up to rounding
+    config = GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32, mlp="swiglu")
+    ours, theirs = build_model(config), build_model(config)
+    theirs.load_state_dict(ours.state_dict())
+    hidden = {name for name, p in ours.named_parameters()
+              if p.dim() == 2 and name.startswith("blocks.")}
+    settings = TrainConfig(optimizer="muon", muon_learning_rate=0.05, muon_weight_decay=0.1)
+    optimizers = (configure_optimizer(ours, settings),
+                  torch.optim.Muon([p for name, p in theirs.named_parameters() if name in hidden],
+                                   lr=0.05, weight_decay=0.1, momentum=0.95, nesterov=True,
+                                   adjust_lr_fn="original"))
+    start = {name: p.detach().clone() for name, p in ours.named_parameters() if name in hidden}
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        gradients = {name: torch.randn(start[name].shape, generator=generator) for name in hidden}
+        for model, optimizer in zip((ours, theirs), optimizers):
+            for name, p in model.named_parameters():
+                p.grad = gradients[name] if name in hidden else None
+            optimizer.step()
+    for name in sorted(hidden):  # qkv and fc are tall, the projections wide or square
+        our_move = dict(ours.named_parameters())[name].detach() - start[name]
+        their_move = dict(theirs.named_parameters())[name].detach() - start[name]
+        assert (our_move - their_move).norm() < 0.02 * their_move.norm(), name
+
+
+def test_newton_schulz_takes_float32_for_small_matrices_and_on_a_cpu_without_bfloat16_units(
+        monkeypatch):
+    assert newton_schulz_dtype(torch.zeros(2, 32, 96)) == torch.float32  # emulation would cost 3x
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert newton_schulz_dtype(torch.zeros(2, 128, 512)) == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert newton_schulz_dtype(torch.zeros(2, 128, 512)) == torch.bfloat16
 
 
 def test_a_resumed_muon_run_ends_with_the_uninterrupted_weights_bit_for_bit(muon_runs):
