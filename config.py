@@ -117,11 +117,14 @@ class GPTConfig:
 @dataclass
 class TrainConfig:
     # data
-    data: str = ""  # a UTF-8 text file or a directory of *.txt; empty = the built-in corpus
-    tokenizer: str = "char"  # char, byte or bpe
+    data: str = ""  # a text file or directory of *.txt; or documents: .jsonl[.gz], .parquet, or a directory or glob of them; empty = the built-in corpus
+    text_field: str = "text"  # the jsonl key or parquet column that holds a document's text
+    val_data: str = ""  # a held-out corpus to validate on, read as --data is; empty = a split of --data
+    tokenizer: str = "char"  # char, byte or bpe; or a pretrained tokenizer.json, its directory, or a model id like gpt2
     bpe_vocab_size: int = 4096  # vocabulary size when --tokenizer bpe trains one
-    val_fraction: float = 0.1  # the last fraction of the token stream is the validation split
+    val_fraction: float = 0.1  # the last fraction of the token stream is the validation split, whole documents
     cache_dir: str = ""  # token cache for text files; empty = ~/.cache/gpt-train/tokens
+    num_proc: int = 0  # processes that prepare a corpus of documents; 0 = every core
     num_workers: int = 0  # DataLoader worker processes
     # optimisation
     batch_size: int = 16
@@ -174,7 +177,7 @@ ARCHITECTURE_CHOICES = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsno
 DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps)(:\d+)?")
 MAX_SEED = 2**32 - 1  # numpy's generators take seeds below 2**32
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout")
-CHOICES = {"tokenizer": TOKENIZERS, "dtype": DTYPES, "optimizer": OPTIMIZERS,
+CHOICES = {"dtype": DTYPES, "optimizer": OPTIMIZERS,
            **ARCHITECTURE_CHOICES}
 
 
@@ -378,7 +381,7 @@ def config_from_dict(config_class, values):
 POSITIVE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size",
             "grad_accum_steps", "max_iters", "log_iter", "eval_iter", "eval_batches", "save_iter",
             "bpe_vocab_size", "learning_rate", "muon_learning_rate", "lora_alpha")
-NOT_NEGATIVE = ("warmup_iters", "num_workers", "keep_last", "skip_nonfinite", "sample_tokens",
+NOT_NEGATIVE = ("warmup_iters", "num_workers", "num_proc", "keep_last", "skip_nonfinite", "sample_tokens",
                 "lora_rank", "early_stop_patience", "weight_decay", "grad_clip", "peak_flops",
                 "muon_weight_decay", "early_stop_min_delta")
 # name -> (low, high, whether low is allowed, whether high is allowed)
@@ -408,6 +411,11 @@ def validate(gpt_config, train_config):
         check_device(t.device)
     if not t.checkpoint_dir.strip():
         fail("--checkpoint_dir must not be empty (use . for the current directory)")
+    if not t.tokenizer.strip():  # any other value names a pretrained tokenizer (dataset.py)
+        fail(f"--tokenizer must not be empty; give one of {', '.join(TOKENIZERS)}, or a "
+             f"pretrained tokenizer")
+    if not t.text_field:
+        fail("--text_field must not be empty: name the key or column that holds the text")
     if t.resume and t.init_from:
         fail("--resume continues a run and --init_from starts a new one: give only one")
 

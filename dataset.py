@@ -1,9 +1,12 @@
 """Data: text -> tokens -> a DataLoader of (x, y) batches that a run can resume exactly.
 
 - `get_dataset`: the whole corpus as one array of token ids, with its tokenizer. A text file or
-  directory goes through the token cache (tokencache.py), which later runs memory-map; with no
-  --data, the built-in corpus (the Python language reference that ships with CPython in
-  `pydoc_data.topics`) is tokenized in memory.
+  directory, or a corpus of documents (jsonl, parquet: documents.py), goes through the token
+  cache (tokencache.py), which later runs memory-map; with no --data, the built-in corpus (the
+  Python language reference that ships with CPython in `pydoc_data.topics`) is tokenized in
+  memory. A --tokenizer that is not char, byte or bpe is a pretrained one (pretrained.py).
+- `split_tokens`: training and validation. Documents are never cut between the two: the split
+  falls just after an end-of-text id; --val_data replaces the split by a corpus of its own.
 - `build_dataloader`: item `i` of the dataset is micro-batch `i` of the run, drawn from a random
   generator seeded by (seed, i). The data order is therefore a pure function of the seed and the
   position, so a resumed run (or a worker process) rebuilds exactly the batches it would have seen.
@@ -22,7 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from config import fail
+from config import TOKENIZERS, fail
+from pretrained import tokenizer_from_pretrained
 from tokencache import cached_tokens
 from tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
 
@@ -37,11 +41,12 @@ def builtin_corpus():
 def get_dataset(train_config, tokenizer=None):
     """(tokenizer, token ids) of the configured corpus; `tokenizer` fixes the vocabulary when given
     (a resumed or fine-tuned run), else one is built from the text (BPE learns from the training
-    split only)."""
+    split only) or, for a pretrained --tokenizer, loaded."""
     t = train_config
+    if tokenizer is None and t.tokenizer not in TOKENIZERS:
+        tokenizer = tokenizer_from_pretrained(t.tokenizer)
     if t.data:
-        return cached_tokens(t.data, t.tokenizer, t.cache_dir, t.val_fraction, t.bpe_vocab_size,
-                             tokenizer)
+        return corpus_tokens(t.data, t, tokenizer)
     text = builtin_corpus()
     if tokenizer is None:
         if t.tokenizer == "char":
@@ -54,15 +59,57 @@ def get_dataset(train_config, tokenizer=None):
     return tokenizer, tokenizer.encode(text)
 
 
-def split_tokens(tokens, val_fraction, block_size):
-    """The leading part trains, the last `val_fraction` validates; each needs block_size+1 tokens."""
+def corpus_tokens(path, train_config, tokenizer=None):
+    """(tokenizer, token ids) of a --data or --val_data path, through the token cache."""
+    t = train_config
+    return cached_tokens(path, t.tokenizer, t.cache_dir, t.val_fraction, t.bpe_vocab_size,
+                         tokenizer, text_field=t.text_field, num_proc=t.num_proc)
+
+
+def training_and_validation(tokens, tokenizer, train_config, block_size):
+    """(training ids, validation ids): all of `tokens` and the --val_data corpus (in the same
+    tokenizer), or `split_tokens` of `tokens`."""
+    t = train_config
+    if not t.val_data:
+        return split_tokens(tokens, t.val_fraction, block_size,
+                            getattr(tokenizer, "end_of_text", None))
+    _, val_tokens = corpus_tokens(t.val_data, t, tokenizer)
+    for name, part in (("training", tokens), ("validation (--val_data)", val_tokens)):
+        check_length(name, part, block_size)
+    return tokens, val_tokens
+
+
+def split_tokens(tokens, val_fraction, block_size, end_of_text=None):
+    """The leading part trains, the last `val_fraction` validates; each needs block_size+1 tokens.
+    With `end_of_text` (a corpus of documents) the split moves to the nearest document start."""
     boundary = int(len(tokens) * (1.0 - val_fraction))
+    if end_of_text is not None:
+        boundary = document_start(tokens, boundary, end_of_text)
     train_tokens, val_tokens = tokens[:boundary], tokens[boundary:]
     for name, part in (("training", train_tokens), ("validation", val_tokens)):
-        if len(part) < block_size + 1:
-            fail(f"the corpus is too short: its {name} split has {len(part)} tokens but needs at "
-                 f"least block_size + 1 = {block_size + 1}; use more text or a smaller --block_size")
+        check_length(name, part, block_size)
     return train_tokens, val_tokens
+
+
+def check_length(name, part, block_size):
+    if len(part) < block_size + 1:
+        fail(f"the corpus is too short: its {name} split has {len(part)} tokens but needs at "
+             f"least block_size + 1 = {block_size + 1}; use more text or a smaller --block_size")
+
+
+def document_start(tokens, position, end_of_text, chunk=1 << 20):
+    """The index just past the first end-of-text id at or after `position` - 1, where a document
+    starts (the last one before, if the first is the corpus's very end), read a chunk at a time."""
+    for start in range(max(position - 1, 0), len(tokens) - 1, chunk):
+        found = np.flatnonzero(tokens[start:min(start + chunk, len(tokens) - 1)] == end_of_text)
+        if len(found):
+            return start + int(found[0]) + 1
+    for stop in range(max(position - 1, 0), 0, -chunk):
+        found = np.flatnonzero(tokens[max(stop - chunk, 0):stop] == end_of_text)
+        if len(found):
+            return max(stop - chunk, 0) + int(found[-1]) + 1
+    fail("the corpus is a single document, which a validation split would cut in two; give a "
+         "held-out corpus with --val_data")
 
 
 def windows_at(tokens, starts, block_size):

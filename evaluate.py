@@ -29,7 +29,7 @@ from tqdm import tqdm
 from checkpoint import (add_checkpoint_arguments, checkpoint_to_load, configs_from_checkpoint,
                         model_from_checkpoint)
 from config import DTYPES, ArgumentParser, fail, run_main
-from dataset import get_dataset, split_tokens
+from dataset import get_dataset, training_and_validation
 from tokencache import cached_tokens
 from model import IGNORE_INDEX
 from runtime import autocast_context, check_memory, select_device, select_dtype
@@ -120,11 +120,13 @@ def tokens_to_score(checkpoint, tokenizer, data, path):
     """(ids, description): the text of `data`, or the checkpoint's own validation split."""
     gpt_config, train_config = configs_from_checkpoint(checkpoint, path)
     if data:  # through the token cache: a large file is read in chunks and memory-mapped
-        _, ids = cached_tokens(data, tokenizer.kind, train_config.cache_dir, tokenizer=tokenizer)
+        _, ids = cached_tokens(data, tokenizer.kind, train_config.cache_dir, tokenizer=tokenizer,
+                               text_field=train_config.text_field, num_proc=train_config.num_proc)
         return np.asarray(ids), data
     _, tokens = get_dataset(train_config, tokenizer)
-    _, val_tokens = split_tokens(tokens, train_config.val_fraction, gpt_config.block_size)
-    source = train_config.data or "the built-in corpus"
+    _, val_tokens = training_and_validation(tokens, tokenizer, train_config,
+                                            gpt_config.block_size)
+    source = train_config.val_data or train_config.data or "the built-in corpus"
     return np.asarray(val_tokens), f"validation split of {source}"
 
 

@@ -34,6 +34,7 @@ from checkpoint import add_checkpoint_arguments, checkpoint_to_load, model_from_
 from config import ArgumentParser, _parse_bool, fail, run_main
 from generation import encode_prompt
 from model import RMS_NORM_EPS, ROPE_THETA, mlp_hidden_size
+from tokenizer import END_OF_TEXT
 
 # Every file an export writes. A directory holding only these (with our tokenizer_vocab.json)
 # is an earlier export, which a new export may replace.
@@ -231,8 +232,10 @@ def float32_tensors(state):
 def special_token_ids(tokenizer):
     """bos, eos and pad ids for config.json and generation_config.json.
 
-    Our tokenizers have no special tokens, and a model trained without an end-of-text token never
-    predicts one, so:
+    A model trained on documents has an end-of-text id (tokenizer.py): it is the eos, where
+    `generate()` and the pipeline stop as sample.py does, and the bos, the id sample.py starts
+    an empty prompt from (GPT-2's own choice for both). Otherwise our tokenizers have no special
+    tokens, and a model trained without one never predicts one, so:
     - bos is the id sample.py starts an empty prompt from (a newline, else id 0): `generate()`
       with no input, or the pipeline with an empty prompt, starts where sample.py does;
     - eos is none: any real id would stop generation wherever the model writes it (a newline,
@@ -242,7 +245,8 @@ def special_token_ids(tokenizer):
       (`generate` builds the attention mask from it when given none, hiding every newline, say).
     """
     start = int(encode_prompt(tokenizer, "", "cpu")[0, 0])
-    return {"bos_token_id": start, "eos_token_id": None, "pad_token_id": None}
+    return {"bos_token_id": start, "eos_token_id": getattr(tokenizer, "end_of_text", None),
+            "pad_token_id": None}
 
 
 def generation_config(tokenizer, gpt_config, special_ids):
@@ -260,11 +264,18 @@ def generation_config(tokenizer, gpt_config, special_ids):
     return config
 
 
-def tokenizer_config(block_size):
+def tokenizer_config(tokenizer, block_size):
     """tokenizer_config.json: the fast tokenizer over tokenizer.json, with no special tokens to
-    add or skip, and decoding that leaves spaces as they are."""
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
-            "clean_up_tokenization_spaces": False}
+    add, decoding that leaves spaces as they are, and the end-of-text token (where there is one)
+    as its eos and bos, as GPT-2's."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+              "clean_up_tokenization_spaces": False}
+    end_of_text = getattr(tokenizer, "end_of_text", None)
+    if end_of_text is not None:
+        name = tokenizer.backend.id_to_token(end_of_text) if tokenizer.kind == "bpe" else \
+            END_OF_TEXT
+        config.update(eos_token=name, bos_token=name)
+    return config
 
 
 def tokenizer_vocabulary(tokenizer):
@@ -326,7 +337,7 @@ def export(checkpoint_path, out_dir, overwrite=False):
         "config.json": config,
         "generation_config.json": generation_config(tokenizer, model.config, special_ids),
         "tokenizer.json": tokenizer.hugging_face_json(),
-        "tokenizer_config.json": tokenizer_config(model.config.block_size),
+        "tokenizer_config.json": tokenizer_config(tokenizer, model.config.block_size),
     }
     try:
         out.mkdir(parents=True, exist_ok=True)

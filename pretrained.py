@@ -14,6 +14,8 @@ sample.py, evaluate.py and export.py as if it had been read from a file. Notable
 - a model id is fetched with `huggingface_hub` into the cache `transformers` shares; a local
   directory needs only `safetensors` (or torch, for `pytorch_model.bin`) and `tokenizers`.
 Only the GPT-2 architecture maps onto model.py: any other setting is one clear error.
+`tokenizer_from_pretrained` reads only the tokenizer (--tokenizer gpt2, or a tokenizer.json), with
+its end-of-text token (tokenizer_config.json's eos_token, or the special token named for it).
 """
 
 import json
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from config import GPTConfig, config_to_dict, fail
+from config import GPTConfig, UserError, config_to_dict, fail
 from tokenizer import BPETokenizer, _import_tokenizers, tokenizer_from_state
 
 MODEL_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2",
@@ -62,7 +64,7 @@ def checkpoint_from_pretrained(source):
             "tokenizer": tokenizer.state_dict(), "step": 0, "pretrained": str(source)}
 
 
-def download(model_id):
+def download(model_id, patterns=HUB_FILES):
     """The local directory of `model_id`'s files, from the Hugging Face cache or the Hub."""
     try:
         from huggingface_hub import snapshot_download
@@ -71,8 +73,8 @@ def download(model_id):
         fail(f"loading {model_id} from the Hugging Face Hub needs 'huggingface_hub', which comes "
              f"with transformers: pip install transformers")
     try:
-        directory = Path(snapshot_download(model_id, allow_patterns=HUB_FILES))
-        if not any(directory.glob("model*.safetensors")):
+        directory = Path(snapshot_download(model_id, allow_patterns=patterns))
+        if patterns == HUB_FILES and not any(directory.glob("model*.safetensors")):
             directory = Path(snapshot_download(model_id, allow_patterns=["pytorch_model*.bin"]))
     except LocalEntryNotFoundError:
         fail(f"cannot download {model_id}: no network, and it is not in the Hugging Face cache; "
@@ -207,3 +209,48 @@ def bpe_json_from_vocab_and_merges(vocab, merges):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     return backend.to_str()
+
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
+
+
+def tokenizer_from_pretrained(source):
+    """The tokenizer a --tokenizer names: a `tokenizers` JSON file, a directory holding one (or
+    vocab.json + merges.txt), or a Hugging Face model id, from the cache or the Hub. A byte-level
+    BPE keeps `source`, so a resumed run may be given the same --tokenizer again."""
+    path = Path(source)
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, ValueError) as error:
+            fail(f"--tokenizer {source} is unreadable: {first_line(error)}")
+        try:
+            tokenizer, directory = BPETokenizer(text), path.parent
+        except UserError as error:
+            fail(f"--tokenizer {source}: {error}")
+    else:
+        try:
+            directory = path if path.is_dir() else download(str(source), TOKENIZER_FILES)
+        except UserError as error:
+            fail(f"--tokenizer {source} is not char, byte or bpe, nor a tokenizer file or "
+                 f"directory, and {error}")
+        tokenizer = read_tokenizer(directory)
+    if tokenizer.kind != "bpe":  # export.py's char or byte tokenizer, as it was trained
+        return tokenizer
+    return BPETokenizer(tokenizer.tokenizer_json, end_of_text_of(tokenizer, directory),
+                        str(source))
+
+
+def end_of_text_of(tokenizer, directory):
+    """The id of the end-of-text token: tokenizer_config.json's eos_token where the directory has
+    one, else a special token named for it (`BPETokenizer.known_end_of_text`), else None."""
+    config = directory / "tokenizer_config.json"
+    try:
+        eos = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        eos = None
+    if isinstance(eos, dict):  # an AddedToken written out
+        eos = eos.get("content")
+    if isinstance(eos, str) and tokenizer.backend.token_to_id(eos) is not None:
+        return tokenizer.backend.token_to_id(eos)
+    return tokenizer.known_end_of_text()

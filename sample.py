@@ -19,7 +19,7 @@ import sys
 import torch
 
 from checkpoint import add_checkpoint_arguments, checkpoint_to_load, model_from_checkpoint
-from config import MAX_SEED, ArgumentParser, UserError, fail, run_main
+from config import MAX_SEED, ArgumentParser, UserError, _parse_bool, fail, run_main
 from generation import encode_prompt, generate_text
 from runtime import autocast_context, check_memory, select_device, select_dtype, set_seed
 
@@ -41,6 +41,9 @@ def parse_sample_args(argv=None):
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--stop_at_end_of_text", type=_parse_bool, default=True,
+                        metavar="true|false", help="end a sample where the model ends its "
+                        "document (models trained on documents); false goes on past it")
     args = parser.parse_args(argv)
     for name in ("max_new_tokens", "top_k"):
         if getattr(args, name) < 0:
@@ -65,7 +68,10 @@ def parse_sample_args(argv=None):
 
 
 def default_prompt(tokenizer):
-    """A newline, where a corpus's lines start; a vocabulary without one starts from its first id."""
+    """A newline, where a corpus's lines start; a vocabulary without one starts from its first id,
+    and a model of documents at a document's start (encode_prompt: after the end-of-text id)."""
+    if getattr(tokenizer, "end_of_text", None) is not None:
+        return ""
     try:
         tokenizer.encode("\n")
     except UserError:
@@ -100,6 +106,7 @@ def main(argv=None):
             sys.stdout.write("\n---------------\n")
         sys.stdout.write(prompt)
         generate_text(model, tokenizer, prompt, args.max_new_tokens, sys.stdout, autocast,
+                      stop_at_end_of_text=args.stop_at_end_of_text,
                       temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                       generator=generator)
     sys.stdout.write("\n")

@@ -19,13 +19,17 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from checkpoint import atomic_write, remove_temporary_files
 from config import UserError, fail
-from tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, tokenizer_from_state
+from documents import PIECE_BYTES, document_files, file_pieces, piece_documents
+from preparation import default_num_proc, piece_characters, prepare_pieces, tokenize_piece
+from tokenizer import (SAMPLE_BYTES, BPETokenizer, ByteTokenizer, CharTokenizer,
+                       tokenizer_for_documents, tokenizer_from_state)
 
 try:
     import fcntl  # POSIX file locks; where it is missing (Windows), caches are built unlocked
@@ -34,6 +38,7 @@ except ImportError:
 
 CHUNK_BYTES = 1 << 22  # how much text is read, decoded and tokenized at a time
 CACHE_FORMAT = 2  # bumped when the cache layout changes: caches of another format are rebuilt
+DOCUMENT_CACHE_FORMAT = 3  # a document corpus's cache: the same, with the files' segments
 UNICODE_SIZE = 0x110000  # code points 0..U+10FFFF: the size of the char pass's lookup table
 
 
@@ -141,15 +146,18 @@ def _read_cache(bin_path, meta_path, fingerprint):
 
 
 def cached_tokens(path, kind, cache_dir, val_fraction=0.1, bpe_vocab_size=4096, tokenizer=None,
-                  chunk_bytes=CHUNK_BYTES):
-    """Tokenize a text file or directory once into the cache; return (tokenizer, memmapped ids).
+                  chunk_bytes=CHUNK_BYTES, text_field="text", num_proc=1, piece_bytes=PIECE_BYTES):
+    """Tokenize a text file or directory, or a corpus of documents, once into the cache; return
+    (tokenizer, memmapped ids).
 
     The cache is keyed by the source path and the tokenizer settings, and rebuilt when the source's
     size or modification time changes. With `tokenizer` given (a resumed or fine-tuned run), the
     text is encoded with that tokenizer; a cache a fresh run built with the same tokenizer (the
-    usual resume) is reused rather than written again.
+    usual resume) is reused rather than written again. A document corpus (documents.py) is
+    prepared by `num_proc` processes, `piece_bytes` of its source at a time.
     """
-    files = corpus_files(path)
+    documents = document_files(path)
+    files = corpus_files(path) if documents is None else documents[1]
     directory = Path(cache_dir or default_cache_dir())
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -158,26 +166,21 @@ def cached_tokens(path, kind, cache_dir, val_fraction=0.1, bpe_vocab_size=4096, 
     settings = {"source": str(Path(path).resolve()), "kind": kind,
                 "bpe_vocab_size": bpe_vocab_size if kind == "bpe" else None,
                 "val_fraction": val_fraction if kind == "bpe" else None}
+    if documents is not None:  # (a text cache's key is what it always was)
+        settings.update(documents=documents[0], text_field=text_field, piece_bytes=piece_bytes)
+        tokenizer = tokenizer if tokenizer is None else tokenizer_for_documents(tokenizer)
     wanted = tokenizer.state_dict() if tokenizer is not None else None
     keys = [_cache_key(settings)]
     if wanted is not None:
         keys.append(_cache_key({**settings, "tokenizer": wanted}))
     try:
         with _exclusive_lock(directory / f"{keys[0]}.lock") as locked:
-            # taken before the text is read: a file that changes while it is read is rebuilt next time
-            fingerprint = _fingerprint(files)
-            for key in keys:
-                bin_path, meta_path = directory / f"{key}.bin", directory / f"{key}.json"
-                meta, problem = _read_cache(bin_path, meta_path, fingerprint)
-                if meta is not None and wanted in (None, meta["tokenizer"]):
-                    break
+            if documents is None:
+                meta, bin_path = _text_cache(path, settings, tokenizer, directory, keys, locked,
+                                             chunk_bytes)
             else:
-                if problem:
-                    print(f"token cache {bin_path}: {problem}; rebuilding it")
-                if locked:  # no one else is building this cache: a killed build's leftovers go
-                    remove_temporary_files(directory, f"{key}.*")
-                meta = _build_token_cache(path, settings, tokenizer, directory / key, fingerprint,
-                                          chunk_bytes)
+                meta, bin_path = _document_cache(settings, files, tokenizer, directory, keys,
+                                                 locked, num_proc)
             tokenizer = tokenizer_from_state(meta["tokenizer"])
             if meta["num_tokens"] == 0:
                 return tokenizer, np.zeros(0, dtype=np.int64)
@@ -186,6 +189,24 @@ def cached_tokens(path, kind, cache_dir, val_fraction=0.1, bpe_vocab_size=4096, 
                                         shape=(meta["num_tokens"],))
     except OSError as error:  # a full disk, a read-only directory, an unreadable source file
         fail(f"cannot build the token cache in {directory} (--cache_dir): {error}")
+
+
+def _text_cache(path, settings, tokenizer, directory, keys, locked, chunk_bytes):
+    """(meta, ids file) of a text file's or directory's cache, built if need be (under the lock)."""
+    wanted = tokenizer.state_dict() if tokenizer is not None else None
+    # taken before the text is read: a file that changes while it is read is rebuilt next time
+    fingerprint = _fingerprint(corpus_files(path))
+    for key in keys:
+        bin_path, meta_path = directory / f"{key}.bin", directory / f"{key}.json"
+        meta, problem = _read_cache(bin_path, meta_path, fingerprint)
+        if meta is not None and wanted in (None, meta["tokenizer"]):
+            return meta, bin_path
+    if problem:
+        print(f"token cache {bin_path}: {problem}; rebuilding it")
+    if locked:  # no one else is building this cache: a killed build's leftovers go
+        remove_temporary_files(directory, f"{key}.*")
+    return _build_token_cache(path, settings, tokenizer, directory / key, fingerprint,
+                              chunk_bytes), bin_path
 
 
 def _build_token_cache(path, settings, tokenizer, cache_path, fingerprint, chunk_bytes):
@@ -310,3 +331,211 @@ def _renumber(handle, new_id, count, chunk_bytes):
         ids = np.frombuffer(handle.read(min(per_chunk, count - start) * itemsize), dtype=new_id.dtype)
         handle.seek(start * itemsize)
         handle.write(new_id[ids])
+
+
+def _document_cache(settings, files, tokenizer, directory, keys, locked, num_proc):
+    """(meta, ids file) of a document corpus's cache, built if need be (under the lock).
+
+    A cache whose files have changed is brought up to date rather than rebuilt: the ids of the
+    files it holds unchanged are copied from it, and only new or changed files are tokenized.
+    """
+    wanted = tokenizer.state_dict() if tokenizer is not None else None
+    fingerprint = _fingerprint(files)
+    for key in keys:
+        meta, problem = _read_document_cache(directory, key)
+        if meta is not None and wanted in (None, meta["tokenizer"]):
+            if meta["fingerprint"] == fingerprint:
+                return meta, directory / meta["stream"]
+            break
+    if problem:
+        print(f"token cache {directory / key}.json: {problem}; rebuilding it")
+    if locked:  # no one else is building this cache: a killed build's leftovers go
+        remove_temporary_files(directory, f"{key}.*")
+        remove_temporary_files(directory / f"{key}.parts")
+        for leftover in (directory / f"{key}.parts").glob("*.tmp"):  # a killed worker's piece
+            leftover.unlink(missing_ok=True)
+    meta = _build_document_cache(settings, files, fingerprint, tokenizer, meta, directory / key,
+                                 num_proc)
+    return meta, directory / meta["stream"]
+
+
+def _read_document_cache(directory, key):
+    """(the JSON of a complete document cache, None) whatever its source is like now, else (None,
+    why it cannot be used: None where there is none)."""
+    meta_path = directory / f"{key}.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        expected_bytes = meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize
+        cache_format, stream, segments = meta["format"], meta["stream"], meta["segments"]
+        tokenizer_from_state(meta["tokenizer"])
+        if not isinstance(expected_bytes, int) or len(segments) != len(meta["fingerprint"]):
+            raise TypeError("num_tokens is not a whole number")
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError, KeyError, TypeError, UserError) as error:
+        return None, f"its metadata {meta_path.name} is damaged ({type(error).__name__})"
+    if cache_format != DOCUMENT_CACHE_FORMAT:
+        return None, "it was written by another version of this tool"
+    stream_path = directory / stream
+    size = stream_path.stat().st_size if stream_path.is_file() else 0
+    if size != expected_bytes:
+        return None, f"it is truncated ({size:,} of {expected_bytes:,} bytes)"
+    return meta, None
+
+
+def _build_document_cache(settings, files, fingerprint, tokenizer, previous, cache_path, num_proc):
+    """Tokenize what `previous` (a complete cache of an earlier state of the source, or None)
+    lacks into piece files, join them (and `previous`'s ids of unchanged files) into one stream,
+    then write the JSON that names it. Everything a kill interrupts is picked up again by the
+    next build: the pieces done, and a trained tokenizer (saved before the first piece)."""
+    parts = cache_path.with_suffix(".parts")
+    parts.mkdir(exist_ok=True)
+    if tokenizer is None and previous is not None and settings["kind"] != "char":
+        tokenizer = tokenizer_from_state(previous["tokenizer"])  # the ids already made stay valid
+    if tokenizer is None:
+        tokenizer = _document_tokenizer(settings, files, parts, num_proc)
+    state = tokenizer.state_dict()
+    dtype = np.dtype(_token_dtype(tokenizer.vocab_size)).name
+    reusable = {}  # fingerprint entry -> (offset, count) of its ids in the previous stream
+    if previous is not None and previous["tokenizer"] == state and previous["dtype"] == dtype:
+        reusable = {json.dumps(entry, sort_keys=True): segment
+                    for entry, segment in zip(previous["fingerprint"], previous["segments"])}
+    plan = {}  # file index -> ("previous", offset, count) or ("parts", [piece files])
+    jobs = _piece_jobs(settings, files, fingerprint, state, dtype, parts, reusable, plan)
+    total = sum(f.stat().st_size for i, f in enumerate(files)
+                if json.dumps(fingerprint[i], sort_keys=True) not in reusable)
+    for _ in prepare_pieces(tokenize_piece, jobs, _processes(num_proc), total):
+        pass
+    return _join_stream(cache_path, settings, fingerprint, state, dtype, plan, previous, parts)
+
+
+def _piece_jobs(settings, files, fingerprint, state, dtype, parts, reusable, plan):
+    """The tokenize jobs of the files that `reusable` lacks, filling in `plan` (see above). A
+    piece file's name says which file (as it is now), tokenizer and cut it is of."""
+    tokenizer_tag = _cache_key(state)
+    for index, file in enumerate(files):
+        entry = json.dumps(fingerprint[index], sort_keys=True)
+        if entry in reusable:
+            plan[index] = ("previous", *reusable[entry])
+            continue
+        tag = _cache_key([entry, tokenizer_tag, settings["text_field"], settings["piece_bytes"]])
+        plan[index] = ("parts", [])
+        for piece in file_pieces(index, settings["documents"], file, settings["piece_bytes"]):
+            part = parts / f"{tag}-{piece.index:06d}.bin"
+            plan[index][1].append(part)
+            yield {"piece": piece, "part": str(part), "tokenizer": json.dumps(state),
+                   "dtype": dtype, "text_field": settings["text_field"], "done": part.is_file()}
+
+
+def _join_stream(cache_path, settings, fingerprint, state, dtype, plan, previous, parts):
+    """Write the one stream of ids in the order of the files, then its JSON; the previous stream
+    and the piece files go once the JSON names the new stream."""
+    itemsize = np.dtype(dtype).itemsize
+    name = f"{cache_path.name}.{_cache_key([fingerprint, state])}.bin"
+    stream_path = cache_path.with_name(name)
+    segments, offset = [], 0
+    with atomic_write(stream_path) as out:
+        for index in range(len(fingerprint)):
+            if plan[index][0] == "previous":
+                _, start, count = plan[index]
+                with open(cache_path.with_name(previous["stream"]), "rb") as handle:
+                    handle.seek(start * itemsize)
+                    _copy(handle, out, count * itemsize)
+            else:
+                count = 0
+                for part in plan[index][1]:
+                    with open(part, "rb") as handle:
+                        count += _copy(handle, out) // itemsize
+            segments.append([offset, count])
+            offset += count
+    meta = {"format": DOCUMENT_CACHE_FORMAT, "source": settings["source"],
+            "fingerprint": fingerprint, "segments": segments, "stream": name, "dtype": dtype,
+            "num_tokens": offset, "tokenizer": state}
+    with atomic_write(cache_path.with_suffix(".json")) as handle:
+        handle.write(json.dumps(meta).encode())
+    for old in cache_path.parent.glob(f"{cache_path.name}.*.bin"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    shutil.rmtree(parts, ignore_errors=True)
+    return meta
+
+
+def _copy(source, out, count=None, block=CHUNK_BYTES):
+    """Copy `count` bytes (all the rest, if None) from one open file to another; return how many."""
+    copied = 0
+    while count is None or copied < count:
+        data = source.read(block if count is None else min(block, count - copied))
+        if not data:
+            break
+        out.write(data)
+        copied += len(data)
+    return copied
+
+
+def _processes(num_proc):
+    return num_proc if num_proc > 0 else default_num_proc()
+
+
+def _document_tokenizer(settings, files, parts, num_proc):
+    """The tokenizer of a new document corpus, with an end-of-text id; saved in `parts` so that a
+    build killed after it was made goes on with the same one."""
+    saved = parts / "tokenizer.json"
+    if saved.is_file():
+        return tokenizer_from_state(json.loads(saved.read_text()))
+    kind = settings["kind"]
+    if kind == "byte":
+        tokenizer = ByteTokenizer(end_of_text=True)
+    elif kind == "bpe":
+        texts = _training_sample(settings, files)
+        tokenizer = BPETokenizer.train(texts, settings["bpe_vocab_size"], end_of_text=True)
+    else:
+        tokenizer = _document_characters(settings, files, num_proc)
+    with atomic_write(saved) as handle:
+        handle.write(json.dumps(tokenizer.state_dict()).encode())
+    return tokenizer
+
+
+def _document_characters(settings, files, num_proc):
+    """The char tokenizer of a corpus: its distinct characters, gathered by every process."""
+    jobs = ({"piece": piece, "text_field": settings["text_field"]}
+            for index, file in enumerate(files)
+            for piece in file_pieces(index, settings["documents"], file, settings["piece_bytes"]))
+    total = sum(f.stat().st_size for f in files)
+    found = [code_points for code_points, _ in
+             prepare_pieces(piece_characters, jobs, _processes(num_proc), total,
+                            description="reading its characters")]
+    code_points = np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.uint32)
+    if len(code_points) == 0:
+        fail(f"data {settings['source']} holds no text")
+    return CharTokenizer("".join(map(chr, code_points)), end_of_text=True)
+
+
+def _training_sample(settings, files, most_pieces=32):
+    """The documents BPE learns from: the leading ones of up to `most_pieces` pieces spread evenly
+    over the training part (the first 1 - val_fraction of the source's bytes), SAMPLE_BYTES in
+    all, so a corpus of any size trains in seconds."""
+    budget = (1.0 - settings["val_fraction"]) * sum(f.stat().st_size for f in files)
+    kept, stride, seen, number = [], 1, 0, 0
+    for index, file in enumerate(files):
+        for piece in file_pieces(index, settings["documents"], file, settings["piece_bytes"]):
+            if seen >= budget:
+                break
+            seen += piece.size
+            if number % stride == 0:
+                kept.append((number, _leading_documents(piece, settings["text_field"],
+                                                        SAMPLE_BYTES // most_pieces)))
+                while len(kept) > most_pieces:  # keep every other one, and take half as many
+                    stride *= 2
+                    kept = [entry for entry in kept if entry[0] % stride == 0]
+            number += 1
+    return [text for _, texts in kept for text in texts]
+
+
+def _leading_documents(piece, text_field, budget_bytes):
+    texts, size = [], 0
+    for text in piece_documents(piece, text_field):
+        if size >= budget_bytes:
+            break
+        texts.append(text)
+        size += len(text)
+    return texts

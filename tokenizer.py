@@ -4,7 +4,15 @@ Three kinds share one small interface (`encode`, `decode`, `vocab_size`, `state_
 - `CharTokenizer`: one id per distinct character of the corpus, in sorted order.
 - `ByteTokenizer`: the 256 UTF-8 byte values; encodes any text.
 - `BPETokenizer`: byte-level BPE trained with the optional `tokenizers` package; any text
-  encodes, and a large corpus is sampled evenly so training takes seconds.
+  encodes, and a large corpus is sampled evenly so training takes seconds. A pretrained
+  byte-level BPE (GPT-2's `tokenizer.json`, say) is one too.
+The end-of-text token. A corpus of documents (jsonl, parquet) keeps them apart with an id that no
+text encodes to, `end_of_text`; a tokenizer built from plain text has none (None), so a text run
+and every tokenizer saved before it existed stay exactly as they were. The id comes after the
+vocabulary (char: len(chars), byte: 256, trained BPE: its size, written into its JSON as the
+special token `<|endoftext|>`), except in a pretrained BPE, which names its own (GPT-2's 50256).
+The state dict carries the key only when the id is set. Its piece is empty: it stands for no
+text, so bits per byte count only the documents' own bytes.
 Every tokenizer also knows the bytes of each id (`pieces`), so decoding is one rule for all three
 and a stream of ids can be printed as it is generated (`StreamDecoder`), and can write itself as a
 `tokenizers` JSON file that encodes to the same ids (`hugging_face_json`, for export.py). This
@@ -24,14 +32,17 @@ from config import fail
 class CharTokenizer:
     kind = "char"
 
-    def __init__(self, chars):
+    def __init__(self, chars, end_of_text=False):
         self.chars = "".join(sorted(set(chars)))
         self.code_points = np.array([ord(c) for c in self.chars], dtype=np.uint32)
         self.pieces = [c.encode("utf-8") for c in self.chars]
+        self.end_of_text = len(self.chars) if end_of_text else None
+        if end_of_text:
+            self.pieces.append(b"")
 
     @property
     def vocab_size(self):
-        return len(self.chars)
+        return len(self.pieces)
 
     def encode(self, text):
         """Ids of `text` as an int64 array; characters outside the vocabulary are a UserError."""
@@ -49,10 +60,10 @@ class CharTokenizer:
         return ids.astype(np.int64)
 
     def decode(self, ids):
-        return "".join(self.chars[i] for i in ids)
+        return "".join(self.chars[i] for i in ids if i != self.end_of_text)
 
     def state_dict(self):
-        return {"kind": self.kind, "chars": self.chars}
+        return with_end_of_text_key({"kind": self.kind, "chars": self.chars}, self.end_of_text)
 
     def hugging_face_json(self):
         """A `tokenizers` JSON file with our ids: a word-level model whose words are characters.
@@ -69,22 +80,28 @@ class CharTokenizer:
         backend = tokenizers.Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
         backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         backend.decoder = decoders.Fuse()  # characters join with nothing between them
-        return backend.to_str()
+        return json_with_end_of_text(backend, self.end_of_text)
 
 
 class ByteTokenizer:
     kind = "byte"
-    vocab_size = 256
-    pieces = [bytes([i]) for i in range(256)]
+
+    def __init__(self, end_of_text=False):
+        self.pieces = [bytes([i]) for i in range(256)] + ([b""] if end_of_text else [])
+        self.end_of_text = 256 if end_of_text else None
+
+    @property
+    def vocab_size(self):
+        return len(self.pieces)
 
     def encode(self, text):
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
     def decode(self, ids):
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        return bytes(int(i) for i in ids if i != self.end_of_text).decode("utf-8", errors="replace")
 
     def state_dict(self):
-        return {"kind": self.kind}
+        return with_end_of_text_key({"kind": self.kind}, self.end_of_text)
 
     def hugging_face_json(self):
         """A `tokenizers` JSON file with our ids: byte-level BPE with no merges, so each UTF-8 byte
@@ -96,7 +113,31 @@ class ByteTokenizer:
         # without merges there is nothing to keep apart, so the text need not be split into words
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         backend.decoder = decoders.ByteLevel()
-        return backend.to_str()
+        return json_with_end_of_text(backend, self.end_of_text)
+
+
+END_OF_TEXT = "<|endoftext|>"  # the end-of-text token's name, as GPT-2's
+# what pretrained tokenizers call theirs (GPT-2 and most byte-level BPEs, Llama 3, Llama 2, Gemma)
+END_OF_TEXT_NAMES = (END_OF_TEXT, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+
+
+def with_end_of_text_key(state, end_of_text):
+    """A tokenizer's state, with the end-of-text id only where there is one: a tokenizer without
+    it saves exactly what it saved before the token existed."""
+    return state if end_of_text is None else {**state, "end_of_text": end_of_text}
+
+
+def json_with_end_of_text(backend, end_of_text):
+    """The `tokenizers` JSON of `backend`, with `<|endoftext|>` added as a special token at our id
+    (the next free one, after the vocabulary) where the tokenizer has one."""
+    if end_of_text is not None:
+        from tokenizers import AddedToken
+
+        backend.add_special_tokens([AddedToken(END_OF_TEXT, special=True)])
+        if backend.token_to_id(END_OF_TEXT) != end_of_text:
+            raise ValueError(f"{END_OF_TEXT} took id {backend.token_to_id(END_OF_TEXT)}, "
+                             f"not {end_of_text}")
+    return backend.to_str()
 
 
 def _byte_level_alphabet():
@@ -177,9 +218,11 @@ class BPETokenizer:
 
     kind = "bpe"
 
-    def __init__(self, tokenizer_json):
+    def __init__(self, tokenizer_json, end_of_text=None, source=None):
+        """`end_of_text`: the id that ends each document, if any; `source`: where a pretrained
+        tokenizer came from (a --tokenizer value), saved so a resumed run can be given it again."""
         tokenizers = _import_tokenizers()
-        self.tokenizer_json = tokenizer_json
+        self.tokenizer_json, self.end_of_text, self.source = tokenizer_json, end_of_text, source
         try:
             self.backend = tokenizers.Tokenizer.from_str(tokenizer_json)
         except Exception as error:  # the library raises a bare Exception for a malformed file
@@ -193,12 +236,19 @@ class BPETokenizer:
         self.pieces = [b""] * len(vocab)
         for token, index in vocab.items():
             self.pieces[index] = bytes(byte_of[c] for c in token)
+        if end_of_text is not None:
+            if not 0 <= end_of_text < len(vocab):
+                fail(f"the saved BPE tokenizer's end-of-text id {end_of_text} is outside its "
+                     f"vocabulary of {len(vocab)}")
+            self.pieces[end_of_text] = b""  # it stands for no text
         # encode_batch_fast skips the character offsets we never use (tokenizers >= 0.20)
         self._encode_batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        self.literal_backend = None  # for documents: made on first use (see encode_documents)
 
     @classmethod
-    def train(cls, chunks, vocab_size, sample_bytes=SAMPLE_BYTES):
-        """Learn `vocab_size` - 256 merges from the text `chunks` (an iterable of str).
+    def train(cls, chunks, vocab_size, sample_bytes=SAMPLE_BYTES, end_of_text=False):
+        """Learn `vocab_size` - 256 merges from the text `chunks` (an iterable of str); with
+        `end_of_text`, `<|endoftext|>` is then added as id `vocab_size`.
 
         A corpus larger than `sample_bytes` is sampled evenly (`even_sample`), so training on
         100 MB takes about as long as training on `sample_bytes`.
@@ -216,7 +266,10 @@ class BPETokenizer:
             show_progress=False)
         pieces = (piece for chunk in chunks for piece in split_at_line_starts(chunk))
         backend.train_from_iterator(even_sample(pieces, sample_bytes), trainer=trainer)
-        return cls(backend.to_str())
+        if not end_of_text:
+            return cls(backend.to_str())
+        end_of_text_id = backend.get_vocab_size()
+        return cls(json_with_end_of_text(backend, end_of_text_id), end_of_text_id)
 
     @property
     def vocab_size(self):
@@ -227,11 +280,41 @@ class BPETokenizer:
         encodings = self._encode_batch(split_at_line_starts(text), add_special_tokens=False)
         return np.concatenate([np.array(e.ids, dtype=np.int64) for e in encodings])
 
+    def encode_documents(self, texts):
+        """The ids of each text followed by the end-of-text id, as one int64 array. The text is
+        read literally: a document that contains `<|endoftext|>` does not end there."""
+        if self.literal_backend is None:
+            self.literal_backend = type(self.backend).from_str(self.tokenizer_json)
+            self.literal_backend.encode_special_tokens = True
+        encode = getattr(self.literal_backend, "encode_batch_fast",
+                         self.literal_backend.encode_batch)
+        encodings = encode(list(texts), add_special_tokens=False)
+        ids = np.empty(sum(len(e.ids) + 1 for e in encodings), dtype=np.int64)
+        position = 0
+        for encoding in encodings:  # one copy per document, not per token
+            ids[position:position + len(encoding.ids)] = encoding.ids
+            position += len(encoding.ids) + 1
+            ids[position - 1] = self.end_of_text
+        return ids
+
     def decode(self, ids):
         return b"".join(self.pieces[int(i)] for i in ids).decode("utf-8", errors="replace")
 
     def state_dict(self):
-        return {"kind": self.kind, "json": self.tokenizer_json}
+        state = with_end_of_text_key({"kind": self.kind, "json": self.tokenizer_json},
+                                     self.end_of_text)
+        return state if self.source is None else {**state, "source": self.source}
+
+    def known_end_of_text(self):
+        """The id of a special token that conventionally ends a document (GPT-2's
+        `<|endoftext|>`, Llama's `</s>`, ...), or None: what a document corpus uses when this
+        tokenizer was saved without an end-of-text id of its own."""
+        special = {token.content for token in self.backend.get_added_tokens_decoder().values()
+                   if token.special}
+        for name in END_OF_TEXT_NAMES:
+            if name in special:
+                return self.backend.token_to_id(name)
+        return None
 
     def hugging_face_json(self):
         return self.tokenizer_json
@@ -247,15 +330,59 @@ def tokenizer_from_state(state):
             if not isinstance(chars, str) or not chars or chars != "".join(sorted(set(chars))):
                 raise ValueError(f"'chars' must be the sorted distinct characters of the corpus, "
                                  f"got {str(chars)[:40]!r}")
-            return CharTokenizer(chars)
+            return CharTokenizer(chars, end_of_text=saved_end_of_text(state, len(chars)))
         if kind == "byte":
-            return ByteTokenizer()
+            return ByteTokenizer(end_of_text=saved_end_of_text(state, 256))
         if kind == "bpe":
             json.loads(state["json"])
-            return BPETokenizer(state["json"])
+            end_of_text = state.get("end_of_text")
+            if end_of_text is not None and (type(end_of_text) is not int):
+                raise TypeError(f"'end_of_text' must be an id, got {end_of_text!r}")
+            return BPETokenizer(state["json"], end_of_text, state.get("source"))
     except (KeyError, TypeError, ValueError) as error:
         fail(f"the checkpoint's {kind} tokenizer is damaged: {type(error).__name__}: {error}")
     fail(f"unknown tokenizer in checkpoint: {kind!r}")
+
+
+def saved_end_of_text(state, expected):
+    """Whether a char or byte state has the end-of-text id, which is always the one after the
+    vocabulary (`expected`)."""
+    if "end_of_text" not in state:
+        return False
+    if state["end_of_text"] != expected:
+        raise ValueError(f"'end_of_text' must be {expected}, the id after the vocabulary, "
+                         f"got {state['end_of_text']!r}")
+    return True
+
+
+def tokenizer_for_documents(tokenizer):
+    """`tokenizer` with an end-of-text id to keep documents apart: its own, or the special token a
+    pretrained BPE has for it (GPT-2's, whose saved state predates ours). A vocabulary without one
+    cannot grow one under a model trained with it."""
+    if tokenizer.end_of_text is not None:
+        return tokenizer
+    if tokenizer.kind == "bpe" and tokenizer.known_end_of_text() is not None:
+        return BPETokenizer(tokenizer.tokenizer_json, tokenizer.known_end_of_text(),
+                            tokenizer.source)
+    fail(f"this {tokenizer.kind} tokenizer (from the checkpoint) has no end-of-text token to keep "
+         f"the documents of --data apart: continue it on plain text, or train a new model")
+
+
+def encode_documents(tokenizer, texts):
+    """The ids of each text followed by the tokenizer's end-of-text id, as one int64 array: how a
+    corpus of documents is tokenized. The documents are encoded as one text where that gives the
+    same ids (char and byte), and the end-of-text ids put in between."""
+    if tokenizer.kind == "bpe":
+        return tokenizer.encode_documents(texts)
+    texts = list(texts)
+    if tokenizer.kind == "char":
+        lengths = [len(text) for text in texts]
+        ids = tokenizer.encode("".join(texts))
+    else:  # bytes: the text's UTF-8 encoding is its ids
+        encoded = [text.encode("utf-8") for text in texts]
+        lengths = [len(text) for text in encoded]
+        ids = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.int64)
+    return np.insert(ids, np.cumsum(lengths, dtype=np.int64), tokenizer.end_of_text)
 
 
 class StreamDecoder:

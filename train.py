@@ -48,7 +48,7 @@ from checkpoint import (best_path, check_room_for_checkpoints, configs_from_chec
 from config import (ARCHITECTURE_FIELDS, EXIT_STATUS, GPTConfig, TrainConfig, adapt_defaults,
                     apply_args_to_configs, check_configs, config_to_dict, configs_to_toml, fail,
                     parse_args, run_main, validate)
-from dataset import (RandomWindows, build_dataloader, get_dataset, split_tokens,
+from dataset import (RandomWindows, build_dataloader, get_dataset, training_and_validation,
                      validation_batches)
 from early_stopping import EarlyStopping
 from generation import generate_text
@@ -274,7 +274,8 @@ def list_names(paths, shown=4):
 def reject_architecture_changes(given, saved_gpt, path, saved_tokenizer):
     """The architecture and tokenizer come from the checkpoint; a flag that differs is an error."""
     saved_kind = saved_tokenizer.get("kind") if isinstance(saved_tokenizer, dict) else None
-    if "tokenizer" in given and given["tokenizer"] != saved_kind:
+    saved_source = saved_tokenizer.get("source") if isinstance(saved_tokenizer, dict) else None
+    if "tokenizer" in given and given["tokenizer"] not in (saved_kind, saved_source):
         fail(f"--tokenizer {given['tokenizer']} contradicts the checkpoint {path}, whose model was "
              f"trained with the {saved_kind} tokenizer")
     for name in ARCHITECTURE_FIELDS:
@@ -326,7 +327,7 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
     """
     t = train_config
     tokenizer, ids = tokens or load_corpus(gpt_config, t, checkpoint)
-    train_tokens, val_tokens = split_tokens(ids, t.val_fraction, gpt_config.block_size)
+    train_tokens, val_tokens = training_and_validation(ids, tokenizer, t, gpt_config.block_size)
     check_memory(memory_needs(gpt_config, t, runtime))
     print0(f"data: {len(ids):,} tokens ({len(train_tokens):,} train, {len(val_tokens):,} "
            f"validation), {tokenizer.kind} tokenizer, vocabulary {tokenizer.vocab_size}")

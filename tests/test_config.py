@@ -128,7 +128,7 @@ INVALID_VALUES = [
     (["--warmup_iters", "11", "--max_iters", "10"], "warmup_iters"),
     (["--val_fraction", "0"], "val_fraction"),
     (["--val_fraction", "1"], "val_fraction"),
-    (["--tokenizer", "word"], "tokenizer"),
+    (["--tokenizer", " "], "tokenizer"),
     (["--dtype", "float8"], "dtype"),
     (["--device", "tpu"], "device"),
     (["--resume", "a.pt", "--init_from", "b.pt"], "init_from"),
