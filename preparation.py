@@ -18,6 +18,7 @@ import functools
 import json
 import multiprocessing
 import os
+import signal
 import sys
 
 import numpy as np
@@ -106,6 +107,14 @@ def skip_done(jobs, bar):
             yield job
 
 
+def leave_signals_to_the_main_process():
+    """Ctrl-C reaches the whole process group: the main process ends the pool, which stops its
+    workers with SIGTERM, and a worker then ends quietly rather than with the main process's
+    one-line message (config.exit_on_signals)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def worker_pool(num_proc):
     """A pool of forked workers whose `tokenizers` library does not start threads of its own (set
     in the environment they are forked with, which also keeps the library from warning that a
@@ -115,7 +124,7 @@ def worker_pool(num_proc):
     previous = os.environ.get(PARALLELISM)
     os.environ[PARALLELISM] = "false"
     try:
-        return context.Pool(num_proc)
+        return context.Pool(num_proc, initializer=leave_signals_to_the_main_process)
     finally:
         if previous is None:
             del os.environ[PARALLELISM]

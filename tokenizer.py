@@ -288,13 +288,13 @@ class BPETokenizer:
             self.literal_backend.encode_special_tokens = True
         encode = getattr(self.literal_backend, "encode_batch_fast",
                          self.literal_backend.encode_batch)
-        encodings = encode(list(texts), add_special_tokens=False)
-        ids = np.empty(sum(len(e.ids) + 1 for e in encodings), dtype=np.int64)
+        documents = [encoding.ids for encoding in encode(list(texts), add_special_tokens=False)]
+        ids = np.empty(sum(map(len, documents)) + len(documents), dtype=np.int64)
         position = 0
-        for encoding in encodings:  # one copy per document, not per token
-            ids[position:position + len(encoding.ids)] = encoding.ids
-            position += len(encoding.ids) + 1
-            ids[position - 1] = self.end_of_text
+        for document in documents:  # one copy per document, not per token
+            ids[position:position + len(document)] = document
+            ids[position + len(document)] = self.end_of_text
+            position += len(document) + 1
         return ids
 
     def decode(self, ids):

@@ -1,6 +1,9 @@
 """Benchmark the data path on a large corpus: tokenize throughput and peak memory.
 
     python benchmarks/bench_data.py --size_mb 200
+    python benchmarks/bench_data.py --documents --size_mb 500 --bpe_vocab_size 32768
+
+The second form measures a corpus of documents (see `documents_benchmark` below); the first:
 
 Builds a synthetic UTF-8 corpus of the given size (ASCII words with some Chinese and emoji, and a
 few characters that first turn up late in the file), tokenizes it through the token cache with the
@@ -11,6 +14,8 @@ written to a new scratch directory, removed at the end unless --keep is given.
 """
 
 import argparse
+import json
+import os
 import resource
 import shutil
 import sys
@@ -23,7 +28,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train  # noqa: E402  (needs the repository on sys.path)
+from documents import file_pieces, piece_documents  # noqa: E402
 from tokencache import CHUNK_BYTES, cached_tokens  # noqa: E402
+from tokenizer import BPETokenizer  # noqa: E402
 
 WORDS = ("the of and to in is that for it as with was on be by this are from at or an model "
          "data train token loss step batch layer attention gradient memory corpus sample "
@@ -63,11 +70,18 @@ def write_corpus(path, size_bytes, seed=0):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--documents", action="store_true",
+                        help="a jsonl corpus of documents and a BPE: the preparation table")
+    parser.add_argument("--bpe_vocab_size", type=int, default=32768, help="with --documents")
+    parser.add_argument("--num_proc", type=int, default=2, help="with --documents: the most "
+                        "processes measured (default 2)")
     parser.add_argument("--size_mb", type=float, default=200.0, help="corpus size in MB (default 200)")
     parser.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
     parser.add_argument("--dir", default=None, help="where to make the scratch directory (default: /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the corpus and the cache")
     args = parser.parse_args(argv)
+    if args.documents:
+        return documents_benchmark(args)
 
     work = Path(tempfile.mkdtemp(prefix="bench-data-", dir=args.dir))
     corpus, cache_dir = work / "corpus.txt", work / "token-cache"
@@ -104,6 +118,139 @@ def main(argv=None):
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
+
+# ------------------------------------------------------------------------- corpora of documents
+
+SYLLABLES = ("ka ri to na me su lo vi an der ing ter pro con ex tion al ment ous ly re un "
+             "pre post ma ge bo tu shi zen qua rel vor ath eth").split()
+TEN_BILLION = 10_000_000_000
+
+
+def write_documents(path, size_bytes, seed=0):
+    """About `size_bytes` of jsonl: documents of 50-800 words drawn, with Zipf's law, from a
+    vocabulary of 60,000 made-up words (so a 32k BPE has real merges to learn), with some
+    punctuation, digits and non-ASCII text; written a block at a time."""
+    rng = np.random.default_rng(seed)
+    parts = rng.integers(0, len(SYLLABLES), size=(60_000, 4))
+    lengths = rng.integers(1, 5, size=60_000)
+    vocabulary = np.array(["".join(SYLLABLES[p] for p in row[:n]) for row, n in zip(parts, lengths)])
+    vocabulary[::97] = [f"{w}é" for w in vocabulary[::97]]
+    vocabulary[::89] = "数据"
+    vocabulary[::83] = [f"{w}," for w in vocabulary[::83]]
+    vocabulary[::79] = [f"{w}." for w in vocabulary[::79]]
+    vocabulary[::71] = [str(n) for n in range(len(vocabulary[::71]))]
+    weights = 1.0 / np.arange(1, len(vocabulary) + 1)
+    weights /= weights.sum()
+    written, number = 0, 0
+    with open(path, "w", encoding="utf-8") as out:
+        while written < size_bytes:
+            words = vocabulary[rng.choice(len(vocabulary), size=200_000, p=weights)]
+            cuts = np.cumsum(rng.integers(50, 800, size=1000))
+            cuts = cuts[cuts < len(words)]
+            lines = []
+            for document in np.split(words, cuts):
+                lines.append(json.dumps({"id": number, "text": " ".join(document)},
+                                        ensure_ascii=False) + "\n")
+                number += 1
+            block = "".join(lines)
+            out.write(block)
+            written += len(block.encode("utf-8"))
+    return written
+
+
+def children_peak_rss_mb():
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def cpu_seconds():
+    """CPU time of this process (all its threads) and of its children that have ended."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), \
+        resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def reference_encode(corpus, tokenizer, threads):
+    """(wall seconds, CPU seconds, tokens): the `tokenizers` library's own encode_batch over the
+    documents, a piece at a time, counting only the time inside encode_batch."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    backend = tokenizer.backend
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    seconds, cpu, tokens = 0.0, 0.0, 0
+    for piece in file_pieces(0, "jsonl", corpus):
+        texts = piece_documents(piece, "text")
+        clock, cpu_clock = time.perf_counter(), cpu_seconds()
+        encodings = encode(texts, add_special_tokens=False)
+        seconds += time.perf_counter() - clock
+        cpu += cpu_seconds() - cpu_clock
+        tokens += sum(len(e.ids) for e in encodings) + len(texts)
+    return seconds, cpu, tokens
+
+
+def our_preparation(corpus, tokenizer, cache_dir, num_proc):
+    """(wall seconds, CPU seconds, tokens) of a fresh token cache built by `num_proc` processes."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process is one core
+    clock, cpu_clock = time.perf_counter(), cpu_seconds()
+    _, ids = cached_tokens(str(corpus), "bpe", cache_dir, tokenizer=tokenizer, num_proc=num_proc)
+    return time.perf_counter() - clock, cpu_seconds() - cpu_clock, len(ids)
+
+
+def documents_benchmark(args):
+    """The preparation table: MB/s (per core) of our cache build on 1..num_proc processes and of
+    `tokenizers`' encode_batch on as many threads, peak RSS, and the 10B-token projection."""
+    work = Path(tempfile.mkdtemp(prefix="bench-documents-", dir=args.dir))
+    corpus = work / "corpus.jsonl"
+    try:
+        clock = time.perf_counter()
+        size = write_documents(corpus, int(args.size_mb * 1e6))
+        megabytes = size / 1e6
+        print(f"corpus: {megabytes:.1f} MB of jsonl in {time.perf_counter() - clock:.0f} s")
+        clock = time.perf_counter()
+        sample = [text for piece in list(file_pieces(0, "jsonl", corpus))[:2]
+                  for text in piece_documents(piece, "text")]
+        tokenizer = BPETokenizer.train(sample, args.bpe_vocab_size, end_of_text=True)
+        print(f"BPE of {tokenizer.vocab_size:,} tokens learned in {time.perf_counter() - clock:.0f} s")
+        rows, counts = [], {1, args.num_proc}
+        for processes in sorted(counts):
+            rows.append((f"token cache, {processes} process(es)", processes,
+                         *our_preparation(corpus, tokenizer, work / f"cache{processes}",
+                                          processes)))
+        ours_peak, children_peak = peak_rss_mb(), children_peak_rss_mb()
+        for threads in sorted(counts):
+            rows.append((f"tokenizers encode_batch, {threads} thread(s)", threads,
+                         *reference_encode(corpus, tokenizer, threads)))
+        print_table(rows, megabytes, ours_peak, children_peak)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def print_table(rows, megabytes, ours_peak, children_peak):
+    """The figures; "per core" divides by the CPU seconds used, which on a machine that other work
+    shares is what one core does, where wall-clock rates depend on the neighbours."""
+    print(f"\n| {'what':<38} | wall s | CPU s | MB/s (wall) | MB/s per core | tokens/s per core |")
+    print(f"|{'-' * 40}|--------|-------|-------------|---------------|-------------------|")
+    rates = {}
+    for name, _, seconds, cpu, tokens in rows:
+        rates[name] = (megabytes / seconds, megabytes / cpu, tokens / cpu, tokens)
+        print(f"| {name:<38} | {seconds:>6.1f} | {cpu:>5.1f} | {megabytes / seconds:>11.2f} | "
+              f"{megabytes / cpu:>13.2f} | {tokens / cpu:>17,.0f} |")
+    names = list(rates)
+    most = max(row[1] for row in rows)
+    ours_one, ours_most = rates[names[0]], rates[names[len(names) // 2 - 1]]
+    theirs_most = rates[names[-1]]
+    print(f"\nper core, ours on {most} processes / encode_batch on {most} threads: "
+          f"{ours_most[1] / theirs_most[1]:.2f}x; wall clock, {most} processes / 1: "
+          f"{ours_most[0] / ours_one[0]:.2f}x (bounded by the idle cores there were)")
+    print(f"peak RSS while preparing: {ours_peak:.0f} MB (this process), {children_peak:.0f} MB "
+          f"(largest worker)")
+    per_core, tokens = ours_most[2], ours_most[3]
+    text_gb = TEN_BILLION / tokens * megabytes / 1e3
+    print(f"10B tokens = {text_gb:.0f} GB of this jsonl; at {per_core:,.0f} tokens/s per core: "
+          f"{TEN_BILLION / per_core / 8 / 3600:.1f} h on 8 cores, "
+          f"{TEN_BILLION / per_core / 64 / 3600:.2f} h on 64; disk: {2 * TEN_BILLION / 1e9:.0f} GB "
+          f"of uint16 ids, twice that while the pieces are joined")
 
 if __name__ == "__main__":
     main()
