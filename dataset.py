@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from config import TOKENIZERS, fail
+from cli import fail
+from config import TOKENIZERS
 from pretrained import tokenizer_from_pretrained
 from tokencache import cached_tokens
 from tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer

@@ -14,7 +14,7 @@ import contextlib
 
 import torch
 
-from config import UserError
+from cli import UserError
 from tokenizer import END_OF_TEXT, StreamDecoder
 
 

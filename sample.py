@@ -4,10 +4,11 @@
 it uses checkpoints/gpt_best.pt, gpt_final.pt or the newest gpt_step*.pt, and says which. Text is
 streamed to stdout as it is generated (a multi-byte character is printed once it is complete),
 and the same --seed gives the same text. The model and its key/value cache live in model.py,
-the generation loop in generation.py, checkpoint loading in checkpoint.py.
+the generation loop in generation.py, checkpoint loading in checkpoint.py, the choice of file
+in rundir.py.
 """
 
-from config import exit_on_signals
+from cli import exit_on_signals
 
 if __name__ == "__main__":
     exit_on_signals()  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback
@@ -18,9 +19,11 @@ import sys
 
 import torch
 
-from checkpoint import add_checkpoint_arguments, checkpoint_to_load, model_from_checkpoint
-from config import MAX_SEED, ArgumentParser, UserError, _parse_bool, fail, run_main
+from checkpoint import model_from_checkpoint
+from cli import ArgumentParser, UserError, fail, parse_bool, run_main
+from config import MAX_SEED
 from generation import encode_prompt, generate_text
+from rundir import add_checkpoint_arguments, checkpoint_to_load
 from runtime import autocast_context, check_memory, select_device, select_dtype, set_seed
 
 # Below this a temperature is greedy decoding in all but name, and the scaled logits overflow.
@@ -41,7 +44,7 @@ def parse_sample_args(argv=None):
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--stop_at_end_of_text", type=_parse_bool, default=True,
+    parser.add_argument("--stop_at_end_of_text", type=parse_bool, default=True,
                         metavar="true|false", help="end a sample where the model ends its "
                         "document (models trained on documents); false goes on past it")
     args = parser.parse_args(argv)

@@ -26,7 +26,7 @@ import re
 
 import numpy as np
 
-from config import fail
+from cli import fail
 
 
 class CharTokenizer:
@@ -73,7 +73,7 @@ class CharTokenizer:
         here. The unknown token is left out of the vocabulary, so a character outside it is refused
         ("Missing [UNK] token"), as `encode` refuses it, rather than read as some other id.
         """
-        tokenizers = _import_tokenizers("exporting a char-level tokenizer")
+        tokenizers = import_tokenizers("exporting a char-level tokenizer")
         from tokenizers import Regex, decoders, models, pre_tokenizers
 
         vocabulary = {character: index for index, character in enumerate(self.chars)}
@@ -106,7 +106,7 @@ class ByteTokenizer:
     def hugging_face_json(self):
         """A `tokenizers` JSON file with our ids: byte-level BPE with no merges, so each UTF-8 byte
         is one token and the id of byte b is b, whatever the text."""
-        tokenizers = _import_tokenizers("exporting a byte-level tokenizer")
+        tokenizers = import_tokenizers("exporting a byte-level tokenizer")
         from tokenizers import decoders, models, pre_tokenizers
 
         backend = tokenizers.Tokenizer(models.BPE(_byte_level_alphabet(), merges=[]))
@@ -155,7 +155,7 @@ def _byte_level_alphabet():
     return {character: byte for byte, character in characters.items()}
 
 
-def _import_tokenizers(purpose="the BPE tokenizer"):
+def import_tokenizers(purpose="the BPE tokenizer"):
     try:
         import tokenizers
     except ImportError:
@@ -221,7 +221,7 @@ class BPETokenizer:
     def __init__(self, tokenizer_json, end_of_text=None, source=None):
         """`end_of_text`: the id that ends each document, if any; `source`: where a pretrained
         tokenizer came from (a --tokenizer value), saved so a resumed run can be given it again."""
-        tokenizers = _import_tokenizers()
+        tokenizers = import_tokenizers()
         self.tokenizer_json, self.end_of_text, self.source = tokenizer_json, end_of_text, source
         try:
             self.backend = tokenizers.Tokenizer.from_str(tokenizer_json)
@@ -255,7 +255,7 @@ class BPETokenizer:
         """
         if vocab_size < 256:
             fail(f"--bpe_vocab_size must be at least 256 (the 256 byte values), got {vocab_size}")
-        tokenizers = _import_tokenizers()
+        tokenizers = import_tokenizers()
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
         backend = tokenizers.Tokenizer(models.BPE())
@@ -318,6 +318,10 @@ class BPETokenizer:
 
     def hugging_face_json(self):
         return self.tokenizer_json
+
+
+# Any of the three: what a run, a checkpoint and generation hold.
+Tokenizer = CharTokenizer | ByteTokenizer | BPETokenizer
 
 
 def tokenizer_from_state(state):
