@@ -187,6 +187,8 @@ def jsonl_documents(data, piece, text_field):
             fail(f"{piece.path}: the line at byte {where}{' (decompressed)' * bool(piece.payload)}"
                  f" is not a JSON object in UTF-8: {first_line(error)}")
         text = document.get(text_field) if isinstance(document, dict) else None
+        if text is None and isinstance(document, dict) and text_field in document:
+            continue  # a null text: an empty row, as parquet's nulls
         if not isinstance(text, str):
             keys = ", ".join(map(repr, list(document)[:8])) if isinstance(document, dict) else ""
             fail(f"{piece.path}: the line at byte {where} has no text under {text_field!r} "
@@ -204,9 +206,9 @@ def parquet_documents(piece, text_field):
     texts = []
     for batch in parquet_file.iter_batches(batch_size=4096, columns=[text_field],
                                            row_groups=range(piece.start, piece.stop)):
-        column = batch.column(0)
-        if str(column.type) not in ("string", "large_string", "string_view"):
-            fail(f"{piece.path}: the column {text_field!r} (--text_field) holds {column.type}, "
-                 f"not text")
-        texts.extend(text for text in column.to_pylist() if text is not None)
+        column = batch.column(0).to_pylist()  # (dictionary-encoded strings are strings too)
+        if any(not isinstance(text, str) for text in column if text is not None):
+            fail(f"{piece.path}: the column {text_field!r} (--text_field) holds "
+                 f"{batch.schema.field(0).type}, not text")
+        texts.extend(text for text in column if text is not None)
     return texts

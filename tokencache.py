@@ -1,4 +1,5 @@
-"""The token cache: a text file or directory, tokenized once, memory-mapped by every later run.
+"""The token cache: a text file or directory, or a corpus of documents, tokenized once and
+memory-mapped by every later run.
 
 A flat uint16 binary (uint32 when the vocabulary needs it) beside a JSON with the tokenizer and a
 fingerprint of the source (path, size, mtime); a changed source rebuilds it. It lives in
@@ -11,6 +12,12 @@ fingerprint of the source (path, size, mtime); a changed source rebuilds it. It 
   damaged JSON, a changed source) is rebuilt, with one line saying why. A build removes the old
   JSON first and writes the new one last, so a build killed at any moment is never taken for
   a complete cache.
+A corpus of documents (documents.py) has a cache of its own kind (format 3), prepared on every
+core (preparation.py): its pieces are tokenized into files of their own in KEY.parts/, then
+joined, in the order of the source, into one stream KEY.<tag>.bin that the JSON names, with the
+segment of each source file. A killed build goes on from the pieces done, to the same bytes; a
+source whose files changed keeps the ids of the unchanged ones (the tokenizer stays the one they
+were made with) and tokenizes only the others. The old stream goes once the new JSON is written.
 What the tokens are used for (splits, batches) is dataset.py's business.
 """
 
@@ -402,8 +409,11 @@ def _build_document_cache(settings, files, fingerprint, tokenizer, previous, cac
                     for entry, segment in zip(previous["fingerprint"], previous["segments"])}
     plan = {}  # file index -> ("previous", offset, count) or ("parts", [piece files])
     jobs = _piece_jobs(settings, files, fingerprint, state, dtype, parts, reusable, plan)
-    total = sum(f.stat().st_size for i, f in enumerate(files)
-                if json.dumps(fingerprint[i], sort_keys=True) not in reusable)
+    todo = [f for i, f in enumerate(files)
+            if json.dumps(fingerprint[i], sort_keys=True) not in reusable]
+    total = sum(f.stat().st_size for f in todo)
+    print(f"token cache: tokenizing {len(todo)} of {len(files)} file(s) of {settings['source']} "
+          f"({total / 1e6:,.1f} MB) on {_processes(num_proc)} process(es)")
     for _ in prepare_pieces(tokenize_piece, jobs, _processes(num_proc), total):
         pass
     return _join_stream(cache_path, settings, fingerprint, state, dtype, plan, previous, parts)
