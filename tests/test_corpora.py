@@ -4,6 +4,7 @@ tokenizer, and preparation in pieces on several processes that a kill does not s
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import pytest
 
 import sample
 import tokencache
-from conftest import REPO, exit_status, one_error_line, read_checkpoint, tiny_argv
+from conftest import (REPO, assert_same_weights, exit_status, one_error_line, read_checkpoint,
+                      tiny_argv)
 from dataset import split_tokens
 from tokenizer import (END_OF_TEXT, ByteTokenizer, CharTokenizer, encode_documents,
                        tokenizer_from_state)
@@ -189,18 +191,24 @@ def write_pretrained_tokenizer(path):
     return path
 
 
-def test_a_pretrained_tokenizer_trains_samples_and_exports_with_its_end_of_text(tmp_path, capsys):
+def test_a_pretrained_tokenizer_trains_resumes_samples_and_exports_with_its_end_of_text(tmp_path, capsys):
     pytest.importorskip("tokenizers")
     pytest.importorskip("safetensors")
     import export
     import train
     tokenizer_file = write_pretrained_tokenizer(tmp_path / "tokenizer.json")
     data = write_jsonl(tmp_path / "corpus.jsonl")
-    checkpoint_dir = tmp_path / "run"
-    train.train(tiny_argv(checkpoint_dir, data, tokenizer=tokenizer_file, max_iters=2,
+    checkpoint_dir, resumed_dir = tmp_path / "run", tmp_path / "resumed"
+    train.train(tiny_argv(checkpoint_dir, data, tokenizer=tokenizer_file, max_iters=4,
                           eval_iter=2, save_iter=2, num_proc=1))
     state = read_checkpoint(checkpoint_dir / "gpt_final.pt")["tokenizer"]
     assert state["json"] == tokenizer_file.read_text() and state["end_of_text"] == 0
+    # resuming over the document cache, with the same --tokenizer given again, is exact
+    resumed_dir.mkdir()
+    shutil.copy(checkpoint_dir / "gpt_step2.pt", resumed_dir)
+    train.train(["--resume", str(resumed_dir / "gpt_step2.pt"), "--tokenizer", str(tokenizer_file),
+                 "--checkpoint_dir", str(resumed_dir)])
+    assert_same_weights(resumed_dir / "gpt_step4.pt", checkpoint_dir / "gpt_step4.pt")
     tokenizer_file.unlink()  # the checkpoint carries it: sampling and export need no file
     assert exit_status(sample.main, ["--checkpoint", str(checkpoint_dir / "gpt_final.pt"),
                                      "--max_new_tokens", "5", "--device", "cpu"]) == 0
