@@ -248,13 +248,15 @@ class BPETokenizer:
     @classmethod
     def train(cls, chunks, vocab_size, sample_bytes=SAMPLE_BYTES, end_of_text=False):
         """Learn `vocab_size` - 256 merges from the text `chunks` (an iterable of str); with
-        `end_of_text`, `<|endoftext|>` is then added as id `vocab_size`.
+        `end_of_text`, one merge fewer, and `<|endoftext|>` is the last of the `vocab_size` ids.
 
         A corpus larger than `sample_bytes` is sampled evenly (`even_sample`), so training on
         100 MB takes about as long as training on `sample_bytes`.
         """
-        if vocab_size < 256:
-            fail(f"--bpe_vocab_size must be at least 256 (the 256 byte values), got {vocab_size}")
+        if vocab_size < 256 + end_of_text:
+            fail(f"--bpe_vocab_size must be at least {256 + end_of_text} (the 256 byte values"
+                 f"{' and the end-of-text token' if end_of_text else ''}), got {vocab_size}")
+        vocab_size -= end_of_text
         tokenizers = import_tokenizers()
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
