@@ -47,7 +47,8 @@ def tokenizer_of(state_json):
 def tokenize_piece(job):
     """Write the ids of a piece's documents to `job["part"]`; return (ids written, source bytes)."""
     piece, part = job["piece"], job["part"]
-    ids = encode_documents(tokenizer_of(job["tokenizer"]), piece_documents(piece, job["text_field"]))
+    texts = piece_documents(piece, job["text_field"])
+    ids = encode_documents(tokenizer_of(job["tokenizer"]), texts)
     temporary = f"{part}.{os.getpid()}.tmp"
     with open(temporary, "wb") as handle:
         handle.write(ids.astype(job["dtype"]).tobytes())

@@ -133,7 +133,8 @@ def write_documents(path, size_bytes, seed=0):
     rng = np.random.default_rng(seed)
     parts = rng.integers(0, len(SYLLABLES), size=(60_000, 4))
     lengths = rng.integers(1, 5, size=60_000)
-    vocabulary = np.array(["".join(SYLLABLES[p] for p in row[:n]) for row, n in zip(parts, lengths)])
+    vocabulary = np.array(["".join(SYLLABLES[p] for p in row[:n])
+                           for row, n in zip(parts, lengths)])
     vocabulary[::97] = [f"{w}é" for w in vocabulary[::97]]
     vocabulary[::89] = "数据"
     vocabulary[::83] = [f"{w}," for w in vocabulary[::83]]
@@ -210,7 +211,8 @@ def documents_benchmark(args):
         sample = [text for piece in list(file_pieces(0, "jsonl", corpus))[:2]
                   for text in piece_documents(piece, "text")]
         tokenizer = BPETokenizer.train(sample, args.bpe_vocab_size, end_of_text=True)
-        print(f"BPE of {tokenizer.vocab_size:,} tokens learned in {time.perf_counter() - clock:.0f} s")
+        print(f"BPE of {tokenizer.vocab_size:,} tokens learned in "
+              f"{time.perf_counter() - clock:.0f} s")
         rows, counts = [], {1, args.num_proc}
         for processes in sorted(counts):
             rows.append((f"token cache, {processes} process(es)", processes,
