@@ -7,8 +7,8 @@ time left) on a terminal. Two jobs:
   of its own, under a temporary name renamed when complete: the file exists exactly when the
   piece is done, so a preparation killed at any moment goes on from the pieces it finished;
 - `piece_characters`: the distinct characters of a piece, for a char vocabulary.
-Pieces are handed out in order and at most two per process ahead of the results, so memory stays
-flat whatever the corpus's size. Workers are forked (where the platform can) with the `tokenizers`
+Pieces are handed out in order, at most two more than there are processes ahead of the results,
+so memory stays flat whatever the corpus's size (a .jsonl.gz's pieces travel as bytes). Workers are forked (where the platform can) with the `tokenizers`
 library's own threads off: the processes are the parallelism. This module imports no torch; where
 the ids go after a piece is tokenized (the cache's one stream) is tokencache.py's business.
 """
@@ -90,7 +90,7 @@ def prepare_pieces(function, jobs, num_proc, total_bytes, description="tokenizin
             waiting = collections.deque()
             for job in jobs:
                 waiting.append(pool.apply_async(function, (job,)))
-                while len(waiting) >= 2 * num_proc or (waiting and waiting[0].ready()):
+                while len(waiting) >= num_proc + 2 or (waiting and waiting[0].ready()):
                     result = waiting.popleft().get()
                     bar.update(result[-1])
                     yield result

@@ -376,7 +376,7 @@ def _read_document_cache(directory, key):
         cache_format, stream, segments = meta["format"], meta["stream"], meta["segments"]
         tokenizer_from_state(meta["tokenizer"])
         if not isinstance(expected_bytes, int) or len(segments) != len(meta["fingerprint"]):
-            raise TypeError("num_tokens is not a whole number")
+            raise TypeError("num_tokens or segments do not fit")
     except FileNotFoundError:
         return None, None
     except (OSError, ValueError, KeyError, TypeError, UserError) as error:
