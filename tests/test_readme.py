@@ -17,7 +17,7 @@ README shows fails. The rules it follows (the README's last section says the sam
   by STEP_SCALE (`--max_iters 3000` runs 12 steps, `gpt_step1000.pt` becomes `gpt_step4.pt`);
   sampling makes at most MAX_SAMPLED_TOKENS tokens.
 - train.py, sample.py, evaluate.py, export.py and plot.py run in this process through their entry
-  point, as their `__main__` block runs it (config.run_main), in the fresh copy as the working
+  point, as their `__main__` block runs it (cli.run_main), in the fresh copy as the working
   directory; anything else runs as a subprocess there.
 """
 
