@@ -213,7 +213,7 @@ class ReadmeRun:
     def outputs_of(self, command):
         """The run directory or export directory a command writes."""
         argv = command.argv
-        if len(argv) > 1 and argv[1] == "train.py":
+        if "train.py" in argv[1:4]:  # python train.py, or torchrun [options] train.py
             return [effective_value(argv, "checkpoint_dir")]
         out = flag_value(argv, "out")
         return [out] if out else []
