@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cli import fail
 from config import TOKENIZERS
+from documents import document_files
 from pretrained import tokenizer_from_pretrained
 from tokencache import cached_tokens
 from tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
@@ -69,11 +70,13 @@ def corpus_tokens(path, train_config, tokenizer=None):
 
 def training_and_validation(tokens, tokenizer, train_config, block_size):
     """(training ids, validation ids): all of `tokens` and the --val_data corpus (in the same
-    tokenizer), or `split_tokens` of `tokens`."""
+    tokenizer), or `split_tokens` of `tokens`, at a document start where --data is documents
+    (plain text splits where it always did, whatever the tokenizer)."""
     t = train_config
     if not t.val_data:
+        documents = bool(t.data) and document_files(t.data) is not None
         return split_tokens(tokens, t.val_fraction, block_size,
-                            getattr(tokenizer, "end_of_text", None))
+                            getattr(tokenizer, "end_of_text", None) if documents else None)
     _, val_tokens = corpus_tokens(t.val_data, t, tokenizer)
     for name, part in (("training", tokens), ("validation (--val_data)", val_tokens)):
         check_length(name, part, block_size)

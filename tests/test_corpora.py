@@ -280,3 +280,16 @@ def test_a_corpus_mistake_is_one_line_and_exit_status_2(tmp_path, monkeypatch, c
     assert exit_status(train.train, argv) == 2
     one_error_line(capsys.readouterr().err, *fragments)
     assert not os.path.exists(tmp_path / "run" / "gpt_final.pt")
+
+
+def test_plain_text_with_a_pretrained_tokenizer_splits_where_plain_text_always_did(tmp_path,
+                                                                                   corpus_file):
+    pytest.importorskip("tokenizers")
+    from config import TrainConfig
+    from dataset import get_dataset, training_and_validation
+    config = TrainConfig(data=str(corpus_file), cache_dir=str(tmp_path / "cache"),
+                         tokenizer=str(write_pretrained_tokenizer(tmp_path / "tokenizer.json")))
+    tokenizer, ids = get_dataset(config)
+    assert tokenizer.end_of_text == 0 and tokenizer.source == config.tokenizer
+    train, _ = training_and_validation(ids, tokenizer, config, 16)
+    assert len(train) == int(len(ids) * 0.9)
