@@ -225,7 +225,7 @@ class ReadmeRun:
             named = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == option]
             Path(named[-1] if named else Path(argv[-1]).name).write_text(USER_TEXT, "utf-8")
         data = flag_value(argv, "data")
-        if data and not Path(data).exists():
+        if data and not Path(data).exists() and not any(c in data for c in "*?["):  # not a glob
             if data.endswith("/") or not Path(data).suffix:
                 Path(data).mkdir(parents=True)
                 (Path(data) / "notes.txt").write_text(USER_TEXT, encoding="utf-8")
