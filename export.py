@@ -11,7 +11,8 @@ runs in `pipeline("text-generation", model=DIR)` with no other step. It holds:
 - `tokenizer.json` and `tokenizer_config.json`: our tokenizer as the `tokenizers` library's file,
   which `AutoTokenizer` loads and which encodes text to exactly our ids (tokenizer.py builds it).
 - `generation_config.json`: what `model.generate` and the pipeline use when not told otherwise
-  (see `generation_config`).
+  (see `generation_config`); a model trained on documents has its end-of-text token as eos
+  (`special_token_ids`), so generation stops where it ends a document.
 - `tokenizer_vocab.json`: the vocabulary, readable without any library:
       {"kind": "char" | "byte" | "bpe",
        "vocab_size": number of real tokens (the model's vocab_size may be padded beyond it),
