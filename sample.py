@@ -4,9 +4,9 @@
 it uses checkpoints/gpt_best.pt, gpt_final.pt or the newest gpt_step*.pt, and says which. Text is
 streamed to stdout as it is generated (a multi-byte character is printed once it is complete),
 and the same --seed gives the same text. A model trained on documents starts an empty prompt at
-a document's start and ends a sample where it ends the document (--stop_at_end_of_text). The model and its key/value cache live in model.py,
-the generation loop in generation.py, checkpoint loading in checkpoint.py, the choice of file
-in rundir.py.
+a document's start and ends a sample where it ends the document (--stop_at_end_of_text). The
+model and its key/value cache live in model.py, the generation loop in generation.py, checkpoint
+loading in checkpoint.py, the choice of file in rundir.py.
 """
 
 from cli import exit_on_signals
