@@ -60,7 +60,7 @@ BAD_RECIPES = [
     ("bias = 1\n", "bias"),
     ("betas = [0.9]\n", "betas"),
     ("learning_rate = -0.01\n", "learning_rate"),  # invalid value (config.validate)
-    ('tokenizer = "word"\n', "tokenizer"),
+    ('tokenizer = ""\n', "tokenizer"),  # any other value may name a pretrained one
     ('log_to = "jsonl,csv"\n', "log_to"),
     ("n_layer = 2\nn_layer = 3\n", "n_layer"),  # not TOML: a key given twice
 ]
