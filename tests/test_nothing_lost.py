@@ -72,16 +72,21 @@ def test_a_resume_into_another_directory_that_holds_a_run_stops_too(run_dir, tra
     refused(capsys, train.train, argv, run_dir, "already holds a run", "--overwrite true")
 
 
-def test_resume_auto_replaces_an_attempt_that_saved_nothing_but_never_a_model(
+def test_resume_auto_sets_aside_an_attempt_that_saved_nothing_but_never_replaces_a_model(
         trained_run, corpus, tmp_path, capsys):
-    attempt = tmp_path / "attempt"  # killed before its first checkpoint: a few records only
+    attempt = tmp_path / "attempt"  # killed before its first checkpoint: records and a best model
     attempt.mkdir()
     (attempt / "metrics.jsonl").write_text('{"step": 2, "loss": 9.0}\n{"step": 4, "lo')
+    shutil.copy(trained_run / "gpt_final.pt", attempt / "gpt_best.pt")
+    before = snapshot(attempt)
     argv = tiny_argv(attempt, corpus, resume="auto", max_iters=4, save_iter=4)
     assert exit_status(train.train, argv) == 0
-    assert "replaces them" in capsys.readouterr().out
+    assert "sets them aside" in capsys.readouterr().out
     assert [r["step"] for r in metrics_records(attempt)] == [2, 4]
     assert metrics_records(attempt)[0]["loss"] != 9.0
+    [aside] = (attempt / "superseded").iterdir()  # byte for byte, under their own names
+    assert aside.name.endswith("-attempt-without-checkpoint")
+    assert snapshot(aside) == before
     model = tmp_path / "model"  # a gpt_final.pt and no step checkpoint: not an attempt's
     model.mkdir()
     shutil.copy(trained_run / "gpt_final.pt", model / "gpt_final.pt")
@@ -110,16 +115,32 @@ def test_a_run_that_fails_at_its_first_steps_has_deleted_nothing(run_dir, corpus
             "--grad_clip 0.0", "--warmup_iters 2")
 
 
-def test_keep_last_prunes_only_the_runs_own_step_files(run_dir, capsys):
-    foreign = run_dir / "gpt_step100.pt"
-    foreign.write_bytes(b"not this run's checkpoint")  # --resume latest skips it
+def test_keep_last_prunes_only_the_runs_own_step_files(run_dir, monkeypatch, capsys):
+    later = run_dir / "gpt_step100.pt"
+    later.write_bytes(b"not this run's checkpoint")  # --resume latest skips it, then sets it aside
+    copied = run_dir / "gpt_step2.pt"  # an earlier step, copied in from another run
+    damage_checkpoint(run_dir / "gpt_step4.pt", copied, lambda c: c.update(run_id="another run"))
+    copied_bytes = copied.read_bytes()
+    real_unlink = type(copied).unlink
+
+    def unlink_except_step4(path, *args, **kwargs):  # as a file of another owner
+        if path.name == "gpt_step4.pt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(type(copied), "unlink", unlink_except_step4)
     argv = ["--resume", "latest", "--checkpoint_dir", run_dir, "--max_iters", 10,
             "--save_iter", 1, "--keep_last", 1]
     assert exit_status(train.train, [str(arg) for arg in argv]) == 0
-    assert "skipping gpt_step100.pt" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "skipping gpt_step100.pt" in out
+    assert out.count("--keep_last 1 could not delete") == 1  # one line, and training went on
     assert sorted(p.name for p in run_dir.glob("gpt_step*.pt")) == ["gpt_step10.pt",
-                                                                     "gpt_step100.pt"]
-    assert foreign.read_bytes() == b"not this run's checkpoint"
+                                                                     "gpt_step2.pt",
+                                                                     "gpt_step4.pt"]
+    assert copied.read_bytes() == copied_bytes
+    [aside] = (run_dir / "superseded").iterdir()
+    assert (aside / "gpt_step100.pt").read_bytes() == b"not this run's checkpoint"
 
 
 @pytest.mark.parametrize("overwrite", ["false", "true"])
@@ -137,9 +158,20 @@ def test_a_resume_with_nothing_left_to_train_changes_nothing_and_says_what_to_ty
     refused(capsys, train.train, argv, run_dir, "nothing is left to train", "--max_iters")
 
 
-def test_going_back_to_an_earlier_checkpoint_needs_overwrite(run_dir, capsys):
-    argv = ["--resume", run_dir / "gpt_step4.pt"]
-    refused(capsys, train.train, argv, run_dir, "gpt_step8.pt, gpt_final.pt", "--overwrite true")
+def test_the_designs_three_commands_rewind_a_finished_run_and_keep_every_file(run_dir, capsys):
+    before = snapshot(run_dir)  # after `python train.py ...`: steps 4 and 8, final, best, metrics
+    assert exit_status(train.train, ["--resume", str(run_dir / "gpt_step4.pt")]) == 0
+    assert exit_status(sample.main, ["--checkpoint_dir", str(run_dir),
+                                     "--max_new_tokens", "5"]) == 0
+    [aside] = (run_dir / "superseded").iterdir()
+    assert aside.name.endswith("-after-step4")
+    assert f"moved aside to {aside}/: gpt_best.pt, gpt_final.pt, gpt_step8.pt, metrics.jsonl" \
+        in capsys.readouterr().out
+    for name, content in before.items():  # every earlier file, byte for byte, in one place
+        assert (run_dir / name if name == "gpt_step4.pt" else aside / name).read_bytes() == content
+    records = metrics_records(run_dir)  # the kept history, the resume, the new records
+    assert [r["step"] for r in records] == [2, 4, 4, 6, 8] and records[2]["event"] == "resume"
+    assert read_checkpoint(run_dir / "gpt_final.pt")["step"] == 8
 
 
 def test_resume_latest_tolerates_the_torn_last_line_a_kill_leaves_in_metrics(run_dir):
