@@ -161,12 +161,12 @@ def data_change(train_config, checkpoint, fingerprint):
     saved = checkpoint.get("data_fingerprint") if checkpoint and train_config.resume else None
     if not saved or not fingerprint or saved == fingerprint:
         return None
+    data, path = train_config.data, train_config.resume
     saved_data = checkpoint.get("train_config", {}).get("data")
-    if saved_data == train_config.data:
-        change = f"--data {train_config.data} changed since the checkpoint {train_config.resume} was written"
+    if saved_data == data:
+        change = f"--data {data} changed since the checkpoint {path} was written"
     else:
-        change = (f"--data {train_config.data} is not the data the checkpoint "
-                  f"{train_config.resume} was trained on ({saved_data})")
+        change = f"--data {data} is not the data the checkpoint {path} was trained on ({saved_data})"
     print0(f"note: {change}; the run goes on with this text, so its batches differ from the "
            f"original run's")
     return change
@@ -210,9 +210,11 @@ def prepare_checkpoint_dir(run, checkpoint=None):
         weights = sum(p.numel() for p in run.model.parameters())
         bytes_per_checkpoint = 4 * (weights + 2 * count_parameters(run.model)) + (1 << 20)  # + moments
         resumed_step = int(checkpoint["step"]) if run.train_config.resume else 0
-        run_id = checkpoint.get("run_id") if run.train_config.resume else None
+        run_id = checkpoint.get("run_id") if run.train_config.resume else None  # a resume keeps it
+        if not isinstance(run_id, str):
+            run_id = new_run_id()
         run.directory = prepare_run_directory(run.train_config, resumed_step, bytes_per_checkpoint,
-                                              run_id if isinstance(run_id, str) else new_run_id())
+                                              run_id)
 
 
 def resume(run, checkpoint):
