@@ -383,8 +383,9 @@ def test_plot_tolerates_a_torn_last_line_and_names_the_file_it_wrote(run_dir, tm
 # ---------------------------------------------------------------------------------- signals
 
 @pytest.mark.parametrize("number, status, line", [(signal.SIGINT, 130, "interrupted"),
-                                                  (signal.SIGTERM, 143, "terminated")],
-                         ids=["SIGINT", "SIGTERM"])
+                                                  (signal.SIGTERM, 143, "terminated"),
+                                                  (signal.SIGHUP, 129, "hung up")],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_signal_during_set_up_is_one_line_and_its_exit_status(run_dir, corpus, number, status,
                                                                 line, monkeypatch, capfd):
     def signalled_while_loading(*args):
