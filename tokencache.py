@@ -18,7 +18,8 @@ joined, in the order of the source, into one stream KEY.<tag>.bin that the JSON 
 segment of each source file. A killed build goes on from the pieces done, to the same bytes; a
 source whose files changed keeps the ids of the unchanged ones (the tokenizer stays the one they
 were made with) and tokenizes only the others. The old stream goes once the new JSON is written.
-What the tokens are used for (splits, batches) is dataset.py's business.
+`data_fingerprint` is a cheap fingerprint of the source that survives a copy, which train.py keeps
+in step checkpoints. What the tokens are used for (splits, batches) is dataset.py's business.
 """
 
 import codecs
@@ -549,3 +550,20 @@ def _leading_documents(piece, text_field, budget_bytes):
         texts.append(text)
         size += len(text)
     return texts
+
+
+def data_fingerprint(path, samples=64, sample_bytes=1 << 12):
+    """A cheap fingerprint of a --data file or directory (or shards of documents), for a resume
+    to notice that the data changed since its checkpoint: each file's name and size, and
+    `samples` evenly spaced blocks of its bytes (the first and last included). Unlike the
+    cache's, it survives a copy."""
+    digest = hashlib.sha256()
+    documents = document_files(path)
+    for file in corpus_files(path) if documents is None else documents[1]:
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with open(file, "rb") as handle:
+            for index in range(samples):
+                handle.seek(max(0, size - sample_bytes) * index // (samples - 1))
+                digest.update(handle.read(sample_bytes))
+    return digest.hexdigest()[:32]
