@@ -16,6 +16,7 @@ every refusal happens before any file is touched. The dataclasses and their vali
 config.py's.
 """
 
+import glob
 from pathlib import Path
 
 from checkpoint import configs_from_checkpoint, load_checkpoint, tokenizer_from_checkpoint
@@ -122,7 +123,7 @@ def check_saved_data(given, saved_train, path):
     """A resume without --data reads the checkpoint's saved --data path, which is relative to
     where the run was started: say so when it is not found from here."""
     data = saved_train.data
-    if "data" not in given and data and not Path(data).exists():
+    if "data" not in given and data and not Path(data).exists() and not glob.glob(data):
         fail(f"the checkpoint {path} was trained on --data {data}, which is not found from "
              f"{Path.cwd()} (a relative path is read from where a command runs); give --data "
              f"with that text's path")
