@@ -34,6 +34,8 @@ from config import GPTConfig, ResourceError, TrainConfig, UserError, config_from
 from config import validate as validate_configs
 from model import build_model
 from pretrained import checkpoint_from_pretrained, is_pretrained
+from sharded_checkpoint import (RUN_STATE_NAME, has_index, is_sharded_checkpoint,
+                                read_sharded_weights)
 from tokenizer import tokenizer_from_state
 
 try:
@@ -42,7 +44,8 @@ except ImportError:
     fcntl = None
 
 # The run directory (--checkpoint_dir): these names are spelled here and nowhere else.
-STEP_PATTERN = re.compile(r"^gpt_step(\d+)\.pt$")
+# A step checkpoint is a gpt_step{N}.pt file, or under --parallel fsdp a gpt_step{N} directory.
+STEP_PATTERN = re.compile(r"^gpt_step(\d+)(\.pt)?$")
 FINAL_NAME = "gpt_final.pt"
 BEST_NAME = "gpt_best.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -183,18 +186,31 @@ def _fsync_directory(directory):
 def remove_temporary_files(directory, names="*"):
     """Delete the half-written files (of the given final names) a killed process left behind."""
     for leftover in Path(directory).glob(f"{TEMPORARY_PREFIX}{names}"):
-        leftover.unlink(missing_ok=True)
+        remove_run_file(leftover)
+
+
+def remove_run_file(path):
+    """Delete a run file, or a sharded checkpoint's directory (--parallel fsdp)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 # The first bytes of what torch.save writes: a zip archive, or (before PyTorch 1.6) a pickle.
 SAVED_FILE_STARTS = (b"PK\x03\x04", b"\x80")
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", weights=True):
     """Read a checkpoint safely; every problem with the file is one clear UserError.
 
     A Hugging Face GPT-2, a model id or a directory, is imported as a checkpoint (on the CPU).
+    A sharded step checkpoint (a directory, --parallel fsdp) gives its run state, and with
+    `weights` the whole model's weights, gathered in this process.
     """
+    if is_sharded_checkpoint(path):
+        return load_sharded_checkpoint(Path(path), weights)
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         fail(f"checkpoint {path} is a directory; give a file in it, such as "
              f"{Path(path) / FINAL_NAME} (a directory is read only as a Hugging Face model, "
@@ -205,6 +221,27 @@ def load_checkpoint(path, map_location="cpu"):
     if not path.is_file():
         fail(f"checkpoint not found: {path}" if not path.exists() else
              f"checkpoint {path} is not a regular file")
+    checkpoint = read_saved_file(path, map_location)
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    if missing:
+        fail(f"checkpoint {path} is missing {', '.join(repr(k) for k in missing)}")
+    return checkpoint
+
+
+def load_sharded_checkpoint(path, weights=True):
+    """A gpt_step{N} directory's run state, with `weights` the whole model's weights too."""
+    checkpoint = read_saved_file(path / RUN_STATE_NAME)
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint and key != "model_state_dict"]
+    if missing or not has_index(path):
+        fail(f"checkpoint {path} is incomplete: it is missing "
+             f"{', '.join(repr(k) for k in missing) or 'the index of its shards (.metadata)'}")
+    if weights:
+        checkpoint["model_state_dict"] = read_sharded_weights(path)
+    return checkpoint
+
+
+def read_saved_file(path, map_location="cpu"):
+    """A torch.save file's dict, loaded weights-only; any problem is one UserError."""
     with open(path, "rb") as handle:
         start = handle.read(4)
     if not start.startswith(SAVED_FILE_STARTS):
@@ -221,15 +258,22 @@ def load_checkpoint(path, map_location="cpu"):
         fail(f"checkpoint {path} is unreadable (corrupt or truncated): {type(error).__name__}")
     if not isinstance(checkpoint, dict):
         fail(f"checkpoint {path} is not a checkpoint of this project (not a dict)")
-    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
-    if missing:
-        fail(f"checkpoint {path} is missing {', '.join(repr(k) for k in missing)}")
     return checkpoint
 
 
 def step_path(directory, step):
     """gpt_step{N}.pt: everything needed to continue the run after step N."""
     return Path(directory) / f"gpt_step{step}.pt"
+
+
+def sharded_step_path(directory, step):
+    """gpt_step{N}: a step checkpoint of an FSDP run, a directory of every rank's slices."""
+    return Path(directory) / f"gpt_step{step}"
+
+
+def temporary_path(path):
+    """The name a file or directory is written under before it is renamed to `path`."""
+    return Path(path).with_name(f"{TEMPORARY_PREFIX}{Path(path).name}")
 
 
 def final_path(directory):
@@ -289,11 +333,12 @@ def saved_step(path):
 
 
 def step_checkpoints(directory):
-    """The gpt_step{N}.pt files in `directory`, oldest step first."""
+    """The gpt_step{N}.pt files (and gpt_step{N} directories) in `directory`, oldest step first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_PATTERN.match(p.name))]
+    found = [(int(m.group(1)), p) for p in directory.iterdir()
+             if (m := STEP_PATTERN.match(p.name)) and (m.group(2) or p.is_dir())]
     return [p for _, p in sorted(found)]
 
 
@@ -303,7 +348,7 @@ def latest_checkpoint(directory, require_readable=False, report=print):
         if not require_readable:
             return path
         try:
-            load_checkpoint(path)
+            load_checkpoint(path, weights=False)  # a sharded one: its run state and index
             return path
         except UserError as error:
             report(f"skipping {path.name}: {error}")
@@ -345,7 +390,7 @@ def prune_checkpoints(directory, keep_last, up_to_step):
     own = [path for path in step_checkpoints(directory)
            if int(STEP_PATTERN.match(path.name).group(1)) <= up_to_step]
     for path in own[:-keep_last]:
-        path.unlink(missing_ok=True)
+        remove_run_file(path)
 
 
 def check_room_for_checkpoints(directory, bytes_per_checkpoint):

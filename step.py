@@ -19,10 +19,10 @@ What a step's loss is used for (logging, stopping, skipping a bad batch) is trai
 """
 
 import contextlib
-import math
 
 import torch
 
+from parallel import clip_gradients, pause_gradient_sync, uses_fsdp
 from runtime import print0
 
 WARMUP_STEPS = 3  # eager steps before a recording: lazy optimizer state, cuBLAS and autograd set up
@@ -38,9 +38,9 @@ def forward_backward(run, micro_batches, autocast=None):
     autocast = autocast or runtime.autocast
     step_loss = torch.zeros((), device=runtime.device)
     for micro_step, (x, y) in enumerate(micro_batches):
-        # under DDP, only the last micro-step all-reduces the accumulated gradients
-        if runtime.distributed and micro_step < accumulation - 1:
-            sync = run.wrapped_model.no_sync()
+        # under DDP or FSDP, only the last micro-step reduces the accumulated gradients
+        if micro_step < accumulation - 1:
+            sync = pause_gradient_sync(run.wrapped_model)
         else:
             sync = contextlib.nullcontext()
         with sync:
@@ -51,8 +51,7 @@ def forward_backward(run, micro_batches, autocast=None):
             run.scaler.scale(loss).backward()
         step_loss += loss.detach()
     run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
-                                               run.train_config.grad_clip or math.inf)
+    grad_norm = clip_gradients(run.model.parameters(), run.train_config.grad_clip)
     if run.scaler.is_enabled():  # float16: the scaler itself skips steps whose gradients overflowed
         return step_loss, grad_norm, ~torch.isfinite(step_loss)
     return step_loss, grad_norm, ~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
@@ -71,6 +70,8 @@ def graph_fallback(train_config, runtime):
         return "--cuda_graphs false"
     if runtime.dtype == torch.float16:
         return "float16's gradient scaler checks its scale on the host every step"
+    if uses_fsdp(train_config):
+        return "FSDP's gathers and reduce-scatters are not recorded"
     if runtime.distributed:
         return "DistributedDataParallel's all-reduce is not recorded"
     if train_config.skip_nonfinite:

@@ -37,14 +37,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import (best_path, check_room_for_checkpoints, configs_from_checkpoint,
                         final_path, hold_run_directory, is_run_file, latest_checkpoint,
-                        load_checkpoint, load_model_state, prune_checkpoints,
+                        load_checkpoint, load_model_state, prune_checkpoints, remove_run_file,
                         remove_temporary_files, run_files, run_files_after, save_checkpoint,
-                        saved_step, step_checkpoints, step_path, tokenizer_from_checkpoint)
+                        saved_step, sharded_step_path, step_checkpoints, step_path,
+                        temporary_path, tokenizer_from_checkpoint)
 from config import (ARCHITECTURE_FIELDS, EXIT_STATUS, GPTConfig, TrainConfig, adapt_defaults,
                     apply_args_to_configs, check_configs, config_to_dict, configs_to_toml, fail,
                     parse_args, run_main, validate)
@@ -57,9 +57,12 @@ from lora import add_lora, merged_state_dict
 from model import build_model, count_parameters, crop_block_size, flops_per_token
 from optim import (base_learning_rates, configure_optimizer, current_learning_rate,
                    get_cosine_schedule_with_warmup, load_optimizer_state, set_learning_rate)
+from parallel import memory_line, uses_fsdp, wrap_model
 from runtime import (check_memory, peak_flops, print0, random_states, restore_random_states,
                      setup_runtime)
 from scoring import piece_lengths, score_batches
+from sharded_checkpoint import (gathered_weights, load_full_training_state,
+                                load_sharded_training_state, save_sharded_checkpoint)
 from step import device_micro_batches, forward_backward, graphed_step_for, recorder_for
 from tokenizer import tokenizer_from_state
 
@@ -77,7 +80,7 @@ def train(argv=None):
             record = run_loop(run)
             return finish(run, record)
     finally:
-        if runtime.distributed and dist.is_initialized():
+        if dist.is_initialized():  # torchrun's group, or --parallel fsdp's group of one
             dist.destroy_process_group()
 
 
@@ -131,7 +134,7 @@ def configure_resume(args, train_config, automatic):
         path = latest_checkpoint(directory, require_readable=True, report=print0)
         if path is None:
             fail(f"--resume latest: no readable gpt_step*.pt in {directory}")
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, weights=False)  # a sharded one: weights come in resume()
     if "optimizer_state_dict" not in checkpoint:
         fail(f"{path} holds weights only (a final, best or pretrained model); resume from a "
              f"gpt_step*.pt, or start a new run from it with --init_from")
@@ -338,7 +341,8 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
                                  runtime.rank, runtime.world_size)
     model, wrapped_model = prepare_model(gpt_config, t, runtime, checkpoint, tokenizer.vocab_size)
     recorder = recorder_for(runtime.device)
-    optimizer = configure_optimizer(model, t, capturable=recorder is not None)
+    # FSDP's steps are never recorded as CUDA graphs (step.graph_fallback)
+    optimizer = configure_optimizer(model, t, capturable=recorder is not None and not uses_fsdp(t))
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_iters, t.max_iters,
                                                 t.min_lr_ratio)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
@@ -358,11 +362,12 @@ def memory_needs(gpt_config, train_config, runtime):
     per_token = 12 * g.n_layer * g.n_embd * activation_bytes + 2 * 4 * g.vocab_size
     window_bytes = 2 * 8 * (g.block_size + 1)  # a window of int64 ids, as input and as labels
     device, host = runtime.device, torch.device("cpu")
+    held = 16 * parameters // (runtime.world_size if uses_fsdp(t) else 1)  # FSDP: one slice each
     return [
         (f"a model of {parameters:,} parameters, with its gradients and AdamW state",
-         f"--n_layer {g.n_layer}, --n_embd {g.n_embd}", 16 * parameters, device),
+         f"--n_layer {g.n_layer}, --n_embd {g.n_embd}", held, device),
         ("the activations of a batch", f"--batch_size {t.batch_size}, --block_size {g.block_size}",
-         16 * parameters + t.batch_size * g.block_size * per_token, device),
+         held + t.batch_size * g.block_size * per_token, device),
         ("the validation set", f"--eval_batches {t.eval_batches}, --batch_size {t.batch_size}",
          t.eval_batches * t.batch_size * runtime.world_size * window_bytes, host),
         ("the sample printed at each evaluation", f"--sample_tokens {t.sample_tokens}",
@@ -387,7 +392,8 @@ def padded_vocab_size(tokenizer):
 
 
 def prepare_model(gpt_config, train_config, runtime, checkpoint=None, vocab_limit=None):
-    """The model on its device; returns (model, the module that trains: compiled and/or DDP).
+    """The model on its device; returns (model, the module that trains: compiled and/or DDP, or
+    under --parallel fsdp the model itself, sharded in place).
 
     `vocab_limit` is the tokenizer's vocabulary, where the model's is padded beyond it.
     """
@@ -398,14 +404,14 @@ def prepare_model(gpt_config, train_config, runtime, checkpoint=None, vocab_limi
         load_model_state(model, state, t.init_from)
     if t.lora_rank:  # after the weights are in, before a resumed run's adapters are
         add_lora(model, t.lora_rank, t.lora_alpha, t.lora_dropout)
-    model.to(runtime.device)
+    if not uses_fsdp(t):  # FSDP moves the model block by block as it shards it (parallel.py)
+        model.to(runtime.device)
     total = sum(p.numel() for p in model.parameters())
     print0(f"model: {count_parameters(model):,} trainable parameters" +
            (f" of {total:,} (LoRA rank {t.lora_rank})" if t.lora_rank else ""))
-    wrapped_model = torch.compile(model) if train_config.compile else model
-    if runtime.distributed:
-        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        wrapped_model = DistributedDataParallel(wrapped_model, device_ids=device_ids)
+    wrapped_model = wrap_model(model, t, runtime)  # parallel.py: DDP or FSDP
+    if uses_fsdp(t):
+        print0(memory_line(model, runtime))
     return model, wrapped_model
 
 
@@ -427,9 +433,8 @@ def prepare_checkpoint_dir(run, checkpoint=None):
 def resume(run, checkpoint):
     """Restore everything a step checkpoint holds; afterwards run.step is its step."""
     t, runtime, path = run.train_config, run.runtime, run.train_config.resume
-    load_model_state(run.model, checkpoint["model_state_dict"], path)
+    restore_model_and_optimizer(run, checkpoint, path)
     try:
-        load_optimizer_state(run.optimizer, checkpoint["optimizer_state_dict"])
         run.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
         if "scaler_state_dict" in checkpoint and run.scaler.is_enabled():
             run.scaler.load_state_dict(checkpoint["scaler_state_dict"])
@@ -449,14 +454,51 @@ def resume(run, checkpoint):
     try:
         if saved_world_size == runtime.world_size:
             restore_random_states(rank_states[runtime.rank], runtime.device)
-        else:
-            print0(f"note: the checkpoint was written by {saved_world_size} process(es) and this "
-                   f"run has {runtime.world_size}: random states restart from the seed and the "
-                   f"data order changes")
+        note = resume_note(saved_world_size, checkpoint.get("sharded", False), run)
+        if note:
+            print0(note)
     except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as error:
         fail(f"checkpoint {path} has damaged random states: {type(error).__name__}: {error}")
     run.metrics.resume(run.step)
     print0(f"resumed from {path} after step {run.step}")
+
+
+def restore_model_and_optimizer(run, checkpoint, path):
+    """The weights and optimizer state of a step checkpoint: a file, or (written under --parallel
+    fsdp) a directory of slices, resharded to this run's ranks. Every rank takes part."""
+    sharded, into_shards = checkpoint.get("sharded", False), uses_fsdp(run.train_config)
+    if not (sharded or into_shards):
+        load_model_state(run.model, checkpoint["model_state_dict"], path)
+    try:
+        saved = checkpoint["optimizer_state_dict"]
+        if sharded:
+            load_optimizer_state(run.optimizer, saved, load=lambda _: load_sharded_training_state(
+                run.model, run.optimizer, path, saved["param_groups"]))
+        elif into_shards:
+            load_optimizer_state(run.optimizer, saved, load=lambda _: load_full_training_state(
+                run.model, run.optimizer, checkpoint))
+        else:
+            load_optimizer_state(run.optimizer, saved)
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
+        fail(f"checkpoint {path} cannot be resumed: {type(error).__name__}: {error}")
+
+
+def resume_note(saved_world_size, sharded, run):
+    """The line saying a resume is not bit-exact, or None when it is."""
+    t, world_size = run.train_config, run.runtime.world_size
+    saved_parallel = "fsdp" if sharded else "ddp"
+    if saved_world_size == world_size and saved_parallel == t.parallel:
+        return None
+    if saved_parallel == t.parallel == "ddp":
+        return (f"note: the checkpoint was written by {saved_world_size} process(es) and this run "
+                f"has {world_size}: random states restart from the seed and the data order "
+                f"changes")
+    changes = ("random states restart from the seed and the data order changes"
+               if saved_world_size != world_size else "gradients are summed in another order")
+    return (f"note: the checkpoint was written by {saved_world_size} process(es) with --parallel "
+            f"{saved_parallel} and this run has {world_size} with --parallel {t.parallel}: its "
+            f"weights and optimizer state are resharded, {changes}; the run continues, "
+            f"but not bit-exactly")
 
 
 def start_writing(run):
@@ -470,7 +512,7 @@ def start_writing(run):
         return
     run.writing = True
     for path in run.replaced_files:
-        Path(path).unlink(missing_ok=True)
+        remove_run_file(path)
 
 
 class StopRequest:
@@ -658,7 +700,8 @@ def log_step(run, meter, step_lr, progress, evaluate):
         postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
     progress.set_postfix(postfix, refresh=False)
     print0(format_record(record))
-    if evaluate and t.sample_tokens and run.runtime.is_main:
+    # under FSDP every rank generates: each forward gathers the slices of every rank
+    if evaluate and t.sample_tokens and (run.runtime.is_main or uses_fsdp(t)):
         print_training_sample(run)
     meter.restart_clock()
     return record
@@ -692,10 +735,11 @@ def evaluate_starting_model(run):
 
 def keep_if_best(run, record):
     """Count the evaluation; write gpt_best.pt if its validation loss is the lowest so far."""
-    if run.early_stopping.update(record["val_loss"], run.step) and run.runtime.is_main:
-        state = weights_state(run, record.get("loss", math.nan))
+    if run.early_stopping.update(record["val_loss"], run.step):
+        state = weights_state(run, record.get("loss", math.nan))  # every rank: FSDP gathers
         state["val_loss"] = record["val_loss"]
-        save_checkpoint(state, best_path(run.train_config.checkpoint_dir))
+        if run.runtime.is_main:
+            save_checkpoint(state, best_path(run.train_config.checkpoint_dir))
 
 
 def early_stop_message(run):
@@ -715,9 +759,11 @@ def checkpoint_state(run, loss):
         rank_states = gathered
     else:
         rank_states = [rank_states]
-    state = weights_state(run, loss, merged=False)  # LoRA: adapters apart, to resume exactly
+    state = run_summary(run, loss)
+    if not uses_fsdp(run.train_config):  # FSDP: each rank saves its slices (save_step_checkpoint)
+        state["model_state_dict"] = run.model.state_dict()  # LoRA: adapters apart, to resume exactly
+        state["optimizer_state_dict"] = run.optimizer.state_dict()
     state.update({
-        "optimizer_state_dict": run.optimizer.state_dict(),
         "scheduler_state_dict": run.scheduler.state_dict(),
         "random_states": rank_states,
         "data_state": {"position": run.step * run.train_config.grad_accum_steps},
@@ -729,22 +775,38 @@ def checkpoint_state(run, loss):
     return state
 
 
-def weights_state(run, loss, merged=True):
-    """What gpt_final.pt holds: weights (LoRA adapters merged in), configs and tokenizer."""
-    weights = merged_state_dict(run.model) if merged else run.model.state_dict()
-    return {"step": run.step, "loss": loss, "model_state_dict": weights,
-            "gpt_config": config_to_dict(run.gpt_config),
+def weights_state(run, loss):
+    """What gpt_final.pt holds: weights (LoRA adapters merged in), configs and tokenizer.
+
+    Every rank calls it: under --parallel fsdp the ranks gather the whole model onto rank 0.
+    """
+    if uses_fsdp(run.train_config):
+        weights = gathered_weights(run.model)
+    else:
+        weights = merged_state_dict(run.model)
+    return {**run_summary(run, loss), "model_state_dict": weights}
+
+
+def run_summary(run, loss):
+    """The step, loss, configs and tokenizer: what every checkpoint says about its run."""
+    return {"step": run.step, "loss": loss, "gpt_config": config_to_dict(run.gpt_config),
             "train_config": config_to_dict(run.train_config),
             "tokenizer": run.tokenizer.state_dict()}
 
 
 def save_step_checkpoint(run, loss):
     state = checkpoint_state(run, loss)  # every rank takes part: random states are gathered
-    path = step_path(run.train_config.checkpoint_dir, run.step)
+    t = run.train_config
+    start_writing(run)  # a no-op: the log before a save has started the run's files
+    if uses_fsdp(t):  # every rank writes its slices into a directory (sharded_checkpoint.py)
+        path = sharded_step_path(t.checkpoint_dir, run.step)
+        save_sharded_checkpoint(state, run.model, run.optimizer, path, temporary_path(path))
+    else:
+        path = step_path(t.checkpoint_dir, run.step)
+        if run.runtime.is_main:
+            save_checkpoint(state, path)
     if run.runtime.is_main:
-        start_writing(run)  # a no-op: the log before a save has started the run's files
-        save_checkpoint(state, path)
-        prune_checkpoints(run.train_config.checkpoint_dir, run.train_config.keep_last, run.step)
+        prune_checkpoints(t.checkpoint_dir, t.keep_last, run.step)
     return path
 
 
@@ -796,9 +858,10 @@ def print_training_sample(run):
 def finish(run, record):
     """The final save: weights, configs and tokenizer, no optimizer state; then the final figures."""
     path = final_path(run.train_config.checkpoint_dir)
+    state = weights_state(run, record["loss"])  # every rank: FSDP gathers onto rank 0
     if run.runtime.is_main:
         start_writing(run)
-        save_checkpoint(weights_state(run, record["loss"]), path)
+        save_checkpoint(state, path)
     if "val_loss" not in record:  # resumed at the end: the loop had nothing left to do
         record.update(estimate_loss(run))
     print0(f"final validation loss: {record['val_loss']:.4f} at step {run.step} "
