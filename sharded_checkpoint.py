@@ -18,6 +18,7 @@ run state is train.py's.
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -129,7 +130,9 @@ def read_sharded_weights(path):
         weights = {name: torch.empty(entry.size, dtype=entry.properties.dtype)
                    for name, entry in metadata.state_dict_metadata.items()
                    if name.startswith(MODEL_PREFIX) and isinstance(entry, TensorStorageMetadata)}
-        dcp.load(weights, storage_reader=reader, no_dist=True)
+        with warnings.catch_warnings():  # DCP warns that one process loads alone: it is meant
+            warnings.simplefilter("ignore")
+            dcp.load(weights, storage_reader=reader, no_dist=True)
     except (Exception, CheckpointException) as error:  # torch raises many types for damage
         fail(f"checkpoint {path} is unreadable (corrupt or truncated): {type(error).__name__}")
     return {name.removeprefix(MODEL_PREFIX): tensor for name, tensor in weights.items()}
@@ -140,8 +143,10 @@ def load_sharded_training_state(model, optimizer, path, param_groups):
     run's ranks (or unsharded, for a DDP run); `param_groups` are the saved settings."""
     model_state = get_model_state_dict(resharded(model))
     optimizer_state = get_optimizer_state_dict(model, optimizer)  # creates the state to fill
-    dcp.load({"model": model_state, "optimizer": optimizer_state["state"]},
-             checkpoint_id=str(path))
+    with warnings.catch_warnings():  # a process without a group (DDP alone) is warned it is alone
+        warnings.simplefilter("ignore")
+        dcp.load({"model": model_state, "optimizer": optimizer_state["state"]},
+                 checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_model_state_dict(model, model_state)
     set_optimizer_state_dict(model, optimizer, {"state": optimizer_state["state"],
                                                 "param_groups": param_groups})
