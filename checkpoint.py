@@ -15,7 +15,10 @@ counts as a readable one:
 - without --checkpoint, the run directory's best model is used: gpt_best.pt, then gpt_final.pt,
   then the newest step;
 - a training run holds its directory with a lock (train.lock) that the kernel drops when the
-  process dies, so a second run there is refused and a killed run never blocks the next one.
+  process dies, so a second run there is refused and a killed run never blocks the next one;
+- under --parallel fsdp a step checkpoint is a gpt_step{N} directory (sharded_checkpoint.py
+  writes and reads it); every rule here (latest, --keep_last, what counts as a run) treats it as
+  it treats a gpt_step{N}.pt file.
 What goes *into* a training checkpoint is train.py's business.
 """
 

@@ -159,7 +159,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
     compile: bool = False  # torch.compile the model
-    parallel: str = "ddp"  # ddp: every rank holds the whole model; fsdp: each holds 1/N of it (FSDP2)
+    parallel: str = "ddp"  # ddp: every rank holds the whole model; fsdp: each rank holds 1/N of it
     cuda_graphs: bool = True  # on CUDA, record the whole training step once and replay it
     fused_loss: bool = True  # compute the training loss in chunks, without the whole float32 logits
     peak_flops: float = 0.0  # the device's peak FLOP/s for MFU, counted as nanoGPT and PaLM do; 0 = look it up

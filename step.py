@@ -13,8 +13,9 @@ as one recorded graph.
   the optimizer's state or a learning-rate tensor is replaced (a resume loads new ones).
 - Recorders record a step and return its replay: `CUDAGraphRecorder` on CUDA, and
   `CallRecorder`, whose replay calls the step again. With it the CPU tests run all of the above.
-- `graphed_step_for` says why a run cannot use graphs (float16's scaler, DDP, --skip_nonfinite,
-  Muon) and returns None then; train.py runs the eager step instead.
+- `graphed_step_for` says why a run cannot use graphs (float16's scaler, DDP, FSDP,
+  --skip_nonfinite, Muon) and returns None then; train.py runs the eager step instead.
+How the gradients are reduced across ranks (DDP or FSDP) and clipped is parallel.py's business.
 What a step's loss is used for (logging, stopping, skipping a bad batch) is train.py's business.
 """
 

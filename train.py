@@ -19,7 +19,8 @@ checkpoints read. Notable details:
   only once its first steps have passed the finite-loss check.
 The model lives in model.py, batches in dataset.py, the optimizer in optim.py, the step's
 gradients and its CUDA graph in step.py, checkpoint files and the run directory's names in
-checkpoint.py.
+checkpoint.py; how the model is spread over ranks (--parallel ddp or fsdp) in parallel.py, and
+the sharded step checkpoints of an FSDP run in sharded_checkpoint.py.
 """
 
 from config import exit_on_signals
