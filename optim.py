@@ -9,7 +9,8 @@ cosine decay, as a `LambdaLR`) is a multiplier of each group's base rate, so eve
 the same warmup and decay. Where the training step is recorded as a CUDA graph (step.py), AdamW
 is `capturable` and each group's learning rate a device tensor that the schedule fills in place,
 so replays follow the schedule; `load_optimizer_state` lets a checkpoint written in either form
-resume in the other. Shared by train.py and the benchmarks; when to step is train.py's job.
+resume in the other, and `rebase_schedule` fits a resumed schedule to this run's flags. Shared
+by train.py, step.py and the benchmarks; when to step is train.py's job.
 """
 
 import math
@@ -197,6 +198,16 @@ def get_cosine_schedule_with_warmup(optimizer, num_warmup_steps, num_training_st
         return min_lr_ratio + (1.0 - min_lr_ratio) * cosine
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def rebase_schedule(optimizer, scheduler, train_config, step):
+    """After a resume: the schedule follows this run's flags from `step` on (a larger --max_iters
+    or another --learning_rate reshapes the rest of it), and each group's rate is the one the
+    schedule gives for the next step."""
+    scheduler.base_lrs = base_learning_rates(optimizer, train_config)
+    for group, base_lr, multiplier in zip(optimizer.param_groups, scheduler.base_lrs,
+                                          scheduler.lr_lambdas):
+        set_learning_rate(group, base_lr * multiplier(step))
 
 
 def current_learning_rate(scheduler):

@@ -11,7 +11,9 @@ rank's random states, the optimizer's settings) as a plain torch.save file. Nota
 - only tensors go through DCP, which would unpickle anything else without `weights_only`;
 - `gathered_weights` collects the whole model on rank 0 once, for gpt_final.pt and gpt_best.pt,
   which stay plain weights-only files;
-- `load_full_training_state` takes a DDP run's gpt_step{N}.pt into a sharded model.
+- `restore_training_state` resumes a sharded checkpoint into any number of ranks, sharded or
+  not, and a DDP run's gpt_step{N}.pt into a sharded model; `resharding_note` is the line that
+  says such a resume is not bit-exact.
 Where the directory lives and what it is called is checkpoint.py's business; what goes into the
 run state is train.py's.
 """
@@ -32,7 +34,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from config import ResourceError, fail
+from atomic import fsync_directory
+from cli import ResourceError, fail
+from optim import load_optimizer_state
 
 RUN_STATE_NAME = "run_state.pt"  # rank 0's part: everything but the model's and optimizer's tensors
 INDEX_NAME = ".metadata"  # DCP's index of every rank's slices
@@ -90,7 +94,7 @@ def _finish_on_rank_0(state, path, temporary):
             shutil.rmtree(replaced, ignore_errors=True)
         else:
             os.replace(temporary, path)
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
     except OSError as error:
         return error.strerror or str(error)
     return None
@@ -105,14 +109,6 @@ def _first_failure(failure):
         reason = (cause.strerror or str(cause)) if cause is not None else str(error)
         return f"rank {rank}: {reason}"
     return "unknown error"
-
-
-def _fsync_directory(directory):
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def has_index(path):
@@ -136,6 +132,21 @@ def read_sharded_weights(path):
     except (Exception, CheckpointException) as error:  # torch raises many types for damage
         fail(f"checkpoint {path} is unreadable (corrupt or truncated): {type(error).__name__}")
     return {name.removeprefix(MODEL_PREFIX): tensor for name, tensor in weights.items()}
+
+
+def restore_training_state(model, optimizer, checkpoint, path):
+    """Every rank: the model's and optimizer's state from a sharded checkpoint (resharded to this
+    run's ranks, or unsharded into a DDP run's model), or from a whole-model checkpoint into a
+    sharded model. The optimizer keeps its own form of the learning rate (optim.py)."""
+    if checkpoint.get("sharded", False):
+        groups = checkpoint["optimizer_state_dict"]["param_groups"]
+
+        def load(_):
+            load_sharded_training_state(model, optimizer, path, groups)
+    else:
+        def load(_):
+            load_full_training_state(model, optimizer, checkpoint)
+    load_optimizer_state(optimizer, checkpoint["optimizer_state_dict"], load=load)
 
 
 def load_sharded_training_state(model, optimizer, path, param_groups):
@@ -165,6 +176,21 @@ def load_full_training_state(model, optimizer, checkpoint):
                "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
                                 for group in saved["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, by_name, options=options)
+
+
+def resharding_note(saved_world_size, saved_sharded, world_size, parallel):
+    """The line saying a resume with FSDP on either side is not bit-exact, or None where it is
+    exact or FSDP plays no part."""
+    saved_parallel = "fsdp" if saved_sharded else "ddp"
+    if saved_parallel == parallel == "ddp" or (saved_world_size, saved_parallel) == \
+            (world_size, parallel):
+        return None
+    changes = ("random states restart from the seed and the data order changes"
+               if saved_world_size != world_size else "gradients are summed in another order")
+    return (f"note: the checkpoint was written by {saved_world_size} process(es) with --parallel "
+            f"{saved_parallel} and this run has {world_size} with --parallel {parallel}: its "
+            f"weights and optimizer state are resharded, {changes}; the run continues, but not "
+            f"bit-exactly")
 
 
 def gathered_weights(model):

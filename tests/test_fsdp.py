@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import train
+from checkpoint import load_checkpoint
 from conftest import (REPO, assert_same_weights, checkpoint_weights, exit_status,
                       metrics_records, one_error_line, tiny_argv, write_corpus)
 
@@ -46,7 +47,6 @@ def test_fsdp_step_checkpoints_are_directories_and_final_and_best_are_plain_weig
 
 
 def test_the_weights_in_a_sharded_step_checkpoint_are_those_of_the_final_file_at_that_step(runs):
-    from checkpoint import load_checkpoint
     directory = runs[0] / "fsdp"
     assert_same_weights(load_checkpoint(directory / "gpt_step8")["model_state_dict"],
                         directory / "gpt_final.pt")
@@ -124,8 +124,8 @@ def test_a_full_disk_during_a_sharded_save_stops_the_run_and_leaves_no_partial_d
                    "earlier checkpoints are intact")
     assert sorted(p.name for p in directory.iterdir()) == \
         ["gpt_best.pt", "gpt_step4", "metrics.jsonl"]
-    assert_same_weights(train.load_checkpoint(directory / "gpt_step4")["model_state_dict"],
-                        train.load_checkpoint(root / "fsdp" / "gpt_step4")["model_state_dict"])
+    assert_same_weights(load_checkpoint(directory / "gpt_step4")["model_state_dict"],
+                        load_checkpoint(root / "fsdp" / "gpt_step4")["model_state_dict"])
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -167,7 +167,7 @@ def test_two_process_fsdp_trains_like_one_process_with_the_same_global_batch(run
         assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
     for ours, reference in [(checkpoint_weights(tmp_path / "two" / "gpt_final.pt"),
                              checkpoint_weights(tmp_path / "one" / "gpt_final.pt")),
-                            (train.load_checkpoint(tmp_path / "two" / "gpt_step4")[
+                            (load_checkpoint(tmp_path / "two" / "gpt_step4")[
                                 "model_state_dict"],
                              checkpoint_weights(tmp_path / "one" / "gpt_step4.pt"))]:
         assert ours.keys() == reference.keys()
