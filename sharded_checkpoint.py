@@ -53,8 +53,8 @@ def save_sharded_checkpoint(state, model, optimizer, path, temporary):
 
     The ranks write into `temporary`; rank 0 adds the run state and renames it to `path`. A write
     that fails on any rank removes `temporary` and raises ResourceError on every rank, leaving
-    earlier checkpoints as they were. `state["optimizer_state_dict"]` is replaced by the
-    optimizer's settings, keyed by parameter name (its tensors are in DCP's files).
+    earlier checkpoints as they were. The run state gains the optimizer's settings, keyed by
+    parameter name, as "optimizer_state_dict" (its tensors are in DCP's files).
     """
     path, temporary, is_main = Path(path), Path(temporary), dist.get_rank() == 0
     if is_main:
@@ -65,7 +65,6 @@ def save_sharded_checkpoint(state, model, optimizer, path, temporary):
     tensors = {"model": get_model_state_dict(model), "optimizer": optimizer_state["state"]}
     state = {**state, "optimizer_state_dict": {"param_groups": optimizer_state["param_groups"]},
              "sharded": True}
-    state.pop("model_state_dict", None)
     try:
         dcp.save(tensors, checkpoint_id=temporary)  # returns once every rank has written
         error = _finish_on_rank_0(state, path, temporary) if is_main else None
@@ -95,20 +94,26 @@ def _finish_on_rank_0(state, path, temporary):
         else:
             os.replace(temporary, path)
         fsync_directory(path.parent)
-    except OSError as error:
-        return error.strerror or str(error)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+        return _reason(error)
     return None
 
 
 def _first_failure(failure):
     """The first rank's error of a failed DCP save, as one line of text."""
     for rank, (error, _) in sorted(failure.failures.items()):
-        cause = error
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__cause__ or cause.__context__
-        reason = (cause.strerror or str(cause)) if cause is not None else str(error)
-        return f"rank {rank}: {reason}"
+        return f"rank {rank}: {_reason(error)}"
     return "unknown error"
+
+
+def _reason(error):
+    """What went wrong, in a few words: the OSError's message behind `error` where there is one."""
+    cause = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return cause.strerror or str(cause)
 
 
 def has_index(path):

@@ -128,6 +128,40 @@ def test_a_full_disk_during_a_sharded_save_stops_the_run_and_leaves_no_partial_d
                         load_checkpoint(root / "fsdp" / "gpt_step4")["model_state_dict"])
 
 
+def test_sharding_keeps_the_tied_head_and_embedding_one_parameter_and_bfloat16_trains(
+        runs, tmp_path):
+    """The head shares the embedding matrix: after sharding it is still one parameter (the root
+    group holds it once). With --dtype bfloat16 the gathered weights are bfloat16, the slices and
+    so the saved weights float32, and the losses follow the float32 run's to bfloat16 precision."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from config import TrainConfig
+    from conftest import tiny_model
+    from parallel import mixed_precision_policy, shard_model
+    from runtime import Runtime
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = tiny_model()
+        names = [name for name, _ in model.named_parameters()]
+        shard_model(model, TrainConfig(parallel="fsdp"), Runtime(torch.device("cpu"), torch.float32))
+        assert model.lm_head.weight is model.token_embedding.weight
+        assert isinstance(model.lm_head.weight, DTensor)
+        assert [name for name, _ in model.named_parameters()] == names
+    finally:
+        dist.destroy_process_group()
+    policy = mixed_precision_policy(torch.bfloat16)
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    root, data = runs
+    train.train(tiny_argv(tmp_path / "bf16", data, **{**SHARDED, "max_iters": 4,
+                                                      "dtype": "bfloat16"}))
+    saved = checkpoint_weights(tmp_path / "bf16" / "gpt_final.pt")
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
+    ours, reference = metrics_records(tmp_path / "bf16"), metrics_records(root / "fsdp")
+    for mine, theirs in zip(ours, reference[:4]):
+        assert mine["loss"] == pytest.approx(theirs["loss"], abs=0.05)
+
+
 @pytest.mark.parametrize("flags, named", [
     (dict(optimizer="muon"), "--optimizer muon cannot run with --parallel fsdp"),
     (dict(lora_rank=2), "--lora_rank cannot run with --parallel fsdp"),
