@@ -87,7 +87,7 @@ def _finish_on_rank_0(state, path, temporary):
             handle.flush()
             os.fsync(handle.fileno())
         if path.exists():  # the same step written again (a rewound run): the new one replaces it
-            replaced = path.with_name(f"{temporary.name}.replaced")
+            replaced = temporary.with_name(f"{temporary.name}.replaced")
             os.replace(path, replaced)
             os.replace(temporary, path)
             shutil.rmtree(replaced, ignore_errors=True)
