@@ -132,7 +132,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
     warmup_iters: int = 100
     max_iters: int = 2000  # optimizer steps in the whole run
-    min_lr_ratio: float = 0.1  # the cosine ends at this fraction of learning_rate
+    min_lr_ratio: float = 0.1  # the decay ends at this fraction of the peak learning rate
+    lr_schedule: str = "cosine"  # cosine: warmup, then decay; wsd: warmup, constant, then decay
+    decay_fraction: float = 0.2  # wsd: the last fraction of the steps, where the rate decays
+    lr_decay_iters: int = 0  # the step the decay ends at; 0 = --max_iters; a resume keeps its run's
     optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest
     muon_learning_rate: float = 0.02  # peak learning rate of Muon; --learning_rate is AdamW's
     muon_momentum: float = 0.95  # Muon's Nesterov momentum
@@ -169,13 +172,14 @@ TOKENIZERS = ("char", "byte", "bpe")
 LOG_DESTINATIONS = ("jsonl", "tensorboard", "wandb")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
+LR_SCHEDULES = ("cosine", "wsd")
 ARCHITECTURE_CHOICES = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
                         "mlp": ("gelu", "relu2", "swiglu")}
 DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps)(:\d+)?")
 MAX_SEED = 2**32 - 1  # numpy's generators take seeds below 2**32
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout")
 CHOICES = {"tokenizer": TOKENIZERS, "dtype": DTYPES, "optimizer": OPTIMIZERS,
-           **ARCHITECTURE_CHOICES}
+           "lr_schedule": LR_SCHEDULES, **ARCHITECTURE_CHOICES}
 
 
 def _parse_bool(text):
@@ -380,11 +384,12 @@ POSITIVE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_si
             "bpe_vocab_size", "learning_rate", "muon_learning_rate", "lora_alpha")
 NOT_NEGATIVE = ("warmup_iters", "num_workers", "keep_last", "skip_nonfinite", "sample_tokens",
                 "lora_rank", "early_stop_patience", "weight_decay", "grad_clip", "peak_flops",
-                "muon_weight_decay", "early_stop_min_delta")
+                "muon_weight_decay", "early_stop_min_delta", "lr_decay_iters")
 # name -> (low, high, whether low is allowed, whether high is allowed)
 INTERVALS = {"dropout": (0, 1, True, False), "muon_momentum": (0, 1, True, False),
              "lora_dropout": (0, 1, True, False), "betas": (0, 1, True, False),
-             "min_lr_ratio": (0, 1, True, True), "val_fraction": (0, 1, False, False),
+             "min_lr_ratio": (0, 1, True, True), "decay_fraction": (0, 1, False, True),
+             "val_fraction": (0, 1, False, False),
              "seed": (0, MAX_SEED, True, True)}  # numpy's generators take seeds below 2**32
 
 
@@ -404,6 +409,9 @@ def validate(gpt_config, train_config):
              f"below 1: each step multiplies the weights by 1 - their product")
     if t.warmup_iters > t.max_iters:
         fail(f"--warmup_iters ({t.warmup_iters}) must not exceed --max_iters ({t.max_iters})")
+    if 0 < t.lr_decay_iters < t.warmup_iters:
+        fail(f"--lr_decay_iters ({t.lr_decay_iters}) must be 0 (= --max_iters) or at least "
+             f"--warmup_iters ({t.warmup_iters}): the decay follows the warmup")
     if t.device != "auto":
         check_device(t.device)
     if not t.checkpoint_dir.strip():

@@ -4,7 +4,8 @@ Reads the metrics.jsonl that train.py writes (one JSON object per line) and draw
 optimizer step:
 - top: the training loss, its smoothed line (an exponential moving average, bias-corrected so it
   does not start near zero), and the validation loss;
-- bottom: the learning rate.
+- bottom: the learning rate (with --optimizer muon, AdamW's `lr` on the left axis and Muon's
+  `muon_lr`, ten times larger by default, on the right).
 A dashed vertical line marks each point where the run was resumed (records {"event": "resume"}).
 The picture is drawn on a matplotlib `Figure` with the Agg (file-only) canvas: no window and no
 global pyplot state. matplotlib is optional; only this script needs it. What the records mean
@@ -46,7 +47,7 @@ def parse_plot_args(argv=None):
 
 def read_metrics(path):
     """The series in a metrics file: {"train": [(step, loss)], "val": [...], "lr": [...],
-    "resumes": [step, ...]}. Non-finite losses (a log with no steps behind it) are left out, and
+    "muon_lr": [...], "resumes": [step, ...]}. Non-finite losses (a log with no steps behind it) are left out, and
     so is a torn last line (what a run killed while writing it leaves)."""
     path = Path(path)
     if path.is_dir():
@@ -60,7 +61,7 @@ def read_metrics(path):
     except UnicodeDecodeError:
         fail(f"{path} is not a metrics file: it is not UTF-8 text (train.py writes JSON lines)")
     lines = text.splitlines()
-    series = {"train": [], "val": [], "lr": [], "resumes": []}
+    series = {"train": [], "val": [], "lr": [], "muon_lr": [], "resumes": []}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -73,7 +74,8 @@ def read_metrics(path):
             fail(f"{path}, line {number}: not a metrics record")
         if record.get("event") == "resume":
             series["resumes"].append(step)
-        for key, name in (("loss", "train"), ("val_loss", "val"), ("lr", "lr")):
+        for key, name in (("loss", "train"), ("val_loss", "val"), ("lr", "lr"),
+                          ("muon_lr", "muon_lr")):
             value = record.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 series[name].append((step, float(value)))
@@ -115,7 +117,14 @@ def draw(series, out, smoothing=0.6, title=""):
                        linewidth=1.5, label="validation loss")
     if series["lr"]:
         steps, rates = zip(*series["lr"])
-        lr_axes.plot(steps, rates, color="tab:green", linewidth=1.5)
+        lr_axes.plot(steps, rates, color="tab:green", linewidth=1.5, label="lr (AdamW)")
+    if series.get("muon_lr"):  # its own scale: Muon's rate is an order of magnitude larger
+        muon_axes = lr_axes.twinx()
+        steps, rates = zip(*series["muon_lr"])
+        muon_axes.plot(steps, rates, color="tab:purple", linewidth=1.5, linestyle="--",
+                       label="muon_lr (Muon)")
+        muon_axes.set_ylabel("muon_lr", color="tab:purple")
+        lr_axes.legend(handles=[*lr_axes.get_lines(), *muon_axes.get_lines()], loc="upper right")
     for index, step in enumerate(series["resumes"]):
         for axes in (loss_axes, lr_axes):
             axes.axvline(step, color="gray", linestyle="--", linewidth=1,

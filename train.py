@@ -28,9 +28,11 @@ if __name__ == "__main__":
     exit_on_signals()  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback
 
 import contextlib
+import copy
 import math
 import shlex
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +42,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import (best_path, check_room_for_checkpoints, configs_from_checkpoint,
-                        final_path, hold_run_directory, is_run_file, latest_checkpoint,
-                        load_checkpoint, load_model_state, prune_checkpoints,
+from checkpoint import (STEP_PATTERN, best_path, check_room_for_checkpoints,
+                        configs_from_checkpoint, final_path, hold_run_directory, is_run_file,
+                        latest_checkpoint, load_checkpoint, load_model_state, prune_checkpoints,
                         remove_temporary_files, run_files, run_files_after, save_checkpoint,
                         saved_step, step_checkpoints, step_path, tokenizer_from_checkpoint)
 from config import (ARCHITECTURE_FIELDS, EXIT_STATUS, GPTConfig, TrainConfig, adapt_defaults,
@@ -55,8 +57,9 @@ from generation import generate_text
 from loggers import Loggers
 from lora import add_lora, merged_state_dict
 from model import build_model, count_parameters, crop_block_size, flops_per_token
-from optim import (base_learning_rates, configure_optimizer, current_learning_rate,
-                   get_cosine_schedule_with_warmup, load_optimizer_state, set_learning_rate)
+from optim import (Schedule, configure_optimizer, current_learning_rates, describe_schedule,
+                   follow_schedule, learning_rate_scheduler, load_optimizer_state,
+                   resumed_decay_iters, schedule_changes)
 from runtime import (check_memory, peak_flops, print0, random_states, restore_random_states,
                      setup_runtime)
 from scoring import piece_lengths, score_batches
@@ -108,7 +111,8 @@ def configure(argv=None):
         if train_config.init_from:
             gpt_config, checkpoint = configure_init_from(given, train_config)
         for note in adapt_defaults(gpt_config, train_config, given):
-            print0(f"note: {note}")
+            # under --print_config, stdout is the recipe: a note there would break it
+            print0(f"note: {note}", file=sys.stderr if given.get("print_config") else None)
         if automatic:
             replace_an_attempt_that_saved_nothing(train_config)
     check_configs(args, gpt_config, train_config)
@@ -141,7 +145,9 @@ def configure_resume(args, train_config, automatic):
     saved_gpt, saved_train = configs_from_checkpoint(checkpoint, path)
     tokenizer_from_checkpoint(checkpoint, saved_gpt, path)
     reject_architecture_changes(given, saved_gpt, path, checkpoint["tokenizer"])
-    gpt_config, train_config = apply_args_to_configs(args, saved_gpt, saved_train)
+    gpt_config, train_config = apply_args_to_configs(args, saved_gpt, copy.copy(saved_train))
+    if "lr_decay_iters" not in given:  # a decay that has begun keeps its end
+        train_config.lr_decay_iters = resumed_decay_iters(saved_train, train_config, step)
     train_config.resume, train_config.init_from = str(path), ""
     train_config.overwrite = given.get("overwrite", False)  # never inherited from the saved run
     if "checkpoint_dir" not in given:  # the run continues where its checkpoint is
@@ -339,8 +345,7 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
     model, wrapped_model = prepare_model(gpt_config, t, runtime, checkpoint, tokenizer.vocab_size)
     recorder = recorder_for(runtime.device)
     optimizer = configure_optimizer(model, t, capturable=recorder is not None)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_iters, t.max_iters,
-                                                t.min_lr_ratio)
+    scheduler = learning_rate_scheduler(optimizer, Schedule.from_config(t))
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
     run = Run(gpt_config, t, runtime, tokenizer, loader, val_set, model, wrapped_model, optimizer,
               scheduler, scaler)
@@ -441,11 +446,7 @@ def resume(run, checkpoint):
             run.early_stopping.load_state_dict(checkpoint["early_stopping"])
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
         fail(f"checkpoint {path} cannot be resumed: {type(error).__name__}: {error}")
-    # the schedule follows this run's flags (a larger --max_iters reshapes the rest of it)
-    run.scheduler.base_lrs = base_learning_rates(run.optimizer, t)
-    for group, base_lr, multiplier in zip(run.optimizer.param_groups, run.scheduler.base_lrs,
-                                          run.scheduler.lr_lambdas):
-        set_learning_rate(group, base_lr * multiplier(run.step))
+    follow_schedule(run.scheduler, run.optimizer, t, run.step)  # this run's peaks and shape
     try:
         if saved_world_size == runtime.world_size:
             restore_random_states(rank_states[runtime.rank], runtime.device)
@@ -457,6 +458,9 @@ def resume(run, checkpoint):
         fail(f"checkpoint {path} has damaged random states: {type(error).__name__}: {error}")
     run.metrics.resume(run.step)
     print0(f"resumed from {path} after step {run.step}")
+    _, saved_train = configs_from_checkpoint(checkpoint, path)
+    if schedule_changes(saved_train, t) and run.step < t.max_iters:
+        print0(describe_schedule(t, run.step, saved_train))
 
 
 def start_writing(run):
@@ -542,7 +546,7 @@ class LossMeter:
             dist.all_reduce(self.first_bad_step, op=dist.ReduceOp.MAX)
         bad_step = int(self.first_bad_step)
         if bad_step >= 0:
-            stop_nonfinite(bad_step, run.train_config)
+            stop_nonfinite(bad_step, run)
         if run.runtime.distributed:  # the mean over every rank's micro-batches
             dist.all_reduce(self.loss_sum)
             self.loss_sum /= run.runtime.world_size
@@ -564,10 +568,11 @@ class LossMeter:
 
 
 def optimizer_step(run, data, meter, skipped):
-    """One optimizer step and one schedule step; returns the learning rate the step used and
-    the number of batches skipped so far (--skip_nonfinite)."""
+    """One optimizer step and one schedule step; returns the learning rates the step used (by
+    record name: `lr`, and `muon_lr` with Muon) and the number of batches skipped so far
+    (--skip_nonfinite)."""
     t = run.train_config
-    step_lr = current_learning_rate(run.scheduler)
+    step_rates = current_learning_rates(run.scheduler)
     if run.graphed_step is not None:  # the whole step, optimizer included, as one replay
         step_loss, grad_norm, bad = run.graphed_step(data)
         meter.add(run.step + 1, step_loss, grad_norm, bad)
@@ -576,7 +581,7 @@ def optimizer_step(run, data, meter, skipped):
         if t.skip_nonfinite and bool(bad):  # opt-in: costs a host sync every step
             skipped += 1
             if skipped > t.skip_nonfinite:
-                stop_nonfinite(run.step + 1, t, f"more than {t.skip_nonfinite} skipped batches")
+                stop_nonfinite(run.step + 1, run, f"more than {t.skip_nonfinite} skipped batches")
             print0(f"step {run.step + 1}: non-finite loss or gradient, batch skipped "
                    f"({skipped} of at most {t.skip_nonfinite})")
             run.optimizer.zero_grad(set_to_none=True)
@@ -588,7 +593,7 @@ def optimizer_step(run, data, meter, skipped):
             run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     run.step += 1
-    return step_lr, skipped
+    return step_rates, skipped
 
 
 def run_loop(run):
@@ -610,7 +615,7 @@ def run_loop(run):
         if t.init_from and run.step == 0:
             evaluate_starting_model(run)
         while run.step < t.max_iters:
-            step_lr, skipped = optimizer_step(run, data, meter, skipped)
+            step_rates, skipped = optimizer_step(run, data, meter, skipped)
             progress.update(1)
             finished = run.step == t.max_iters
             evaluating = run.step % t.eval_iter == 0 or finished
@@ -618,7 +623,7 @@ def run_loop(run):
             stop_signal = stop.pending_signal()
             # a checkpoint is written only after the log has checked the loss is finite
             if run.step % t.log_iter == 0 or evaluating or saving or stop_signal:
-                record = log_step(run, meter, step_lr, progress, evaluating)
+                record = log_step(run, meter, step_rates, progress, evaluating)
             stopping_early = evaluating and run.early_stopping.should_stop and not finished
             if saving or stop_signal or stopping_early:
                 path = save_step_checkpoint(run, record["loss"])
@@ -635,13 +640,13 @@ def run_loop(run):
     return record
 
 
-def log_step(run, meter, step_lr, progress, evaluate):
+def log_step(run, meter, step_rates, progress, evaluate):
     """Read the loss and throughput, evaluate if due, write the record to --log_to's destinations
     and the progress line."""
     t = run.train_config
     loss, grad_norm, steps, seconds = meter.read(run)
     tokens_per_second = run.tokens_per_step * steps / max(seconds, 1e-9)
-    record = {"step": run.step, "loss": loss, "lr": step_lr,
+    record = {"step": run.step, "loss": loss, **step_rates,
               "tokens_per_sec": round(tokens_per_second, 1)}
     if grad_norm is not None:
         record["grad_norm"] = grad_norm
@@ -653,7 +658,8 @@ def log_step(run, meter, step_lr, progress, evaluate):
         record.update(estimate_loss(run))
         keep_if_best(run, record)
     run.metrics.write(record)
-    postfix = {"loss": f"{loss:.4f}", "lr": f"{step_lr:.2e}", "tok/s": f"{tokens_per_second:,.0f}"}
+    postfix = {"loss": f"{loss:.4f}", **{name: f"{rate:.2e}" for name, rate in step_rates.items()},
+               "tok/s": f"{tokens_per_second:,.0f}"}
     if "mfu" in record:
         postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
     progress.set_postfix(postfix, refresh=False)
@@ -758,26 +764,50 @@ def batches(loader):
 
 
 # Flags that shape each update: when one of them differs from its default, it may be the cause.
-UPDATE_FLAGS = ("weight_decay", "grad_clip", "betas", "warmup_iters", "muon_learning_rate",
-                "muon_momentum")
+UPDATE_FLAGS = ("weight_decay", "grad_clip", "betas", "warmup_iters", "muon_momentum")
+# The learning rates a record holds, by name: AdamW's, and with --optimizer muon, Muon's.
+RATE_NAMES = ("lr", "muon_lr")
 
 
-def stop_nonfinite(step, train_config, reason="the loss or gradient norm is not finite"):
-    t, defaults = train_config, TrainConfig()
+def stop_nonfinite(step, run, reason="the loss or gradient norm is not finite"):
+    """End a diverged run: what was kept, and the flags worth changing, in one line."""
+    t, defaults = run.train_config, TrainConfig()
+    names = [name for name in UPDATE_FLAGS
+             if t.optimizer == "muon" or not name.startswith("muon_")]
     changed = [f"--{name} {' '.join(map(str, value)) if isinstance(value, tuple) else value}"
-               for name in UPDATE_FLAGS
-               if (value := getattr(t, name)) != getattr(defaults, name)]
+               for name in names if (value := getattr(t, name)) != getattr(defaults, name)]
     suspects = f" or check {', '.join(changed)}" if changed else ""
+    rates = f"--learning_rate (now {t.learning_rate:g})"
+    if t.optimizer == "muon":  # either optimizer's rate may be the one that diverged
+        rates = (f"--muon_learning_rate (now {t.muon_learning_rate:g}, Muon's) or "
+                 f"--learning_rate (now {t.learning_rate:g}, AdamW's)")
+    last_good = last_good_checkpoint(run, step)
+    kept = (f"the last good one, {last_good}, is intact" if last_good else
+            f"this run had saved none before it")
+    skip = (f"a --skip_nonfinite above {t.skip_nonfinite}" if t.skip_nonfinite else
+            "--skip_nonfinite N")
     fail(f"training diverged at step {step}: {reason}. No checkpoint of this state was written; "
-         f"the last good one in {t.checkpoint_dir} is intact. Try a lower --learning_rate (now "
-         f"{t.learning_rate:g}){suspects}, or --skip_nonfinite N")
+         f"{kept}. Try a lower {rates}{suspects}, or {skip}")
+
+
+def last_good_checkpoint(run, bad_step):
+    """The newest step checkpoint this run can go back to before `bad_step`, or None: one it
+    wrote, else the one it resumed from (the files of a run it replaces do not count)."""
+    t = run.train_config
+    if run.writing or not run.runtime.is_main:  # rank 0 decides whether the run has written
+        saved = [path for path in step_checkpoints(t.checkpoint_dir)
+                 if int(STEP_PATTERN.match(path.name).group(1)) < bad_step]
+        if saved:
+            return saved[-1]
+    return Path(t.resume) if t.resume else None
 
 
 def format_record(record):
     parts = [f"step {record['step']}", f"loss {record['loss']:.4f}"]
     if "val_loss" in record:
         parts.append(f"val_loss {record['val_loss']:.4f} ({record['val_bpb']:.3f} bits/byte)")
-    parts += [f"lr {record['lr']:.2e}", f"{record['tokens_per_sec']:,.0f} tok/s"]
+    parts += [f"{name} {record[name]:.2e}" for name in RATE_NAMES if name in record]
+    parts.append(f"{record['tokens_per_sec']:,.0f} tok/s")
     if "mfu" in record:
         parts.append(f"mfu {100 * record['mfu']:.1f}%")
     return " | ".join(parts)
