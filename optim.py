@@ -8,10 +8,10 @@ Weight decay applies to matrices and embeddings only. The schedule (`Schedule`: 
 then a cosine decay, or with --lr_schedule wsd the peak held and a decay at the end, as a
 `LambdaLR`) is a multiplier of each group's base rate, so every group follows the same warmup and
 decay; a resumed run keeps the end of a decay that has begun (`resumed_decay_iters`), and
-`describe_schedule` says in one line what the rate does for the steps ahead. Where the training step is recorded as a CUDA graph (step.py), AdamW
-is `capturable` and each group's learning rate a device tensor that the schedule fills in place,
-so replays follow the schedule; `load_optimizer_state` lets a checkpoint written in either form
-resume in the other. Shared by train.py and the benchmarks; when to step is train.py's job.
+`describe_schedule` says in one line what the rate does for the steps ahead. Where the training
+step is recorded as a CUDA graph (step.py), AdamW is `capturable` and each group's learning rate
+a device tensor that the schedule fills in place, so replays follow the schedule;
+`load_optimizer_state` lets a checkpoint written in either form resume in the other. Shared by train.py and the benchmarks; when to step is train.py's job.
 """
 
 import dataclasses
@@ -255,7 +255,7 @@ def resumed_decay_iters(saved_config, train_config, step):
     """
     saved = Schedule.from_config(saved_config)
     if saved_config.lr_decay_iters == 0 and saved.kind == train_config.lr_schedule == "wsd":
-        extended = dataclasses.replace(saved, decay_iters=train_config.max_iters)
+        extended = Schedule.from_config(dataclasses.replace(train_config, lr_decay_iters=0))
         if step < saved.decay_start and step < extended.decay_start:
             return 0
     return 0 if saved.decay_iters == train_config.max_iters else saved.decay_iters
@@ -290,7 +290,8 @@ def describe_schedule(train_config, step, saved_config=None):
     if step < warmup:
         phases.append(f"a warmup to {rate(warmup - 1)} at step {min(warmup, end)}")
     if max(step, warmup) < min(schedule.decay_start, end):
-        phases.append(f"constant at {rate(max(step, warmup))} to step {min(schedule.decay_start, end)}")
+        phases.append(f"constant at {rate(max(step, warmup))} to step "
+                      f"{min(schedule.decay_start, end)}")
     decay_from, decay_to = max(step, schedule.decay_start), min(schedule.decay_iters, end)
     if decay_from < decay_to:
         shape = "1-sqrt" if schedule.kind == "wsd" else "cosine"
@@ -298,7 +299,8 @@ def describe_schedule(train_config, step, saved_config=None):
                       f"{decay_to}")
     if max(step, schedule.decay_iters) < end:
         phases.append(f"the minimum, {rate(end)}, to step {end}")
-    muon = f" (muon_lr in proportion, from {t.muon_learning_rate:g})" if t.optimizer == "muon" else ""
+    muon = (f" (muon_lr in proportion, from {t.muon_learning_rate:g})" if t.optimizer == "muon"
+            else "")
     return (f"learning rate for steps {step + 1}-{end}: {', then '.join(phases)}{muon}; "
             f"{decay_reason(t, schedule, saved_config)}")
 

@@ -47,8 +47,8 @@ def parse_plot_args(argv=None):
 
 def read_metrics(path):
     """The series in a metrics file: {"train": [(step, loss)], "val": [...], "lr": [...],
-    "muon_lr": [...], "resumes": [step, ...]}. Non-finite losses (a log with no steps behind it) are left out, and
-    so is a torn last line (what a run killed while writing it leaves)."""
+    "muon_lr": [...], "resumes": [step, ...]}. Non-finite losses (a log with no steps behind it)
+    are left out, and so is a torn last line (what a run killed while writing it leaves)."""
     path = Path(path)
     if path.is_dir():
         fail(f"{path} is a directory; give the metrics file in it: {metrics_path(path)}")

@@ -783,7 +783,7 @@ def stop_nonfinite(step, run, reason="the loss or gradient norm is not finite"):
                  f"--learning_rate (now {t.learning_rate:g}, AdamW's)")
     last_good = last_good_checkpoint(run, step)
     kept = (f"the last good one, {last_good}, is intact" if last_good else
-            f"this run had saved none before it")
+            "this run had saved none before it")
     skip = (f"a --skip_nonfinite above {t.skip_nonfinite}" if t.skip_nonfinite else
             "--skip_nonfinite N")
     fail(f"training diverged at step {step}: {reason}. No checkpoint of this state was written; "
@@ -794,7 +794,7 @@ def last_good_checkpoint(run, bad_step):
     """The newest step checkpoint this run can go back to before `bad_step`, or None: one it
     wrote, else the one it resumed from (the files of a run it replaces do not count)."""
     t = run.train_config
-    if run.writing or not run.runtime.is_main:  # rank 0 decides whether the run has written
+    if run.writing or not run.runtime.is_main:  # (only rank 0 writes, and knows when it began)
         saved = [path for path in step_checkpoints(t.checkpoint_dir)
                  if int(STEP_PATTERN.match(path.name).group(1)) < bad_step]
         if saved:
