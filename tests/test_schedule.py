@@ -11,7 +11,7 @@ import train
 from config import TrainConfig
 from conftest import (assert_same_weights, exit_status, metrics_records, one_error_line,
                       run_stopped_after, tiny_argv, write_corpus)
-from optim import Schedule
+from optim import Schedule, resumed_decay_iters
 from robust_helpers import poison_training_losses
 
 PEAK, FLOOR = TrainConfig().learning_rate, TrainConfig().learning_rate * TrainConfig().min_lr_ratio
@@ -29,6 +29,20 @@ def test_wsd_warms_up_holds_the_peak_then_decays_as_one_minus_sqrt_to_the_floor(
     assert rates[10:80] == [1.0] * 70  # the decay is the last 20 of the 100 steps
     assert rates[80:101] == pytest.approx([0.1 + 0.9 * (1 - math.sqrt(k / 20)) for k in range(21)])
     assert rates[100:] == [pytest.approx(0.1)] * 20  # past the horizon: the floor
+
+
+@pytest.mark.parametrize("schedule, step, max_iters, expected", [
+    ("cosine", 500, 1000, 0),  # the same length: the decay ends at --max_iters as it did
+    ("cosine", 50, 2000, 1000),  # even in warmup, a cosine keeps its end
+    ("wsd", 700, 2000, 0),  # before the decay (800-1000): it moves to the end (1600-2000)
+    ("wsd", 900, 2000, 1000),  # in the decay: it keeps its end
+    ("wsd", 700, 750, 1000),  # shortened past the new decay's start (600): nothing moves
+])
+def test_a_resume_keeps_the_end_of_a_decay_unless_a_wsd_run_has_not_begun_it(
+        schedule, step, max_iters, expected):
+    saved = TrainConfig(lr_schedule=schedule, max_iters=1000, warmup_iters=100)
+    resumed = TrainConfig(lr_schedule=schedule, max_iters=max_iters, warmup_iters=100)
+    assert resumed_decay_iters(saved, resumed, step) == expected
 
 
 def test_an_extended_cosine_run_keeps_its_decay_end_and_runs_the_extra_steps_at_the_floor(
