@@ -1,14 +1,13 @@
-"""Configuration: the two dataclasses, the command line built from them, and user errors.
+"""Configuration: the two dataclasses, the command line built from them, and their validation.
 
 `GPTConfig` describes the network, `TrainConfig` the run. Every field is a `--flag` of the same
 name and a key of a `--config` recipe (a TOML file); `parse_args` reads only what the user gave
 (flags over the recipe), and `apply_args_to_configs` lays those values over the defaults (or over
 a checkpoint's saved configs on resume). `validate` checks values that no type can check, and
-`configs_to_toml` writes a recipe back out (`--print_config`). Mistakes a user can make end in
-`UserError`, which `run_main` turns into one line on stderr and exit status 2; Ctrl-C or SIGTERM
-before the training loop takes over (even while torch is still being imported) is one line and
-exit status 130 or 143. A default the user did not set that conflicts with flags they did set
-adapts, with a note (`adapt_defaults`). What the flags *do* is left to the modules that use them.
+`configs_to_toml` writes a recipe back out (`--print_config`). A default the user did not set that
+conflicts with flags they did set adapts, with a note (`adapt_defaults`). How a mistake reaches
+the user (one line, exit status 2) is cli.py's job; how flags are reconciled with a checkpoint's
+configs is configure.py's; what the flags *do* is left to the modules that use them.
 """
 
 import argparse
@@ -17,85 +16,11 @@ import difflib
 import inspect
 import json
 import math
-import os
 import re
-import signal
-import sys
-import threading
 import tomllib
 from dataclasses import dataclass
 
-
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line and exit status 2, never a traceback."""
-
-    exit_status = 2
-
-
-class ResourceError(Exception):
-    """The machine cannot do what was asked (a full disk): one line and exit status 1."""
-
-    exit_status = 1
-
-
-def fail(message):
-    raise UserError(message)
-
-
-# The conventional exit status of a program stopped by a signal: 128 + the signal's number.
-EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-def exit_on_signals():
-    """From now on, Ctrl-C (SIGINT) or SIGTERM ends the program with one line and exit status 130
-    or 143, never a traceback; the training loop installs its own handlers, which save first.
-
-    The scripts call this before their slow imports (torch takes a second or more to load).
-    Returns the handlers it replaced (none outside the main thread, where it does nothing).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {number: signal.signal(number, _exit_on_signal) for number in EXIT_STATUS}
-
-
-def _exit_on_signal(number, frame):
-    # os.write, not print: the signal may arrive in the middle of a print to stderr
-    os.write(2, b"interrupted\n" if number == signal.SIGINT else b"terminated\n")
-    raise SystemExit(EXIT_STATUS[number])
-
-
-def run_main(main, argv=None):
-    """Run a command-line entry point; a UserError or ResourceError becomes one line on stderr,
-    and so does running out of memory (the sizes given do not fit this machine)."""
-    previous = exit_on_signals()
-    try:
-        return main(argv)
-    except (UserError, ResourceError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(error.exit_status)
-    except KeyboardInterrupt:  # Ctrl-C, should anything have restored Python's own handler
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except (MemoryError, RuntimeError) as error:
-        if not is_out_of_memory(error):
-            raise
-        print(f"error: out of memory: {_first_line(error)}; the sizes given do not fit on this "
-              f"machine", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-def is_out_of_memory(error):
-    """Python's MemoryError, torch's OutOfMemoryError (CUDA, MPS) or its CPU allocator's failure."""
-    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or \
-        "can't allocate memory" in str(error) or "out of memory" in str(error)
-
-
-def _first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+from cli import ArgumentParser, UserError, fail, parse_bool
 
 
 @dataclass
@@ -182,29 +107,6 @@ CHOICES = {"tokenizer": TOKENIZERS, "dtype": DTYPES, "optimizer": OPTIMIZERS,
            "lr_schedule": LR_SCHEDULES, **ARCHITECTURE_CHOICES}
 
 
-def _parse_bool(text):
-    lowered = text.lower()
-    if lowered in ("true", "1", "yes", "on"):
-        return True
-    if lowered in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is a UserError: one line and exit status 2, and `-1e-3` or `-inf`
-    after a flag is a value (argparse itself takes only `-1` and `-0.5` for negative numbers)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._negative_number_matcher = re.compile(
-            r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
-
-    def error(self, message):
-        # argparse prints usage and exits 2 itself; one line suits a tool people script
-        fail(message)
-
-
 def _field_comments(config_class):
     """The `# comment` written beside each field in the class body: the flag's --help text."""
     comments = {}
@@ -221,7 +123,7 @@ def _add_field(parser, config_field, comment=""):
     help_text = f"{comment} (default: {default!r})".strip()
     annotation = config_field.type
     if annotation is bool or annotation == "bool":
-        parser.add_argument(name, type=_parse_bool, metavar="true|false", help=help_text)
+        parser.add_argument(name, type=parse_bool, metavar="true|false", help=help_text)
     elif isinstance(default, tuple):
         parser.add_argument(name, type=type(default[0]), nargs=len(default), help=help_text)
     else:

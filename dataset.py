@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from config import fail
+from cli import fail
 from tokencache import cached_tokens
 from tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
 

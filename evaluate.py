@@ -11,10 +11,11 @@ text; bits per byte does not, so it is the figure that compares runs with differ
   with at least block_size - S tokens of context (except near the start).
 - The first token of the text is never scored (nothing precedes it), so it is left out of the
   byte count too.
-Checkpoint loading is checkpoint.py's job, tokenizing dataset.py's and tokenizer.py's.
+Checkpoint loading is checkpoint.py's job, which file of a run directory to load rundir.py's,
+tokenizing dataset.py's and tokenizer.py's.
 """
 
-from config import exit_on_signals
+from cli import exit_on_signals
 
 if __name__ == "__main__":
     exit_on_signals()  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback
@@ -26,14 +27,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import (add_checkpoint_arguments, checkpoint_to_load, configs_from_checkpoint,
-                        model_from_checkpoint)
-from config import DTYPES, ArgumentParser, fail, run_main
+from checkpoint import configs_from_checkpoint, model_from_checkpoint
+from cli import ArgumentParser, fail, run_main
+from config import DTYPES
 from dataset import get_dataset, split_tokens
-from tokencache import cached_tokens
 from model import IGNORE_INDEX
+from rundir import add_checkpoint_arguments, checkpoint_to_load
 from runtime import autocast_context, check_memory, select_device, select_dtype
 from scoring import piece_lengths, score_batches, summarize
+from tokencache import cached_tokens
 
 
 def parse_evaluate_args(argv=None):

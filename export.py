@@ -22,7 +22,9 @@ No file a user has is overwritten: `--out` must be new, empty, or an earlier exp
 (which is replaced), unless `--overwrite true`.
 
 Exporting needs the `safetensors` and `tokenizers` packages; loading the result needs
-`transformers`. None is needed to train. Checkpoint loading is checkpoint.py's job.
+`transformers`. None is needed to train. Checkpoint loading is checkpoint.py's job, the choice of
+file rundir.py's. The export is a directory of several files, written in place (an export that
+fails halfway is marked as ours and may be run again), not through atomic.py's one-file writes.
 """
 
 import json
@@ -30,10 +32,11 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import add_checkpoint_arguments, checkpoint_to_load, model_from_checkpoint
-from config import ArgumentParser, _parse_bool, fail, run_main
+from checkpoint import model_from_checkpoint
+from cli import ArgumentParser, fail, parse_bool, run_main
 from generation import encode_prompt
 from model import RMS_NORM_EPS, ROPE_THETA, mlp_hidden_size
+from rundir import add_checkpoint_arguments, checkpoint_to_load
 
 # Every file an export writes. A directory holding only these (with our tokenizer_vocab.json)
 # is an earlier export, which a new export may replace.
@@ -45,7 +48,7 @@ def parse_export_args(argv=None):
     parser = ArgumentParser(description="Export a checkpoint as a Hugging Face model directory.")
     add_checkpoint_arguments(parser)
     parser.add_argument("--out", default="hf_model", help="directory to write (default: hf_model)")
-    parser.add_argument("--overwrite", type=_parse_bool, default=False, metavar="true|false",
+    parser.add_argument("--overwrite", type=parse_bool, default=False, metavar="true|false",
                         help="write into a non-empty --out that is not an earlier export, "
                              "replacing files of the same names (default: false)")
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from config import UserError
+from cli import UserError
 from tokenizer import StreamDecoder
 
 

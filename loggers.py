@@ -5,7 +5,8 @@ steps, and only rank 0 writes. TensorBoard and W&B are optional packages, import
 for. A resumed run continues the same curves: metrics.jsonl drops the records after the resumed
 step (at its first record, so a resume that fails before then changes nothing), TensorBoard
 purges its points after it (`purge_step`), and W&B resumes the same run, whose id is kept in the
-checkpoint directory. What is measured, and when, is train.py's business.
+checkpoint directory (rundir.py names the files). What is measured, and when, is train.py's
+business.
 """
 
 import html
@@ -13,8 +14,9 @@ import json
 import os
 from pathlib import Path
 
-from checkpoint import TENSORBOARD_NAME, WANDB_RUN_ID_NAME, metrics_path
-from config import config_to_dict, fail
+from cli import fail
+from config import config_to_dict
+from rundir import TENSORBOARD_NAME, WANDB_RUN_ID_NAME, metrics_path
 
 # record key -> the chart it is drawn in (TensorBoard tag, W&B key); other numbers keep their key
 CHARTS = {"loss": "train/loss", "lr": "train/lr", "muon_lr": "train/muon_lr",

@@ -250,8 +250,10 @@ class GPT(nn.Module):
         The model sees at most block_size tokens. When the context is full, its oldest quarter
         is dropped and the cache is rebuilt from the rest, so the cost of sliding is paid once
         every block_size/4 tokens. `use_cache=False` recomputes the same windows from scratch:
-        the reference the cache must agree with. `vocab_limit` keeps padded ids from being drawn.
+        the reference the cache must agree with. Padded ids (from the model's own vocab_limit
+        up) are never drawn: a smaller `vocab_limit` narrows the draw, a larger one cannot widen it.
         """
+        vocab_limit = min(vocab_limit or self.vocab_limit, self.vocab_limit)
         block_size = self.config.block_size
         keep = block_size - max(1, block_size // 4)
         batch, prompt_length = input_ids.shape

@@ -11,7 +11,9 @@ decay; a resumed run keeps the end of a decay that has begun (`resumed_decay_ite
 `describe_schedule` says in one line what the rate does for the steps ahead. Where the training
 step is recorded as a CUDA graph (step.py), AdamW is `capturable` and each group's learning rate
 a device tensor that the schedule fills in place, so replays follow the schedule;
-`load_optimizer_state` lets a checkpoint written in either form resume in the other. Shared by train.py and the benchmarks; when to step is train.py's job.
+`load_optimizer_state` lets a checkpoint written in either form resume in the other, and
+`rebase_schedule` fits a resumed schedule to this run's flags. Shared by train.py, step.py and
+the benchmarks; when to step is train.py's job.
 """
 
 import dataclasses
@@ -240,7 +242,7 @@ def learning_rate_scheduler(optimizer, schedule):
     """A `LambdaLR` that multiplies each group's peak rate by `schedule(step)`.
 
     The multiplier is a plain function, so the scheduler's state_dict holds the step and the
-    peaks only: the shape always comes from the run's flags (`follow_schedule`)."""
+    peaks only: the shape always comes from the run's flags (`rebase_schedule`)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
 
 
@@ -261,9 +263,11 @@ def resumed_decay_iters(saved_config, train_config, step):
     return 0 if saved.decay_iters == train_config.max_iters else saved.decay_iters
 
 
-def follow_schedule(scheduler, optimizer, train_config, step):
-    """After a checkpoint is loaded: the peaks of this run's flags (a resume may change them),
-    and each group's rate set for the coming step `step`."""
+def rebase_schedule(optimizer, scheduler, train_config, step):
+    """After a resume: the schedule follows this run's flags from `step` on (another
+    --learning_rate, or --max_iters and --lr_decay_iters as `resumed_decay_iters` settles them,
+    reshape the rest of it), and each group's rate is the one the schedule gives for the next
+    step."""
     scheduler.base_lrs = base_learning_rates(optimizer, train_config)
     for group, base_lr, multiplier in zip(optimizer.param_groups, scheduler.base_lrs,
                                           scheduler.lr_lambdas):

@@ -12,7 +12,7 @@ global pyplot state. matplotlib is optional; only this script needs it. What the
 is train.py's business.
 """
 
-from config import exit_on_signals
+from cli import exit_on_signals
 
 if __name__ == "__main__":
     exit_on_signals()  # Ctrl-C or SIGTERM while the imports load: one line, not a traceback
@@ -21,8 +21,8 @@ import json
 import math
 from pathlib import Path
 
-from checkpoint import metrics_path
-from config import ArgumentParser, fail, run_main
+from cli import ArgumentParser, fail, run_main
+from rundir import metrics_path
 
 
 def parse_plot_args(argv=None):

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from config import GPTConfig, config_to_dict, fail
-from tokenizer import BPETokenizer, _import_tokenizers, tokenizer_from_state
+from cli import fail
+from config import GPTConfig, config_to_dict
+from tokenizer import BPETokenizer, import_tokenizers, tokenizer_from_state
 
 MODEL_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2",
              "openai-community/gpt2", "openai-community/gpt2-medium",
@@ -197,7 +198,7 @@ def read_tokenizer(directory):
 
 def bpe_json_from_vocab_and_merges(vocab, merges):
     """GPT-2's older tokenizer files as the `tokenizers` JSON a BPETokenizer is stored as."""
-    tokenizers = _import_tokenizers()
+    tokenizers = import_tokenizers()
     from tokenizers import decoders, models, pre_tokenizers
 
     try:

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import check_device, fail
+from cli import fail
+from config import check_device
 
 # Peak dense bf16 FLOP/s (no sparsity) of common accelerators, matched against the device name.
 PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("A10G", 125e12),

@@ -4,10 +4,11 @@
 it uses checkpoints/gpt_best.pt, gpt_final.pt or the newest gpt_step*.pt, and says which. Text is
 streamed to stdout as it is generated (a multi-byte character is printed once it is complete),
 and the same --seed gives the same text. The model and its key/value cache live in model.py,
-the generation loop in generation.py, checkpoint loading in checkpoint.py.
+the generation loop in generation.py, checkpoint loading in checkpoint.py, the choice of file
+in rundir.py.
 """
 
-from config import exit_on_signals
+from cli import exit_on_signals
 
 if __name__ == "__main__":
     exit_on_signals()  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback
@@ -18,9 +19,11 @@ import sys
 
 import torch
 
-from checkpoint import add_checkpoint_arguments, checkpoint_to_load, model_from_checkpoint
-from config import MAX_SEED, ArgumentParser, UserError, fail, run_main
+from checkpoint import model_from_checkpoint
+from cli import ArgumentParser, UserError, fail, run_main
+from config import MAX_SEED
 from generation import encode_prompt, generate_text
+from rundir import add_checkpoint_arguments, checkpoint_to_load
 from runtime import autocast_context, check_memory, select_device, select_dtype, set_seed
 
 # Below this a temperature is greedy decoding in all but name, and the scaled logits overflow.

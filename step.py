@@ -1,9 +1,16 @@
-"""The training step: the gradients of one optimizer step and, on CUDA, the whole step replayed
-as one recorded graph.
+"""The training step: the run it belongs to, one optimizer step eager or replayed as a CUDA graph,
+and the loss it reports.
 
+- `Run`: everything a training run is made of (configs, data, model, optimizer, schedule, scaler,
+  loggers, best model, run directory), built by train.py and read by the loop, resume, checkpoints
+  and the step below;
+- `optimizer_step`: one optimizer step and one schedule step, eager or graphed; with
+  --skip_nonfinite a non-finite batch is skipped instead;
+- `LossMeter`: the loss and gradient norm summed on the device between logs, read at log time,
+  where a non-finite step stops the run (`stop_nonfinite`);
 - `forward_backward`: forward and backward over a step's micro-batches, then gradient clipping;
-  the loss, the gradient norm and a non-finite flag stay on the device. The eager step
-  (train.py) and the recorded one both run it.
+  the loss, the gradient norm and a non-finite flag stay on the device. The eager step and the
+  recorded one both run it.
 - `GraphedStep`: for a small model a step is mostly Python and kernel launches, so the whole step
   (every micro-batch, clipping, AdamW) is recorded once as a CUDA graph and replayed, one launch
   per step. Each step's batch is copied into static input buffers; the loss, gradient norm and
@@ -14,18 +21,182 @@ as one recorded graph.
 - Recorders record a step and return its replay: `CUDAGraphRecorder` on CUDA, and
   `CallRecorder`, whose replay calls the step again. With it the CPU tests run all of the above.
 - `graphed_step_for` says why a run cannot use graphs (float16's scaler, DDP, --skip_nonfinite,
-  Muon) and returns None then; train.py runs the eager step instead.
-What a step's loss is used for (logging, stopping, skipping a bad batch) is train.py's business.
+  Muon) and returns None then; the eager step runs instead.
+When to log, evaluate, save and stop is train.py's business; the optimizer and its schedule are
+optim.py's.
 """
 
 import contextlib
 import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from runtime import print0
+from best_model import BestModel
+from cli import fail
+from config import GPTConfig, TrainConfig
+from loggers import Loggers
+from optim import current_learning_rates
+from rundir import RunDirectory, step_checkpoints, step_of
+from runtime import Runtime, print0
+from tokenizer import Tokenizer
 
 WARMUP_STEPS = 3  # eager steps before a recording: lazy optimizer state, cuBLAS and autograd set up
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of: what the loop, resume and checkpoints read."""
+
+    gpt_config: GPTConfig
+    train_config: TrainConfig
+    runtime: Runtime
+    tokenizer: Tokenizer
+    loader: torch.utils.data.DataLoader
+    val_set: list  # fixed (input_ids, labels) batches: this rank's share of the validation split
+    model: torch.nn.Module  # the plain model: checkpoints hold its weights
+    wrapped_model: torch.nn.Module  # the same model compiled and/or DDP-wrapped: what trains
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    step: int = 0  # optimizer steps completed
+    graphed_step: "GraphedStep | None" = None  # where the step replays as a CUDA graph
+    loggers: Loggers = field(init=False)  # metrics.jsonl, TensorBoard, W&B: --log_to
+    best: BestModel = field(init=False)  # the best validation loss so far, and early stopping
+    directory: RunDirectory = field(init=False)  # --checkpoint_dir, and what the run replaces
+
+    def __post_init__(self):
+        t = self.train_config
+        self.loggers = Loggers(self.gpt_config, t, self.runtime)
+        self.best = BestModel(t.early_stop_patience, t.early_stop_min_delta)
+        self.directory = RunDirectory(Path(t.checkpoint_dir))  # train.py notes what it replaces
+
+    @property
+    def tokens_per_step(self):
+        t = self.train_config
+        return t.batch_size * self.gpt_config.block_size * t.grad_accum_steps * \
+            self.runtime.world_size
+
+
+class LossMeter:
+    """The training loss and gradient norm summed on the device between logs, and the first
+    non-finite step.
+
+    All stay on the device until `read`, at log time: the loop never waits for the device.
+    """
+
+    def __init__(self, device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.grad_norm_sum = torch.zeros((), device=device)
+        self.finite_grad_norms = torch.zeros((), device=device)
+        self.steps = 0
+        self.first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
+        self.last_loss, self.last_grad_norm = math.nan, None
+        self.clock = time.perf_counter()
+
+    def add(self, step, loss, grad_norm, bad):
+        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step,
+                                          self.first_bad_step)
+        self.loss_sum += loss
+        finite = torch.isfinite(grad_norm)  # float16: the scaler skips steps whose norm overflowed
+        self.grad_norm_sum += torch.where(finite, grad_norm, 0.0)
+        self.finite_grad_norms += finite
+        self.steps += 1
+
+    def read(self, run):
+        """(mean loss since the last read, mean gradient norm or None, steps, seconds); stops the
+        run at a non-finite step. The gradients, hence their norm, are the same on every rank."""
+        if run.runtime.distributed:  # every rank stops at the first bad step of any rank
+            dist.all_reduce(self.first_bad_step, op=dist.ReduceOp.MAX)
+        bad_step = int(self.first_bad_step)
+        if bad_step >= 0:
+            stop_nonfinite(bad_step, run)
+        if run.runtime.distributed:  # the mean over every rank's micro-batches
+            dist.all_reduce(self.loss_sum)
+            self.loss_sum /= run.runtime.world_size
+        if self.steps:
+            norms = self.finite_grad_norms.clamp(min=1)
+            self.last_loss, grad_norm, finite = torch.stack(
+                [self.loss_sum / self.steps, self.grad_norm_sum / norms, self.finite_grad_norms]
+            ).tolist()
+            self.last_grad_norm = grad_norm if finite else None
+        steps, seconds = self.steps, time.perf_counter() - self.clock
+        for total in (self.loss_sum, self.grad_norm_sum, self.finite_grad_norms):
+            total.zero_()
+        self.steps, self.clock = 0, time.perf_counter()
+        return self.last_loss, self.last_grad_norm, steps, seconds
+
+    def restart_clock(self):
+        """Evaluation and sampling time is not training throughput."""
+        self.clock = time.perf_counter()
+
+
+def optimizer_step(run, data, meter, skipped):
+    """One optimizer step and one schedule step; returns the learning rates the step used (by
+    record name: `lr`, and `muon_lr` with Muon) and the number of batches skipped so far
+    (--skip_nonfinite)."""
+    t = run.train_config
+    step_rates = current_learning_rates(run.scheduler)
+    if run.graphed_step is not None:  # the whole step, optimizer included, as one replay
+        step_loss, grad_norm, bad = run.graphed_step(data)
+        meter.add(run.step + 1, step_loss, grad_norm, bad)
+    else:
+        step_loss, grad_norm, bad = forward_backward(run, device_micro_batches(run, data))
+        if t.skip_nonfinite and bool(bad):  # opt-in: costs a host sync every step
+            skipped += 1
+            if skipped > t.skip_nonfinite:
+                stop_nonfinite(run.step + 1, run, f"more than {t.skip_nonfinite} skipped batches")
+            print0(f"step {run.step + 1}: non-finite loss or gradient, batch skipped "
+                   f"({skipped} of at most {t.skip_nonfinite})")
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scaler.update()
+        else:
+            meter.add(run.step + 1, step_loss, grad_norm, bad)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    run.step += 1
+    return step_rates, skipped
+
+
+# Flags that shape each update: when one of them differs from its default, it may be the cause.
+UPDATE_FLAGS = ("weight_decay", "grad_clip", "betas", "warmup_iters", "muon_momentum")
+
+
+def stop_nonfinite(step, run, reason="the loss or gradient norm is not finite"):
+    """End a diverged run in one line: what was kept, and the flags worth changing."""
+    t, defaults = run.train_config, TrainConfig()
+    names = [name for name in UPDATE_FLAGS
+             if t.optimizer == "muon" or not name.startswith("muon_")]
+    changed = [f"--{name} {' '.join(map(str, value)) if isinstance(value, tuple) else value}"
+               for name in names if (value := getattr(t, name)) != getattr(defaults, name)]
+    suspects = f" or check {', '.join(changed)}" if changed else ""
+    rates = f"--learning_rate (now {t.learning_rate:g})"
+    if t.optimizer == "muon":  # either optimizer's rate may be the one that diverged
+        rates = (f"--muon_learning_rate (now {t.muon_learning_rate:g}, Muon's) or "
+                 f"--learning_rate (now {t.learning_rate:g}, AdamW's)")
+    last_good = last_good_checkpoint(run, step)
+    kept = (f"the last good one, {last_good}, is intact" if last_good else
+            "this run had saved none before it")
+    skip = (f"a --skip_nonfinite above {t.skip_nonfinite}" if t.skip_nonfinite else
+            "--skip_nonfinite N")
+    fail(f"training diverged at step {step}: {reason}. No checkpoint of this state was written; "
+         f"{kept}. Try a lower {rates}{suspects}, or {skip}")
+
+
+def last_good_checkpoint(run, bad_step):
+    """The newest step checkpoint this run can go back to before `bad_step`, or None: one it
+    wrote, else the one it resumed from (the files of a run it replaces do not count)."""
+    t = run.train_config
+    if run.directory.changed or not run.runtime.is_main:  # only rank 0 knows when it changed
+        saved = [path for path in step_checkpoints(t.checkpoint_dir) if step_of(path) < bad_step]
+        if saved:
+            return saved[-1]
+    return Path(t.resume) if t.resume else None
 
 
 def forward_backward(run, micro_batches, autocast=None):

@@ -5,7 +5,7 @@ fingerprint of the source (path, size, mtime); a changed source rebuilds it. It 
 --cache_dir, by default $XDG_CACHE_HOME/gpt-train/tokens, never beside the data. Notable details:
 - the text is read in chunks that never split a UTF-8 character, so no whole-corpus string is held
   in memory; the char vocabulary is collected in the same pass that writes the ids;
-- files are written under temporary names and renamed (`checkpoint.atomic_write`), and a lock makes
+- files are written under temporary names and renamed (`atomic.atomic_write`), and a lock makes
   concurrent runs (or torchrun's ranks) build a cache once;
 - a cache is complete exactly when its JSON describes it; anything else (a truncated file,
   damaged JSON, a changed source) is rebuilt, with one line saying why. A build removes the old
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint import atomic_write, remove_temporary_files
-from config import UserError, fail
+from atomic import atomic_write, remove_temporary_files
+from cli import UserError, fail
 from tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, tokenizer_from_state
 
 try:

@@ -18,7 +18,7 @@ import re
 
 import numpy as np
 
-from config import fail
+from cli import fail
 
 
 class CharTokenizer:
@@ -62,7 +62,7 @@ class CharTokenizer:
         here. The unknown token is left out of the vocabulary, so a character outside it is refused
         ("Missing [UNK] token"), as `encode` refuses it, rather than read as some other id.
         """
-        tokenizers = _import_tokenizers("exporting a char-level tokenizer")
+        tokenizers = import_tokenizers("exporting a char-level tokenizer")
         from tokenizers import Regex, decoders, models, pre_tokenizers
 
         vocabulary = {character: index for index, character in enumerate(self.chars)}
@@ -89,7 +89,7 @@ class ByteTokenizer:
     def hugging_face_json(self):
         """A `tokenizers` JSON file with our ids: byte-level BPE with no merges, so each UTF-8 byte
         is one token and the id of byte b is b, whatever the text."""
-        tokenizers = _import_tokenizers("exporting a byte-level tokenizer")
+        tokenizers = import_tokenizers("exporting a byte-level tokenizer")
         from tokenizers import decoders, models, pre_tokenizers
 
         backend = tokenizers.Tokenizer(models.BPE(_byte_level_alphabet(), merges=[]))
@@ -114,7 +114,7 @@ def _byte_level_alphabet():
     return {character: byte for byte, character in characters.items()}
 
 
-def _import_tokenizers(purpose="the BPE tokenizer"):
+def import_tokenizers(purpose="the BPE tokenizer"):
     try:
         import tokenizers
     except ImportError:
@@ -178,7 +178,7 @@ class BPETokenizer:
     kind = "bpe"
 
     def __init__(self, tokenizer_json):
-        tokenizers = _import_tokenizers()
+        tokenizers = import_tokenizers()
         self.tokenizer_json = tokenizer_json
         try:
             self.backend = tokenizers.Tokenizer.from_str(tokenizer_json)
@@ -205,7 +205,7 @@ class BPETokenizer:
         """
         if vocab_size < 256:
             fail(f"--bpe_vocab_size must be at least 256 (the 256 byte values), got {vocab_size}")
-        tokenizers = _import_tokenizers()
+        tokenizers = import_tokenizers()
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
         backend = tokenizers.Tokenizer(models.BPE())
@@ -235,6 +235,10 @@ class BPETokenizer:
 
     def hugging_face_json(self):
         return self.tokenizer_json
+
+
+# Any of the three: what a run, a checkpoint and generation hold.
+Tokenizer = CharTokenizer | ByteTokenizer | BPETokenizer
 
 
 def tokenizer_from_state(state):

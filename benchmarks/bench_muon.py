@@ -16,8 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 import torch  # noqa: E402
 
+from cli import fail, run_main  # noqa: E402
 from config import (GPTConfig, TrainConfig, apply_args_to_configs, build_parser,  # noqa: E402
-                    fail, parse_args, run_main)
+                    parse_args)
 from model import build_model  # noqa: E402
 from optim import configure_optimizer, newton_schulz_dtype  # noqa: E402
 

@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from config import (GPTConfig, TrainConfig, _parse_bool, apply_args_to_configs,  # noqa: E402
-                    build_parser, fail, parse_args, run_main, validate)
+from cli import fail, parse_bool, run_main  # noqa: E402
+from config import (GPTConfig, TrainConfig, apply_args_to_configs,  # noqa: E402
+                    build_parser, parse_args, validate)
 from model import flops_per_token  # noqa: E402
 from runtime import peak_flops, print0, setup_runtime  # noqa: E402
 from tokenizer import CharTokenizer  # noqa: E402
@@ -47,7 +48,7 @@ def parse_bench_args(argv=None):
                        help="untimed optimizer steps before timing (W)")
     group.add_argument("--repeats", type=int, default=3,
                        help="timed rounds of K steps, loop and bare step in turn; the best counts")
-    group.add_argument("--bare", type=_parse_bool, default=True, metavar="true|false",
+    group.add_argument("--bare", type=parse_bool, default=True, metavar="true|false",
                        help="also time a bare forward/backward/clip/AdamW step")
     group.add_argument("--synthetic_vocab", type=int, default=0,
                        help="train on random tokens of this vocabulary instead of --data")

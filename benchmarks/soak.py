@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's modules
 
-from checkpoint import BEST_NAME, FINAL_NAME, METRICS_NAME, step_path  # noqa: E402
-from config import (GPTConfig, TrainConfig, apply_args_to_configs, fail,  # noqa: E402
-                    parse_args, run_main)
+from rundir import BEST_NAME, FINAL_NAME, METRICS_NAME, step_path  # noqa: E402
+from cli import fail, run_main  # noqa: E402
+from config import GPTConfig, TrainConfig, apply_args_to_configs, parse_args  # noqa: E402
 import train  # noqa: E402
 
 DEFAULTS = dict(max_iters=20_000, save_iter=500, keep_last=2, eval_iter=1000, eval_batches=4,
@@ -60,7 +60,8 @@ def expected_files(train_config):
     return sorted([step_path("", step).name for step in kept] + [BEST_NAME, FINAL_NAME, METRICS_NAME])
 
 
-def logged_steps(train_config):
+def expected_logged_steps(train_config):
+    """The steps a run of these flags logs: each --log_iter, --eval_iter, --save_iter, the last."""
     t = train_config
     return sorted({*range(t.log_iter, t.max_iters + 1, t.log_iter),
                    *range(t.eval_iter, t.max_iters + 1, t.eval_iter),
@@ -106,7 +107,7 @@ def main(argv=None):
     files = sorted(p.name for p in directory.iterdir())
     records = [json.loads(line) for line in (directory / METRICS_NAME).read_text().splitlines()]
     files_ok = files == expected_files(train_config)
-    records_ok = [record["step"] for record in records] == logged_steps(train_config)
+    records_ok = [record["step"] for record in records] == expected_logged_steps(train_config)
     memory_ok = growth < GROWTH_LIMIT
     mib = 2**20
     print(f"soak: {train_config.max_iters:,} steps in {end - start:,.0f} s "

@@ -21,7 +21,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from config import GPTConfig, run_main  # noqa: E402  (needs the repository on sys.path)
+from cli import run_main  # noqa: E402  (needs the repository on sys.path)
+from config import GPTConfig  # noqa: E402  (needs the repository on sys.path)
 from model import build_model  # noqa: E402
 
 # The models here are so small that a second intra-op thread only adds synchronisation, which
@@ -158,6 +159,38 @@ def assert_same_weights(ours, reference):
     different = [name for name in ours if not torch.equal(ours[name], reference[name])]
     assert not different, f"the weights differ in {different}"
 
+
+
+def logged_steps(directory):
+    """(step, loss, learning rate) of every training record in metrics.jsonl."""
+    return [(r["step"], r["loss"], r["lr"]) for r in metrics_records(directory) if "loss" in r]
+
+
+def assert_equal_nested(a, b, where="state"):
+    """Tensors equal bit for bit, everything else equal, through dicts and lists."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where} keys differ"
+        for key in a:
+            assert_equal_nested(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where} lengths differ"
+        for index, (item_a, item_b) in enumerate(zip(a, b)):
+            assert_equal_nested(item_a, item_b, f"{where}[{index}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+# What two runs that took the same steps must agree on, bit for bit.
+RUN_STATE_KEYS = ("model_state_dict", "optimizer_state_dict", "loss")
+
+
+def assert_same_run_state(path_a, path_b):
+    """Two step checkpoints hold the same weights, optimizer state and loss, bit for bit."""
+    a, b = read_checkpoint(path_a), read_checkpoint(path_b)
+    for key in RUN_STATE_KEYS:
+        assert_equal_nested(a[key], b[key], key)
 
 TINY_VOCAB = 65  # tiny_model's vocabulary
 

@@ -24,9 +24,10 @@ import pytest
 import sample
 import tokencache
 import train
-from checkpoint import LOCK_NAME, hold_run_directory, load_checkpoint
+from checkpoint import load_checkpoint
 from conftest import (REPO, assert_same_weights, exit_status, metrics_records, one_error_line,
                       snapshot, tiny_argv, write_corpus)
+from rundir import LOCK_NAME, hold_run_directory
 
 FLAGS = dict(max_iters=8, save_iter=4, log_iter=2, eval_iter=4, dropout=0.1)
 
@@ -169,7 +170,7 @@ def test_reading_a_directory_a_live_run_holds_is_never_blocked(finished_run, tmp
 def test_a_full_disk_stops_the_run_with_exit_status_1_and_the_room_a_checkpoint_needs(
         tmp_path, monkeypatch, capsys):
     """The second checkpoint's write fails partway, as on a disk that fills up mid-run."""
-    import checkpoint
+    import atomic
     data = write_corpus(tmp_path)
     directory = tmp_path / "run"
     checkpoint_writes = []
@@ -186,7 +187,7 @@ def test_a_full_disk_stops_the_run_with_exit_status_1_and_the_room_a_checkpoint_
         checkpoint_writes.append(path)
         return FillingDisk(path, mode)
 
-    monkeypatch.setattr(checkpoint, "open", open_on_filling_disk, raising=False)
+    monkeypatch.setattr(atomic, "open", open_on_filling_disk, raising=False)
     assert exit_status(train.train, tiny_argv(directory, data, **FLAGS)) == 1
     error = one_error_line(capsys.readouterr().err, "gpt_step8.pt", os.strerror(errno.ENOSPC))
     size = (directory / "gpt_step4.pt").stat().st_size

@@ -6,7 +6,8 @@ import re
 import pytest
 
 import train
-from config import (GPTConfig, TrainConfig, UserError, apply_args_to_configs, config_from_dict,
+from cli import UserError
+from config import (GPTConfig, TrainConfig, apply_args_to_configs, config_from_dict,
                     config_to_dict, parse_args, validate)
 from conftest import exit_status, one_error_line
 

@@ -18,8 +18,8 @@ import optim
 import step
 import train
 from config import TrainConfig
-from conftest import (TINY_VOCAB, metrics_records, read_checkpoint, tiny_argv, tiny_model,
-                      write_corpus)
+from conftest import (TINY_VOCAB, assert_equal_nested, assert_same_run_state, logged_steps,
+                      read_checkpoint, tiny_argv, tiny_model, write_corpus)
 from runtime import autocast_context
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -30,22 +30,6 @@ def random_batch(device, batch_size=4):
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, TINY_VOCAB, (2, batch_size, 16), generator=generator)
     return x.to(device), y.to(device)
-
-
-def assert_equal_nested(a, b, where="state"):
-    """Tensors equal bit for bit, everything else equal, through dicts and lists."""
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{where} keys differ"
-        for key in a:
-            assert_equal_nested(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where} lengths differ"
-        for index, (item_a, item_b) in enumerate(zip(a, b)):
-            assert_equal_nested(item_a, item_b, f"{where}[{index}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -120,19 +104,6 @@ def watch_recorders(monkeypatch):
 
     monkeypatch.setattr(train, "recorder_for", recorder_for)
     return made
-
-
-def logged_steps(directory):
-    return [(r["step"], r["loss"], r["lr"]) for r in metrics_records(directory) if "loss" in r]
-
-
-def assert_same_run_state(path_a, path_b):
-    a, b = read_checkpoint(path_a), read_checkpoint(path_b)
-    worst = max((a["model_state_dict"][k].float() - b["model_state_dict"][k].float()).abs().max()
-                for k in a["model_state_dict"]).item()
-    assert worst == 0, f"the weights differ by up to {worst:.3g}"
-    for key in ("optimizer_state_dict", "loss"):
-        assert_equal_nested(a[key], b[key], key)
 
 
 @needs_cuda

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from config import TrainConfig, UserError
+from cli import UserError
+from config import TrainConfig
 from conftest import TINY_TEXT, write_corpus
 from dataset import (RandomWindows, build_dataloader, get_dataset, split_tokens,
                      validation_batches)

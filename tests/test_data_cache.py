@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from config import TrainConfig, UserError
+from cli import UserError
+from config import TrainConfig
 from conftest import REPO, TINY_TEXT, write_corpus
 from dataset import RandomWindows, StepSampler, build_dataloader, get_dataset, split_tokens
 from tokencache import cached_tokens, default_cache_dir, iter_text_chunks

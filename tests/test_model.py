@@ -179,3 +179,40 @@ def test_vocab_limit_keeps_padded_ids_from_being_generated():
 
     assert int(generate().max()) >= 40  # without the limit, ids past it do get drawn
     assert int(generate(vocab_limit=40).max()) < 40
+
+
+def padded_model_that_prefers_padding(vocab_limit=40, vocab_size=64):
+    """A model whose vocabulary is padded from `vocab_limit` to `vocab_size` (as BPE's is), its
+    padded ids made the likeliest by far: any draw that looks past the limit lands on one."""
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(vocab_size=vocab_size, block_size=16, n_layer=1, n_head=2,
+                                  n_embd=32), vocab_limit=vocab_limit).eval()
+
+    def boost_padding(module, args, output):
+        output.logits[..., vocab_limit:] += 1e4
+
+    model.register_forward_hook(boost_padding)
+    return model
+
+
+@pytest.mark.parametrize("vocab_limit", [None, 64, 100])
+def test_generation_never_returns_a_padded_id_whatever_vocab_limit_the_caller_passes(vocab_limit):
+    model = padded_model_that_prefers_padding()
+    prompt = random_ids(2, 4, vocab=40)
+    greedy = model.generate(prompt, 12, temperature=0, vocab_limit=vocab_limit)
+    sampled = model.generate(prompt, 12, temperature=1.0, vocab_limit=vocab_limit,
+                             generator=torch.Generator().manual_seed(0))
+    streamed = torch.stack(list(model.generate_stream(prompt, 12, top_p=0.9,
+                                                      vocab_limit=vocab_limit)), dim=1)
+    for ids in (greedy[:, 4:], sampled[:, 4:], streamed):
+        assert int(ids.max()) < 40
+    for t in range(4, 16):  # greedy: the argmax over the real vocabulary only
+        expected = model(input_ids=greedy[:, :t]).logits[:, -1, :40].argmax(dim=-1)
+        assert torch.equal(greedy[:, t], expected)
+
+
+def test_a_smaller_vocab_limit_than_the_models_narrows_generation_further():
+    model = padded_model_that_prefers_padding()
+    generated = model.generate(random_ids(2, 4, vocab=40), 12, temperature=1.0, vocab_limit=30,
+                               generator=torch.Generator().manual_seed(0))
+    assert int(generated[:, 4:].max()) < 30

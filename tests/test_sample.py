@@ -7,8 +7,9 @@ import torch
 
 import generation
 import sample
-from checkpoint import find_sampling_checkpoint, model_from_checkpoint
+from checkpoint import model_from_checkpoint
 from conftest import exit_status, one_error_line, run_cli
+from rundir import find_sampling_checkpoint
 
 
 def sampled_text(capsys, *argv):

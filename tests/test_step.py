@@ -17,13 +17,11 @@ import step
 import train
 from checkpoint import load_checkpoint
 from config import GPTConfig, TrainConfig
-from conftest import (checkpoint_weights, metrics_records, read_checkpoint, tiny_argv, tiny_model,
+from conftest import (RUN_STATE_KEYS, assert_equal_nested, assert_same_run_state,
+                      checkpoint_weights, logged_steps, read_checkpoint, tiny_argv, tiny_model,
                       write_corpus)
 from model import build_model
 from runtime import setup_runtime
-from test_cuda import assert_equal_nested
-
-STATE_KEYS = ("model_state_dict", "optimizer_state_dict", "loss")
 
 
 class Recorders(list):
@@ -40,17 +38,6 @@ def recorders(monkeypatch):
     made = Recorders()
     monkeypatch.setattr(train, "recorder_for", made)
     return made
-
-
-def logged_steps(directory):
-    """(step, loss, learning rate) of every training record in metrics.jsonl."""
-    return [(r["step"], r["loss"], r["lr"]) for r in metrics_records(directory) if "loss" in r]
-
-
-def assert_same_state(path_a, path_b):
-    a, b = read_checkpoint(path_a), read_checkpoint(path_b)
-    for key in STATE_KEYS:
-        assert_equal_nested(a[key], b[key], key)
 
 
 def param_groups(path):
@@ -70,7 +57,7 @@ def test_a_replayed_step_matches_the_eager_step_bit_for_bit(tmp_path, recorders)
     graphed, eager = logged_steps(tmp_path / "graphed"), logged_steps(tmp_path / "eager")
     assert len(graphed) == 10 and graphed == eager  # losses and rates, step by step
     assert len({rate for _, _, rate in graphed}) == 9  # the peak rate lasts two steps
-    assert_same_state(tmp_path / "graphed" / "gpt_step10.pt", tmp_path / "eager" / "gpt_step10.pt")
+    assert_same_run_state(tmp_path / "graphed" / "gpt_step10.pt", tmp_path / "eager" / "gpt_step10.pt")
 
 
 def test_resume_is_exact_from_graphed_to_eager_steps_and_back(tmp_path, recorders):
@@ -85,7 +72,7 @@ def test_resume_is_exact_from_graphed_to_eager_steps_and_back(tmp_path, recorder
     assert [r.recordings for r in recorders] == [0, 1, 0, 1]
     reference = tmp_path / "eager" / "gpt_step8.pt"
     for name in ("graphed", "graphed_then_eager", "eager_then_graphed"):
-        assert_same_state(tmp_path / name / "gpt_step8.pt", reference)
+        assert_same_run_state(tmp_path / name / "gpt_step8.pt", reference)
 
 
 def test_a_checkpoint_moves_between_the_graph_ready_optimizer_and_the_plain_one(
@@ -131,7 +118,7 @@ def test_a_resume_in_the_same_process_records_the_step_again(tmp_path, recorders
 
     assert recorders[0].recordings == 2
     second_pass = read_checkpoint(tmp_path / "run" / "gpt_step8.pt")
-    for key in STATE_KEYS:
+    for key in RUN_STATE_KEYS:
         assert_equal_nested(first_pass[key], second_pass[key], key)
 
 
@@ -151,7 +138,7 @@ def test_a_step_that_cannot_be_recorded_runs_eagerly_with_a_note(tmp_path, monke
                      "operation not permitted when stream is capturing); it runs eagerly from "
                      "here on"]
     train.train(tiny_argv(tmp_path / "eager", data, cuda_graphs="false"))
-    assert_same_state(tmp_path / "unrecordable" / "gpt_step8.pt",
+    assert_same_run_state(tmp_path / "unrecordable" / "gpt_step8.pt",
                       tmp_path / "eager" / "gpt_step8.pt")
 
 

@@ -1,10 +1,12 @@
-"""The best validation loss of a run, and when to stop trying to beat it: `EarlyStopping`.
+"""The best model of a run: its validation loss and step, and when to stop trying to beat it.
 
-train.py reports every evaluation to it. `update` says whether the loss is the lowest so far (then
-train.py writes gpt_best.pt); `should_stop` turns true after `patience` evaluations in a row without
-an improvement of at least `min_delta` over the last loss that counted as one (`patience` 0 never
-stops). Its state is four numbers (`state_dict`), saved in every step checkpoint, so a resumed run
-keeps its best-so-far and its count exactly. Writing files is train.py's and checkpoint.py's job.
+`BestModel` does both jobs, since both read the same evaluations; train.py reports every
+evaluation to it. `update` says whether the loss is the lowest so far (then train.py writes
+gpt_best.pt); `should_stop` turns true after `patience` evaluations in a row without an
+improvement of at least `min_delta` over the last loss that counted as one (`patience` 0 never
+stops). Its state is four numbers (`state_dict`), saved in every step checkpoint under the key
+"early_stopping", so a resumed run keeps its best-so-far and its count exactly. Writing
+gpt_best.pt is train.py's job, naming it rundir.py's.
 """
 
 import math
@@ -12,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 
 @dataclass
-class EarlyStopping:
+class BestModel:
     patience: int = 0
     min_delta: float = 0.0
     best_loss: float = math.inf  # the lowest validation loss so far

@@ -1,0 +1,142 @@
+"""Configuring a training run: the flags, a --config recipe, and a checkpoint's configs reconciled.
+
+`configure` answers "what does this run start from?": flags over a --config recipe over the
+defaults for a new run; for --resume, the checkpoint's configs with the flags given laid over its
+training settings; for --init_from, the checkpoint's architecture and tokenizer. The rules:
+- the architecture and tokenizer always come from the checkpoint: a flag that contradicts them is
+  an error (`reject_architecture_changes`); --init_from may only shrink block_size;
+- --resume never inherits --overwrite, and continues in the checkpoint's directory unless
+  --checkpoint_dir says otherwise; a --max_iters at or below its step leaves nothing to train;
+  without --lr_decay_iters, a decay that has begun keeps its end (optim.resumed_decay_iters);
+- `--resume auto` resumes the newest readable step checkpoint if there is one, else starts a new
+  run (from --init_from if given), so a requeued job can repeat its command.
+Whether the run may write into its --checkpoint_dir is rundir.py's rule, asked from here, so that
+every refusal happens before any file is touched. The dataclasses and their validation are
+config.py's.
+"""
+
+import copy
+import sys
+from pathlib import Path
+
+from checkpoint import configs_from_checkpoint, load_checkpoint, tokenizer_from_checkpoint
+from cli import fail
+from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, adapt_defaults,
+                    apply_args_to_configs, check_configs, configs_to_toml, parse_args, validate)
+from optim import resumed_decay_iters
+from rundir import (exit_if_finished, latest_checkpoint, refuse_to_go_back,
+                    refuse_to_replace_a_run, replace_an_attempt_that_saved_nothing)
+from runtime import print0
+
+
+def configure(argv=None):
+    """Flags (over a --config recipe) over the defaults; on --resume or --init_from, over the
+    checkpoint's configs. --print_config prints the result as a recipe and exits.
+
+    Returns (gpt_config, train_config, checkpoint), checkpoint being the loaded file or None.
+    A finished run under --resume auto exits at once. Every refusal happens here, before any
+    file is touched.
+    """
+    args = parse_args(argv)
+    gpt_config, train_config = apply_args_to_configs(args, GPTConfig(), TrainConfig())
+    given = vars(args)
+    checkpoint = None
+    automatic = train_config.resume == "auto"
+    if automatic:
+        latest = latest_checkpoint(train_config.checkpoint_dir, require_readable=True, report=print0)
+        train_config.resume = str(latest or "")
+        train_config.init_from = "" if latest else train_config.init_from
+    if train_config.resume and train_config.init_from:
+        validate(gpt_config, train_config)  # says to give only one, before either file is read
+    if train_config.resume:
+        gpt_config, train_config, checkpoint = configure_resume(args, train_config, automatic)
+    else:
+        if train_config.init_from:
+            gpt_config, checkpoint = configure_init_from(given, train_config)
+        for note in adapt_defaults(gpt_config, train_config, given):
+            # under --print_config, stdout is the recipe: a note there would break it
+            print0(f"note: {note}", file=sys.stderr if given.get("print_config") else None)
+        if automatic:
+            replace_an_attempt_that_saved_nothing(train_config)
+    check_configs(args, gpt_config, train_config)
+    if given.get("print_config"):
+        print0(configs_to_toml(gpt_config, train_config), end="")
+        raise SystemExit(0)
+    refuse_to_replace_a_run(train_config)
+    return gpt_config, train_config, checkpoint
+
+
+def configure_resume(args, train_config, automatic):
+    """--resume: the checkpoint's configs with the flags given laid over its training settings.
+
+    `train_config` holds the flags over the defaults; with `automatic` (--resume auto), its
+    resume is the newest readable step checkpoint, and a finished run exits at once.
+    """
+    given = vars(args)
+    path, directory = train_config.resume, train_config.checkpoint_dir
+    if path == "latest":
+        path = latest_checkpoint(directory, require_readable=True, report=print0)
+        if path is None:
+            fail(f"--resume latest: no readable gpt_step*.pt in {directory}")
+    checkpoint = load_checkpoint(path)
+    step = resumable_step(checkpoint, path)
+    saved_gpt, saved_train = configs_from_checkpoint(checkpoint, path)
+    tokenizer_from_checkpoint(checkpoint, saved_gpt, path)
+    reject_architecture_changes(given, saved_gpt, path, checkpoint["tokenizer"])
+    gpt_config, train_config = apply_args_to_configs(args, saved_gpt, copy.copy(saved_train))
+    if "lr_decay_iters" not in given:  # a decay that has begun keeps its end
+        train_config.lr_decay_iters = resumed_decay_iters(saved_train, train_config, step)
+    train_config.resume, train_config.init_from = str(path), ""
+    train_config.overwrite = given.get("overwrite", False)  # never inherited from the saved run
+    if "checkpoint_dir" not in given:  # the run continues where its checkpoint is
+        train_config.checkpoint_dir = str(Path(path).parent)
+    if automatic:  # a requeued job: whatever is left of the run, if anything, is what to do
+        exit_if_finished(Path(path), checkpoint, train_config)
+        return gpt_config, train_config, checkpoint
+    if train_config.max_iters <= step:
+        fail(f"{path} is at step {step} and --max_iters is {train_config.max_iters}: nothing is "
+             f"left to train, and nothing was changed; to train further, add a larger "
+             f"--max_iters, e.g. --max_iters {2 * step}")
+    if given["resume"] != "latest":  # a checkpoint named by its path may be an earlier one
+        refuse_to_go_back(path, step, train_config)
+    return gpt_config, train_config, checkpoint
+
+
+def resumable_step(checkpoint, path):
+    """The step a checkpoint continues after; a UserError if it is not a step checkpoint."""
+    if "optimizer_state_dict" not in checkpoint:
+        fail(f"{path} holds weights only (a final, best or pretrained model); resume from a "
+             f"gpt_step*.pt, or start a new run from it with --init_from")
+    step = checkpoint.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        fail(f"checkpoint {path} cannot be resumed: its 'step' is missing or damaged ({step!r})")
+    return step
+
+
+def configure_init_from(given, train_config):
+    """--init_from: the checkpoint's architecture (block_size may shrink) and tokenizer."""
+    checkpoint = load_checkpoint(train_config.init_from)
+    saved_gpt, _ = configs_from_checkpoint(checkpoint, train_config.init_from)
+    requested_block_size = given.get("block_size", saved_gpt.block_size)
+    if requested_block_size > saved_gpt.block_size:
+        fail(f"--block_size {requested_block_size} exceeds the checkpoint's "
+             f"{saved_gpt.block_size}: position embeddings can be cropped, not invented")
+    reject_architecture_changes({k: v for k, v in given.items() if k != "block_size"},
+                                saved_gpt, train_config.init_from, checkpoint["tokenizer"])
+    saved_gpt.block_size = requested_block_size
+    saved_gpt.dropout = given.get("dropout", saved_gpt.dropout)
+    train_config.tokenizer = tokenizer_from_checkpoint(checkpoint, saved_gpt,
+                                                       train_config.init_from).kind
+    return saved_gpt, checkpoint
+
+
+def reject_architecture_changes(given, saved_gpt, path, saved_tokenizer):
+    """The architecture and tokenizer come from the checkpoint; a flag that differs is an error."""
+    saved_kind = saved_tokenizer.get("kind") if isinstance(saved_tokenizer, dict) else None
+    if "tokenizer" in given and given["tokenizer"] != saved_kind:
+        fail(f"--tokenizer {given['tokenizer']} contradicts the checkpoint {path}, whose model was "
+             f"trained with the {saved_kind} tokenizer")
+    for name in ARCHITECTURE_FIELDS:
+        if name in given and given[name] != getattr(saved_gpt, name):
+            fail(f"--{name} {given[name]} contradicts the checkpoint {path}, which has "
+                 f"{name}={getattr(saved_gpt, name)}; the architecture comes from the checkpoint")
