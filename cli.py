@@ -5,6 +5,8 @@
   stderr, and so does running out of memory;
 - Ctrl-C or SIGTERM before the training loop takes over (even while torch is still being
   imported: `exit_on_signals`) is one line and exit status 130 or 143 (`EXIT_STATUS`);
+- a reader that goes away (`sample.py | head -c 100`, `plot.py | true`) ends the command quietly,
+  with the status a shell gives a command stopped by SIGPIPE, 141 (`exit_on_closed_output`);
 - `ArgumentParser`: argparse whose mistakes are UserErrors, and `parse_bool` for true/false flags.
 No torch and no project imports, so a script can install all of this before its slow imports.
 What the flags are and mean is config.py's business; the training loop's own signal handling
@@ -37,6 +39,7 @@ def fail(message):
 
 # The conventional exit status of a program stopped by a signal: 128 + the signal's number.
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+CLOSED_OUTPUT_EXIT_STATUS = 141  # 128 + SIGPIPE (13), what `yes | head` reports for `yes`
 
 
 def exit_on_signals():
@@ -66,6 +69,8 @@ def run_main(main, argv=None):
     except (UserError, ResourceError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_status)
+    except BrokenPipeError:
+        exit_on_closed_output()
     except KeyboardInterrupt:  # Ctrl-C, should anything have restored Python's own handler
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -78,6 +83,16 @@ def run_main(main, argv=None):
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def exit_on_closed_output():
+    """The reader of our standard output went away: nothing more can be said to it, and nothing is
+    wrong, so stop without a word (not a traceback) and with SIGPIPE's conventional status."""
+    try:  # the flush at exit would fail again: what is left goes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stand-in stdout without a descriptor
+        pass
+    sys.exit(CLOSED_OUTPUT_EXIT_STATUS)
 
 
 def is_out_of_memory(error):

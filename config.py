@@ -164,15 +164,32 @@ def parse_args(argv=None, parser=None):
     return args
 
 
+# Fields a recipe may not set: what destroys files is asked for on the command line, each time.
+COMMAND_LINE_ONLY = ("overwrite",)
+UTF8_BOM, UTF16_BOMS = b"\xef\xbb\xbf", (b"\xff\xfe", b"\xfe\xff")
+
+
 def read_recipe(path):
-    """The fields a TOML recipe sets, each checked against its field's type."""
+    """The fields a TOML recipe sets, each checked against its field's type.
+
+    A UTF-8 byte-order mark (what some Windows editors put first) is read past; `overwrite = true`
+    is refused: a recipe is reused and shared, and a run that replaces files says so on its own
+    command line (`overwrite = false`, which --print_config wrote before, is harmless)."""
     try:
         with open(path, "rb") as handle:
-            values = tomllib.load(handle)
+            data = handle.read()
     except OSError as error:
         fail(f"--config {path}: cannot read it: {error.strerror}")
+    if data.startswith(UTF16_BOMS):
+        fail(f"{path}: the file is UTF-16 text; save it as UTF-8 (TOML files are UTF-8)")
+    try:
+        values = tomllib.loads(data.removeprefix(UTF8_BOM).decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         fail(f"{path}: not a valid TOML file: {error}")
+    for key in COMMAND_LINE_ONLY:
+        if values.get(key) is True:
+            fail(f"{path}: {key} = true is refused in a recipe: replacing a run's files is asked "
+                 f"for on the command line (--{key} true); delete the line")
     fields = {f.name: f for config_class in (GPTConfig, TrainConfig)
               for f in dataclasses.fields(config_class)}
     recipe = {}
@@ -239,14 +256,15 @@ def check_configs(args, gpt_config, train_config):
 def configs_to_toml(gpt_config, train_config):
     """The configs as a recipe that --config reads back: every field, with its help as a comment.
 
-    vocab_size is left out: a new run takes it from its tokenizer, a resumed one from its checkpoint.
+    vocab_size is left out: a new run takes it from its tokenizer, a resumed one from its checkpoint;
+    so is overwrite, which a recipe may not set (`read_recipe`).
     """
     lines = ["# python train.py --config THIS_FILE  (flags given as well override these values)"]
     for config in (gpt_config, train_config):
         lines += ["", f"# {type(config).__name__}"]
         comments = _field_comments(type(config))
         for config_field in dataclasses.fields(config):
-            if config_field.name == "vocab_size":
+            if config_field.name == "vocab_size" or config_field.name in COMMAND_LINE_ONLY:
                 continue
             line = f"{config_field.name} = {_toml_value(getattr(config, config_field.name))}"
             comment = comments.get(config_field.name)

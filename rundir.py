@@ -4,7 +4,8 @@ Everything about the directory a training run writes lives here, for train.py, c
 loggers.py and the readers (sample.py, evaluate.py, export.py, plot.py):
 - its names (gpt_step{N}.pt, gpt_final.pt, gpt_best.pt, metrics.jsonl, train.lock), spelled here
   and nowhere else, and its inventory: `run_files` (what makes it hold a run), the step
-  checkpoints, the newest readable one, the file a reader loads (`find_sampling_checkpoint`);
+  checkpoints, the newest readable one, the file a reader loads (`find_sampling_checkpoint`,
+  `readable_sampling_checkpoint`);
 - the lock: a training run holds the directory with a flock on train.lock, which the kernel drops
   when the process dies, so a second run there is refused and a killed run never blocks the next;
 - the safety rules, as the README's "Safety" section states them, each a function that refuses
@@ -25,12 +26,13 @@ import os
 import re
 import shutil
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from atomic import TEMPORARY_PREFIX, remove_temporary_files
 from best_model import BestModel
-from checkpoint import load_checkpoint, saved_step
+from checkpoint import is_readable, load_checkpoint, saved_step
 from cli import UserError, fail
 from runtime import print0
 
@@ -158,11 +160,27 @@ def add_checkpoint_arguments(parser):
     parser.add_argument("--checkpoint_dir", default="checkpoints")
 
 
+def readable_sampling_checkpoint(directory):
+    """`find_sampling_checkpoint`'s choice if it reads, else the next that does in the same order
+    (gpt_final.pt, then the newest step), said in one line on stderr; None if there is none.
+    If none reads, the first: loading it says what is wrong with it."""
+    named = [path for path in (best_path(directory), final_path(directory)) if path.is_file()]
+    candidates = named + list(reversed(step_checkpoints(directory)))
+    for index, path in enumerate(candidates):
+        if is_readable(path):
+            if index:
+                verb = "is" if index == 1 else "are"
+                print(f"note: {list_names(candidates[:index])} {verb} unreadable (corrupt or "
+                      f"truncated); using {path.name}", file=sys.stderr)
+            return path
+    return candidates[0] if candidates else None
+
+
 def checkpoint_to_load(args):
-    """The --checkpoint given, else the best file of --checkpoint_dir, else a UserError."""
+    """The --checkpoint given, else the best readable file of --checkpoint_dir, else a UserError."""
     if not args.checkpoint and not args.checkpoint_dir.strip():
         fail("--checkpoint_dir must not be empty (use . for the current directory)")
-    path = args.checkpoint or find_sampling_checkpoint(args.checkpoint_dir)
+    path = args.checkpoint or readable_sampling_checkpoint(args.checkpoint_dir)
     if not path:
         fail(f"no checkpoint in {args.checkpoint_dir}/: train a model first with `python train.py`")
     return path

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import load_model_state, save_checkpoint
+from checkpoint import load_model_state, plain_weights, save_checkpoint
 from cli import EXIT_STATUS, fail, run_main
 from config import config_to_dict
 from configure import configure
@@ -151,7 +151,7 @@ def prepare_model(gpt_config, train_config, runtime, checkpoint=None, vocab_limi
     t = train_config
     model = build_model(gpt_config, vocab_limit)
     if checkpoint is not None and not t.resume:  # --init_from: start from its weights
-        state = crop_block_size(checkpoint["model_state_dict"], gpt_config.block_size)
+        state = crop_block_size(plain_weights(checkpoint, t.init_from), gpt_config.block_size)
         load_model_state(model, state, t.init_from)
     if t.lora_rank:  # after the weights are in, before a resumed run's adapters are
         add_lora(model, t.lora_rank, t.lora_alpha, t.lora_dropout)
