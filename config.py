@@ -256,8 +256,8 @@ def check_configs(args, gpt_config, train_config):
 def configs_to_toml(gpt_config, train_config):
     """The configs as a recipe that --config reads back: every field, with its help as a comment.
 
-    vocab_size is left out: a new run takes it from its tokenizer, a resumed one from its checkpoint;
-    so is overwrite, which a recipe may not set (`read_recipe`).
+    vocab_size is left out: a new run takes it from its tokenizer, a resumed one from its
+    checkpoint; so is overwrite, which a recipe may not set (`read_recipe`).
     """
     lines = ["# python train.py --config THIS_FILE  (flags given as well override these values)"]
     for config in (gpt_config, train_config):

@@ -205,5 +205,5 @@ def check_token_ids(tokens, vocab_size, source):
     location = _memmap_location(ids)
     where = f"the token cache {location[0]} of {source}" if location else f"the tokens of {source}"
     bad = largest if largest >= vocab_size else smallest
-    fail(f"{where} holds token id {bad}, outside the vocabulary of {vocab_size} tokens: the cache is "
-         f"damaged; delete it and it is rebuilt from the text")
+    fail(f"{where} holds token id {bad}, outside the vocabulary of {vocab_size} tokens: the cache "
+         f"is damaged; delete it and it is rebuilt from the text")

@@ -362,29 +362,65 @@ def write_files(directory, files, weights, save_file):
     fsync_directory(directory)
 
 
-def install_export(temporary, out):
-    """Move the finished export in `temporary` to `out`.
+def temporary_directory(target):
+    """Where the export is written first: beside --out, to be renamed into place (a new --out, or
+    an earlier export swapped whole); inside --out where the files move one by one into a
+    directory that stays (an empty one, or a user's with --overwrite)."""
+    renamed = not target.exists() or earlier_export_run(target) is not None
+    return (target.parent if renamed else target) / f"{TEMPORARY_PREFIX}{target.name}.{os.getpid()}"
+
+
+def remove_leftovers(target):
+    """Delete what an export killed while writing left behind: a `.tmp-NAME.PID` directory,
+    beside or inside --out, of a process that is gone, holding nothing but export files. (A
+    `.tmp-NAME.PID.old`, an earlier export caught mid-swap, is the user's to look at.)"""
+    if os.name != "posix":
+        return  # no safe way to ask whether the writer is still alive
+    prefix = f"{TEMPORARY_PREFIX}{target.name}."
+    for home in (target.parent, target):
+        if not home.is_dir():
+            continue
+        for path in home.iterdir():
+            pid = path.name[len(prefix):] if path.name.startswith(prefix) else ""
+            if pid.isdigit() and path.is_dir() and not path.is_symlink() and \
+                    not process_alive(int(pid)) and \
+                    {child.name for child in path.iterdir()} <= set(EXPORT_FILES):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, as another user's
+        return True
+    return True
+
+
+def install_export(temporary, target):
+    """Move the finished export in `temporary` (`temporary_directory`'s) to `target`.
 
     A new --out is the temporary directory renamed. An earlier export (only our files) is swapped
     out whole: renamed aside, the new one renamed in, the old one deleted, so at no moment is a
     half-written export in place. Into an empty or a user's directory (--overwrite) each file
     is moved over its namesake, and the user's other files stay."""
-    if not out.exists():
-        os.rename(temporary, out)
-    elif earlier_export_run(out) is not None:
+    if temporary.parent == target:
+        for path in temporary.iterdir():
+            os.replace(path, target / path.name)
+        temporary.rmdir()
+    elif not target.exists():
+        os.rename(temporary, target)
+    else:
         retired = temporary.with_name(temporary.name + ".old")
-        os.rename(out, retired)
+        os.rename(target, retired)
         try:
-            os.rename(temporary, out)
+            os.rename(temporary, target)
         except OSError:
-            os.rename(retired, out)
+            os.rename(retired, target)
             raise
         shutil.rmtree(retired, ignore_errors=True)
-    else:
-        for path in temporary.iterdir():
-            os.replace(path, out / path.name)
-        temporary.rmdir()
-    fsync_directory(out.parent)
+    fsync_directory(target.parent)
 
 
 def write_failure(error):
@@ -403,6 +439,9 @@ def export(checkpoint_path, out_dir, overwrite=False):
     save_file = _import_save_file()
     out = Path(out_dir)
     source = export_source(checkpoint_path)
+    target = out.resolve()  # a link to a directory: the export goes where it points
+    if not out.exists() or out.is_dir():
+        remove_leftovers(target)
     check_out_dir(out, overwrite, source)
     model, tokenizer, _ = model_from_checkpoint(checkpoint_path)
     special_ids = special_token_ids(tokenizer)
@@ -415,8 +454,8 @@ def export(checkpoint_path, out_dir, overwrite=False):
         "tokenizer_config.json": tokenizer_config(model.config.block_size),
         SOURCE_NAME: source,
     }
-    target = out.resolve()  # a link to a directory: the export goes where it points
-    temporary = target.parent / f"{TEMPORARY_PREFIX}{target.name}.{os.getpid()}"
+    existed = out.exists()
+    temporary = temporary_directory(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         write_files(temporary, files, weights, save_file)
@@ -426,7 +465,7 @@ def export(checkpoint_path, out_dir, overwrite=False):
         reason = write_failure(error)
         if reason is None:
             raise
-        kept = "the earlier export there is intact" if out.exists() else "nothing was written"
+        kept = f"{out} is as it was" if existed else "nothing was written"
         fail(f"could not write the export to {out}: {reason}; {kept}")
     return out
 

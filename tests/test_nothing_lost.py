@@ -93,10 +93,16 @@ def test_an_export_of_another_run_or_of_no_known_run_is_replaced_only_with_overw
 
 def test_the_same_runs_export_is_replaced_by_a_later_model_of_it(exported, run_dir):
     step4 = snapshot(exported)
+    killed, users = exported.parent / ".tmp-hf.999999999", exported.parent / ".tmp-hf.12"
+    for leftover, name in ((killed, "config.json"), (users, "notes.txt")):
+        leftover.mkdir()
+        (leftover / name).write_text("{}")
     assert export_into(run_dir / "gpt_final.pt", exported) == 0
     assert snapshot(exported).keys() == step4.keys()
     assert snapshot(exported)["model.safetensors"] != step4["model.safetensors"]
-    assert not [p for p in exported.parent.iterdir() if p.name.startswith(".tmp-")]
+    # what a killed export left goes; a user's directory of a name like it stays
+    assert sorted(p.name for p in exported.parent.iterdir() if p.name.startswith(".tmp-")) == \
+        [users.name]
 
 
 @pytest.mark.parametrize("failure", ["SafetensorError", "OSError"])
@@ -114,7 +120,7 @@ def test_an_export_onto_a_full_disk_leaves_the_earlier_export_whole(failure, exp
 
     monkeypatch.setattr(safetensors.torch, "save_file", fill_the_disk)
     refused(capsys, export.main, ["--checkpoint", run_dir / "gpt_final.pt", "--out", exported],
-            exported.parent, "No space left on device", "earlier export there is intact")
+            exported.parent, "No space left on device", f"{exported} is as it was")
 
 
 @pytest.mark.parametrize("recipe_text", ["overwrite = true\n", "\ufeffn_layer = 1\n"],
