@@ -3,17 +3,29 @@
 - `atomic_write`: the new file is written under a temporary name in the same directory, flushed,
   fsynced and renamed over the final name, and the directory is fsynced, so a crash at any moment
   leaves the old file or the new one, never a truncated one;
-- every temporary name starts with `TEMPORARY_PREFIX`, so `remove_temporary_files` can delete what
-  a killed process left behind.
+- a new file gets the permissions of any file the process creates (0666 less the user's umask),
+  as `open` gives it: a checkpoint is as readable by a teammate as the other files of the run;
+- every temporary name has the form `.tmp-NAME.PID` (`TEMPORARY_PREFIX`, `TEMPORARY_PATTERN`), so
+  `remove_temporary_files` can delete what a killed process left behind, and nothing else: a
+  user's own `.tmp-notes` or a directory `.tmp-build` is not in that form, or not a file.
 Used by checkpoint.py (checkpoints) and tokencache.py (token caches). What a failed write means to
 the user (a full disk, how much room was needed) is the caller's business.
 """
 
 import contextlib
+import fnmatch
 import os
+import re
 from pathlib import Path
 
 TEMPORARY_PREFIX = ".tmp-"
+TEMPORARY_PATTERN = re.compile(rf"^{re.escape(TEMPORARY_PREFIX)}(.+)\.([^.]+)$")  # NAME, PID
+
+
+def temporary_path(path):
+    """Where `atomic_write` writes `path` before renaming it: .tmp-NAME.PID beside it."""
+    path = Path(path)
+    return path.with_name(f"{TEMPORARY_PREFIX}{path.name}.{os.getpid()}")
 
 
 @contextlib.contextmanager
@@ -23,7 +35,7 @@ def atomic_write(path):
     On any failure the temporary file is removed and the error propagates.
     """
     path = Path(path)
-    temporary = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.{os.getpid()}")
+    temporary = temporary_path(path)
     try:
         with open(temporary, "w+b") as handle:
             yield handle
@@ -49,6 +61,11 @@ def fsync_directory(directory):
 
 
 def remove_temporary_files(directory, names="*"):
-    """Delete the half-written files (of the given final names) a killed process left behind."""
-    for leftover in Path(directory).glob(f"{TEMPORARY_PREFIX}{names}"):
-        leftover.unlink(missing_ok=True)
+    """Delete the half-written files a killed process left behind in `directory`: regular files
+    named .tmp-NAME.PID, as `atomic_write` names them, whose NAME `names` accepts (a glob, or a
+    function of the name). Anything else, however it is named, is left alone."""
+    accepts = names if callable(names) else (lambda name: fnmatch.fnmatchcase(name, names))
+    for leftover in Path(directory).glob(f"{TEMPORARY_PREFIX}*"):
+        match = TEMPORARY_PATTERN.match(leftover.name)
+        if match and accepts(match.group(1)) and leftover.is_file() and not leftover.is_symlink():
+            leftover.unlink(missing_ok=True)

@@ -39,11 +39,12 @@ from tokenizer import tokenizer_from_state
 REQUIRED_KEYS = ("model_state_dict", "gpt_config", "tokenizer")
 
 
-def save_checkpoint(state, path):
+def save_checkpoint(state, path, room_needed=None):
     """Write `state` to `path` atomically; on failure the previous file at `path` is untouched.
 
     A failed write is not the user's mistake: it is a ResourceError (exit status 1), and a full
-    disk says how much room a checkpoint needs.
+    disk says how much room is needed: `room_needed` bytes where the caller knows (a training run:
+    the figure its start-up check asks for), else this checkpoint's size.
     """
     path = Path(path)
     try:
@@ -55,8 +56,11 @@ def save_checkpoint(state, path):
             raise
         reason = cause.strerror or str(cause)
         if cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            reason += (f": a checkpoint needs about {_tensor_bytes(state) / 2**20:.1f} MiB and "
-                       f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB are free")
+            free = shutil.disk_usage(path.parent).free / 2**20
+            needed = (f"two checkpoints of this model need about {room_needed / 2**20:.1f} MiB"
+                      if room_needed else
+                      f"a checkpoint needs about {_tensor_bytes(state) / 2**20:.1f} MiB")
+            reason += f": {needed} and {free:.1f} MiB are free"
         raise ResourceError(f"could not save checkpoint {path}: {reason}; earlier checkpoints "
                             f"are intact") from error
 
@@ -131,12 +135,18 @@ def is_readable(path):
     return isinstance(checkpoint, dict) and all(key in checkpoint for key in REQUIRED_KEYS)
 
 
-def saved_step(path):
-    """The step a checkpoint holds, read without loading its tensors; None if unreadable."""
+def saved_value(path, key):
+    """One top-level value of a checkpoint, read without loading its tensors; None if the file is
+    unreadable or has no such key."""
     try:
-        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(key)
     except Exception:  # unreadable for any reason: the caller treats it as unknown
         return None
+
+
+def saved_step(path):
+    """The step a checkpoint holds, read without loading its tensors; None if unreadable."""
+    step = saved_value(path, "step")
     return step if isinstance(step, int) else None
 
 

@@ -3,10 +3,14 @@
 - `UserError` (a mistake in the user's input, exit status 2) and `ResourceError` (the machine
   cannot do it, exit status 1), raised through `fail`; `run_main` turns either into one line on
   stderr, and so does running out of memory;
-- Ctrl-C or SIGTERM before the training loop takes over (even while torch is still being
-  imported: `exit_on_signals`) is one line and exit status 130 or 143 (`EXIT_STATUS`);
-- a reader that goes away (`sample.py | head -c 100`, `plot.py | true`) ends the command quietly,
-  with the status a shell gives a command stopped by SIGPIPE, 141 (`exit_on_closed_output`);
+- Ctrl-C, SIGTERM or SIGHUP (the terminal closed, the ssh connection dropped) before the
+  training loop takes over (even while torch is still being imported: `exit_on_signals`) is one
+  line and exit status 130, 143 or 129 (`EXIT_STATUS`);
+- `output_that_may_close`: standard output and error whose reader may go away (`| head`, a
+  closed terminal); from then on what is written is dropped, and the program goes on (training);
+- any other command whose reader goes away (`sample.py | head -c 100`, `plot.py | true`) ends
+  quietly, with the status a shell gives a command stopped by SIGPIPE, 141
+  (`exit_on_closed_output`): there is no one left to write for;
 - `ArgumentParser`: argparse whose mistakes are UserErrors, and `parse_bool` for true/false flags.
 No torch and no project imports, so a script can install all of this before its slow imports.
 What the flags are and mean is config.py's business; the training loop's own signal handling
@@ -14,6 +18,8 @@ What the flags are and mean is config.py's business; the training loop's own sig
 """
 
 import argparse
+import contextlib
+import errno
 import os
 import re
 import signal
@@ -39,12 +45,17 @@ def fail(message):
 
 # The conventional exit status of a program stopped by a signal: 128 + the signal's number.
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+SIGNAL_LINES = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+if hasattr(signal, "SIGHUP"):  # POSIX: a hang-up is a request to stop, like SIGTERM
+    EXIT_STATUS[signal.SIGHUP] = 129
+    SIGNAL_LINES[signal.SIGHUP] = "hung up"
 CLOSED_OUTPUT_EXIT_STATUS = 141  # 128 + SIGPIPE (13), what `yes | head` reports for `yes`
 
 
 def exit_on_signals():
-    """From now on, Ctrl-C (SIGINT) or SIGTERM ends the program with one line and exit status 130
-    or 143, never a traceback; the training loop installs its own handlers, which save first.
+    """From now on, Ctrl-C (SIGINT), SIGTERM or SIGHUP ends the program with one line and exit
+    status 130, 143 or 129, never a traceback; the training loop installs its own handlers, which
+    save first.
 
     The scripts call this before their slow imports (torch takes a second or more to load).
     Returns the handlers it replaced (none outside the main thread, where it does nothing).
@@ -56,8 +67,65 @@ def exit_on_signals():
 
 def _exit_on_signal(number, frame):
     # os.write, not print: the signal may arrive in the middle of a print to stderr
-    os.write(2, b"interrupted\n" if number == signal.SIGINT else b"terminated\n")
+    with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+        os.write(2, f"{SIGNAL_LINES[number]}\n".encode())
     raise SystemExit(EXIT_STATUS[number])
+
+
+# What a write to a reader that went away raises: a closed pipe (`| head`), a hung-up terminal.
+CLOSED_OUTPUT_ERRORS = (errno.EPIPE, errno.EIO)
+
+
+class OutputThatMayClose:
+    """A text stream whose reader may go away; from then on what is written to it is dropped.
+
+    The first failed write points the stream's file descriptor at the null device, so nothing
+    written later (Python's own flush at exit included) fails again.
+    """
+
+    def __init__(self, stream):
+        self.stream, self.closed_by_reader = stream, False
+
+    def write(self, text):
+        if not self.closed_by_reader:
+            try:
+                self.stream.write(text)
+            except OSError as error:
+                self.reader_went_away(error)
+        return len(text)
+
+    def flush(self):
+        if not self.closed_by_reader:
+            try:
+                self.stream.flush()
+            except OSError as error:
+                self.reader_went_away(error)
+
+    def reader_went_away(self, error):
+        if error.errno not in CLOSED_OUTPUT_ERRORS:
+            raise error
+        self.closed_by_reader = True
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # a stream without a file
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def output_that_may_close():
+    """While the block runs, sys.stdout and sys.stderr drop what is written once their reader has
+    gone away (`python train.py | head`, a closed terminal), instead of raising BrokenPipeError."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (OutputThatMayClose(stream) for stream in saved)
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = saved
 
 
 def run_main(main, argv=None):

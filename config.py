@@ -247,10 +247,15 @@ def check_configs(args, gpt_config, train_config):
             fail(f"unknown --log_to {unknown[0]!r}; give one or more of "
                  f"{', '.join(LOG_DESTINATIONS)}, comma-separated")
     except UserError as error:
-        recipe = vars(args).get("config")
-        if recipe and recipe.keys & set(re.findall(r"--(\w+)", str(error))):
-            fail(f"{recipe.path}: {error}")
-        raise
+        name_the_recipe(args, error)
+
+
+def name_the_recipe(args, error):
+    """Re-raise `error`, a UserError naming a flag, naming the --config file when it set that flag."""
+    recipe = vars(args).get("config")
+    if recipe and recipe.keys & set(re.findall(r"--(\w+)", str(error))):
+        fail(f"{recipe.path}: {error}")
+    raise error
 
 
 def configs_to_toml(gpt_config, train_config):

@@ -7,6 +7,8 @@ training settings; for --init_from, the checkpoint's architecture and tokenizer.
   an error (`reject_architecture_changes`); --init_from may only shrink block_size;
 - --resume never inherits --overwrite, and continues in the checkpoint's directory unless
   --checkpoint_dir says otherwise; a --max_iters at or below its step leaves nothing to train;
+  --lora_rank and --optimizer shape the state it loads, so they cannot change
+  (`reject_state_changes`); without --data it reads the saved path (`check_saved_data`);
 - `--resume auto` resumes the newest readable step checkpoint if there is one, else starts a new
   run (from --init_from if given), so a requeued job can repeat its command.
 Whether the run may write into its --checkpoint_dir is rundir.py's rule, asked from here, so that
@@ -17,11 +19,12 @@ config.py's.
 from pathlib import Path
 
 from checkpoint import configs_from_checkpoint, load_checkpoint, tokenizer_from_checkpoint
-from cli import fail
+from cli import UserError, fail
 from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, adapt_defaults,
-                    apply_args_to_configs, check_configs, configs_to_toml, parse_args, validate)
-from rundir import (exit_if_finished, latest_checkpoint, refuse_to_go_back,
-                    refuse_to_replace_a_run, replace_an_attempt_that_saved_nothing)
+                    apply_args_to_configs, check_configs, configs_to_toml, name_the_recipe,
+                    parse_args, validate)
+from rundir import (accept_an_attempt_that_saved_nothing, exit_if_finished, latest_checkpoint,
+                    refuse_to_replace_a_run)
 from runtime import print0
 
 
@@ -36,7 +39,7 @@ def configure(argv=None):
     args = parse_args(argv)
     gpt_config, train_config = apply_args_to_configs(args, GPTConfig(), TrainConfig())
     given = vars(args)
-    checkpoint = None
+    checkpoint, attempt = None, False
     automatic = train_config.resume == "auto"
     if automatic:
         latest = latest_checkpoint(train_config.checkpoint_dir, require_readable=True, report=print0)
@@ -52,12 +55,12 @@ def configure(argv=None):
         for note in adapt_defaults(gpt_config, train_config, given):
             print0(f"note: {note}")
         if automatic:
-            replace_an_attempt_that_saved_nothing(train_config)
+            attempt = accept_an_attempt_that_saved_nothing(train_config)
     check_configs(args, gpt_config, train_config)
     if given.get("print_config"):
         print0(configs_to_toml(gpt_config, train_config), end="")
         raise SystemExit(0)
-    refuse_to_replace_a_run(train_config)
+    refuse_to_replace_a_run(train_config, attempt_accepted=attempt)
     return gpt_config, train_config, checkpoint
 
 
@@ -77,7 +80,12 @@ def configure_resume(args, train_config, automatic):
     step = resumable_step(checkpoint, path)
     saved_gpt, saved_train = configs_from_checkpoint(checkpoint, path)
     tokenizer_from_checkpoint(checkpoint, saved_gpt, path)
-    reject_architecture_changes(given, saved_gpt, path, checkpoint["tokenizer"])
+    try:
+        reject_architecture_changes(given, saved_gpt, path, checkpoint["tokenizer"])
+        reject_state_changes(given, saved_train, path)
+    except UserError as error:
+        name_the_recipe(args, error)
+    check_saved_data(given, saved_train, path)
     gpt_config, train_config = apply_args_to_configs(args, saved_gpt, saved_train)
     train_config.resume, train_config.init_from = str(path), ""
     train_config.overwrite = given.get("overwrite", False)  # never inherited from the saved run
@@ -90,9 +98,34 @@ def configure_resume(args, train_config, automatic):
         fail(f"{path} is at step {step} and --max_iters is {train_config.max_iters}: nothing is "
              f"left to train, and nothing was changed; to train further, add a larger "
              f"--max_iters, e.g. --max_iters {2 * step}")
-    if given["resume"] != "latest":  # a checkpoint named by its path may be an earlier one
-        refuse_to_go_back(path, step, train_config)
-    return gpt_config, train_config, checkpoint
+    return gpt_config, train_config, checkpoint  # later files are set aside (rundir.py)
+
+
+# The training settings whose saved state a resume loads as it is: a flag that differs cannot apply.
+STATE_FIELDS = {"lora_rank": "its LoRA adapters have rank", "optimizer": "its optimizer state is"}
+
+
+def reject_state_changes(given, saved_train, path):
+    """--lora_rank and --optimizer shape the saved state a resume loads: a flag that differs is an
+    error naming the flag (not the size mismatch it would cause)."""
+    for name, what in STATE_FIELDS.items():
+        saved = getattr(saved_train, name)
+        if name in given and given[name] != saved:
+            # a new run can start from the weights of a checkpoint without adapters
+            other = "" if saved_train.lora_rank else \
+                f", or start a new run from its weights with --init_from {path}"
+            fail(f"--{name} {given[name]} contradicts the checkpoint {path}: {what} {saved}, which "
+                 f"a resume continues; leave out --{name} to resume it{other}")
+
+
+def check_saved_data(given, saved_train, path):
+    """A resume without --data reads the checkpoint's saved --data path, which is relative to
+    where the run was started: say so when it is not found from here."""
+    data = saved_train.data
+    if "data" not in given and data and not Path(data).exists():
+        fail(f"the checkpoint {path} was trained on --data {data}, which is not found from "
+             f"{Path.cwd()} (a relative path is read from where a command runs); give --data "
+             f"with that text's path")
 
 
 def resumable_step(checkpoint, path):

@@ -3,10 +3,12 @@
 Every destination receives the same records (the dicts train.py's `log_step` builds) at the same
 steps, and only rank 0 writes. TensorBoard and W&B are optional packages, imported only when asked
 for. A resumed run continues the same curves: metrics.jsonl drops the records after the resumed
-step (at its first record, so a resume that fails before then changes nothing), TensorBoard
+step (at its first record, so a resume that fails before then changes nothing; the file is
+rewritten whole and renamed into place, so a kill then leaves the old file or the new), TensorBoard
 purges its points after it (`purge_step`), and W&B resumes the same run, whose id is kept in the
-checkpoint directory (rundir.py names the files). What is measured, and when, is train.py's
-business.
+checkpoint directory (rundir.py names the files). A destination that cannot be written (a
+metrics.jsonl that is a directory or read-only, a `tensorboard` that is a file) is one line before
+the first step. What is measured, and when, is train.py's business.
 """
 
 import html
@@ -14,7 +16,8 @@ import json
 import os
 from pathlib import Path
 
-from cli import fail
+from atomic import atomic_write
+from cli import ResourceError, fail
 from config import config_to_dict
 from rundir import TENSORBOARD_NAME, WANDB_RUN_ID_NAME, metrics_path
 
@@ -44,8 +47,10 @@ class Loggers:
         names = train_config.log_to.split(",") if runtime.is_main else []
         self.destinations = []
         if "jsonl" in names:
+            check_writable_file(self.path)
             self.destinations.append(MetricsLog(self.path))
         if "tensorboard" in names:
+            check_folder(directory / TENSORBOARD_NAME)
             self.destinations.append(TensorBoardLog(directory / TENSORBOARD_NAME))
         if "wandb" in names:
             configs = {**config_to_dict(gpt_config), **config_to_dict(train_config)}
@@ -74,6 +79,22 @@ class Loggers:
             destination.close(failed=error_type is not None)
 
 
+def check_writable_file(path):
+    """A log file is a file, or missing, and can be appended to."""
+    if path.exists() and not path.is_file():
+        fail(f"{path} is not a file (a directory?), where --log_to jsonl writes the run's metrics; "
+             f"move it away, or leave jsonl out of --log_to")
+    if path.exists() and not os.access(path, os.W_OK):
+        fail(f"{path} is read-only, where --log_to jsonl writes the run's metrics; make it "
+             f"writable, or leave jsonl out of --log_to")
+
+
+def check_folder(path):
+    if path.exists() and not path.is_dir():
+        fail(f"{path} is a file, where --log_to tensorboard writes its event files; move it "
+             f"away, or leave tensorboard out of --log_to")
+
+
 class MetricsLog:
     """One JSON object per line in checkpoint_dir/metrics.jsonl."""
 
@@ -85,8 +106,12 @@ class MetricsLog:
         if self.resumed_step is not None:  # only a run that got this far may change the history
             self.trim_after(self.resumed_step)
             self.resumed_step = None
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise ResourceError(f"could not write {self.path}: {error.strerror or error}; the "
+                                f"checkpoints saved so far are intact") from error
 
     def trim_after(self, step):
         """Drop records after `step` so the file tells one consistent history; mark the resume.
@@ -98,7 +123,12 @@ class MetricsLog:
         kept = [line for line in self.path.read_text(errors="replace").splitlines()
                 if (record := _record(line)) is not None and record.get("step", 0) <= step]
         kept.append(json.dumps({"step": step, "event": "resume"}))
-        self.path.write_text("\n".join(kept) + "\n")
+        try:
+            with atomic_write(self.path) as handle:  # whole, then renamed: a kill loses nothing
+                handle.write(("\n".join(kept) + "\n").encode())
+        except OSError as error:
+            raise ResourceError(f"could not rewrite {self.path}: {error.strerror or error}; it "
+                                f"is as it was") from error
 
     def resume(self, step):
         self.resumed_step = step
@@ -182,7 +212,8 @@ class WandbLog:
 
     def _log(self, values, step):
         if not self.id_saved:  # the first record: from now on a resume continues this W&B run
-            (self.directory / WANDB_RUN_ID_NAME).write_text(self.run.id + "\n")
+            with atomic_write(self.directory / WANDB_RUN_ID_NAME) as handle:
+                handle.write(f"{self.run.id}\n".encode())
             self.id_saved = True
         self.run.log(values, step=step)
 

@@ -11,28 +11,35 @@ loggers.py and the readers (sample.py, evaluate.py, export.py, plot.py):
 - the safety rules, as the README's "Safety" section states them, each a function that refuses
   with one line before any file is touched:
   a new run never replaces a run's files unless --overwrite (`refuse_to_replace_a_run`); a resume
-  that goes back to an earlier step never replaces later files unless --overwrite
-  (`refuse_to_go_back`); --resume auto leaves a finished run alone (`exit_if_finished`) and
-  replaces an attempt that saved no checkpoint (`replace_an_attempt_that_saved_nothing`);
-  what a run replaces goes only once its first steps passed the finite-loss check
-  (`RunDirectory.delete_replaced_files`); --keep_last deletes only the run's own step checkpoints
-  (`prune_checkpoints`).
+  that goes back to an earlier step moves the run's later files aside into
+  superseded/<time>-after-step{N}/ (`files_set_aside`), or deletes them with --overwrite;
+  --resume auto leaves a finished run alone (`exit_if_finished`), sets aside what an attempt that
+  saved no checkpoint left, and refuses when its checkpoints are all unreadable
+  (`accept_an_attempt_that_saved_nothing`); what a run deletes or moves goes only once its first
+  steps passed the finite-loss check, all or none, each file checked first
+  (`RunDirectory.clear_replaced_files`); --keep_last deletes only step checkpoints holding the
+  run's own run_id (`RunDirectory.prune`); only names this tool writes, in its own temporary
+  form, are ever removed as leftovers (`remove_leftovers`), and a train.lock it did not write is
+  refused (`check_lock_file`).
 What a checkpoint file holds and how it is read and written is checkpoint.py's; which configs a
 run takes from a checkpoint and which from the flags is configure.py's.
 """
 
 import contextlib
+import itertools
 import os
 import re
 import shutil
 import socket
 import sys
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from atomic import TEMPORARY_PREFIX, remove_temporary_files
+from atomic import TEMPORARY_PREFIX, fsync_directory, remove_temporary_files
 from best_model import BestModel
-from checkpoint import is_readable, load_checkpoint, saved_step
+from checkpoint import is_readable, load_checkpoint, saved_step, saved_value
 from cli import UserError, fail
 from runtime import print0
 
@@ -48,6 +55,9 @@ METRICS_NAME = "metrics.jsonl"
 TENSORBOARD_NAME = "tensorboard"  # --log_to tensorboard: the event files' directory
 WANDB_RUN_ID_NAME = "wandb_run_id"  # --log_to wandb: the run a resume continues (files: wandb/)
 LOCK_NAME = "train.lock"  # not part of the run: present only while a training process holds it
+SUPERSEDED_NAME = "superseded"  # the files a rewind moved aside: superseded/<time>-after-step{N}/
+REPLACED_NAME = "replaced"  # .tmp-replaced.PID/: what --overwrite is deleting, all or none
+REPLACED_PATTERN = re.compile(rf"^\.tmp-{REPLACED_NAME}\.\d+$")
 
 
 # ------------------------------------------------------------------------------ names and contents
@@ -118,7 +128,7 @@ def step_checkpoints(directory):
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted((p for p in directory.iterdir() if STEP_PATTERN.match(p.name)),
+    return sorted((p for p in directory.iterdir() if STEP_PATTERN.match(p.name) and p.is_file()),
                   key=lambda path: (step_of(path), path))
 
 
@@ -188,19 +198,21 @@ def checkpoint_to_load(args):
 
 # --------------------------------------------------- the rules: may this run write here, and how
 
-def refuse_to_replace_a_run(train_config):
+def refuse_to_replace_a_run(train_config, attempt_accepted=False):
     """A run never replaces another run's files, nor the model it fine-tunes, unless told to.
 
     The directory holds a run when it has any run file (checkpoints or metrics.jsonl). A resume
     continues the run in its own directory; anywhere else, as for a new run, the directory must
-    hold no run, or --overwrite must say to replace it.
+    hold no run, or --overwrite must say to replace it (or, `attempt_accepted`, the files are
+    those of an attempt that saved no checkpoint, which are set aside).
     """
     t = train_config
     if t.init_from and is_run_file(t.init_from, t.checkpoint_dir):
         fail(f"--init_from {t.init_from} lies in --checkpoint_dir {t.checkpoint_dir}, where this run "
              f"writes its own checkpoints: the model being fine-tuned would be replaced; give "
              f"another --checkpoint_dir")
-    if t.overwrite or (t.resume and same_directory(t.resume, t.checkpoint_dir)):
+    check_directory(t.checkpoint_dir)
+    if t.overwrite or attempt_accepted or (t.resume and same_directory(t.resume, t.checkpoint_dir)):
         return
     existing = run_files(t.checkpoint_dir)
     if existing:
@@ -212,20 +224,6 @@ def refuse_to_replace_a_run(train_config):
         first = ", ".join(ways[:-1])
         fail(f"{t.checkpoint_dir} already holds a run ({list_names(existing)}); nothing was "
              f"changed. {first[0].upper()}{first[1:]}, or {ways[-1]}")
-
-
-def refuse_to_go_back(path, step, train_config):
-    """--resume PATH at an earlier step of the run in its own directory: the later files would be
-    replaced, so that takes --overwrite."""
-    t = train_config
-    if t.overwrite or not same_directory(path, t.checkpoint_dir):
-        return
-    later = run_files_after(t.checkpoint_dir, step)
-    if later:
-        fail(f"--resume {path} goes back to step {step}, but {t.checkpoint_dir} "
-             f"holds later files of the run ({list_names(later)}) that it would replace; "
-             f"nothing was changed. Continue from the newest with --resume latest, branch off "
-             f"into another --checkpoint_dir, or discard the later files with --overwrite true")
 
 
 def exit_if_finished(path, checkpoint, train_config):
@@ -249,21 +247,34 @@ def exit_if_finished(path, checkpoint, train_config):
     raise SystemExit(0)
 
 
-def replace_an_attempt_that_saved_nothing(train_config):
-    """--resume auto without a checkpoint to resume: an earlier attempt of the same job that never
-    saved one left at most metrics.jsonl and gpt_best.pt, which the new attempt replaces. A
-    gpt_final.pt is another run's model: the usual refusal keeps it."""
+def accept_an_attempt_that_saved_nothing(train_config):
+    """--resume auto without a readable checkpoint to resume: whether the directory's run files
+    are what an earlier attempt of the same job left before its first checkpoint (metrics.jsonl,
+    gpt_best.pt), which the new run sets aside (superseded/) once its first steps are done.
+
+    A gpt_final.pt is another run's model: False, and the usual refusal keeps it. A step
+    checkpoint that cannot be read is evidence, not an attempt's leftovers: refused, naming it.
+    """
     t = train_config
-    existing = run_files(t.checkpoint_dir)
-    if existing and not final_path(t.checkpoint_dir).exists() and not t.overwrite:
-        print0(f"note: --resume auto: {t.checkpoint_dir} holds no checkpoint to resume, only "
-               f"{list_names(existing)} of an attempt that saved none; this run replaces them")
-        t.overwrite = True
+    directory = t.checkpoint_dir
+    existing = run_files(directory)
+    if t.overwrite or not existing or final_path(directory).exists():
+        return False
+    unreadable = step_checkpoints(directory)
+    if unreadable:
+        fail(f"--resume auto: {directory} holds step checkpoints, but none can be read "
+             f"({list_names(unreadable)}); nothing was changed. Look at them (written by another "
+             f"version? a damaged disk?), then move them out of {directory}, train into another "
+             f"--checkpoint_dir, or replace them with --overwrite true")
+    print0(f"note: --resume auto: {directory} holds no checkpoint to resume, only "
+           f"{list_names(existing)} of an attempt that saved none; this run sets them aside in "
+           f"{Path(directory) / SUPERSEDED_NAME} once its first steps are done")
+    return True
 
 
 def resume_command(directory):
-    """The flags that continue the run in `directory`, or None if it has no step checkpoint."""
-    if not step_checkpoints(directory):
+    """The flags that continue the run in `directory`, or None if no step checkpoint is readable."""
+    if not any(saved_step(path) is not None for path in step_checkpoints(directory)):
         return None
     final = final_path(directory)
     finished_at = saved_step(final) if final.is_file() else None
@@ -273,7 +284,8 @@ def resume_command(directory):
 
 
 def files_replaced(train_config, step):
-    """The files of an earlier run that this run deletes when it starts (only with --overwrite)."""
+    """The files of an earlier run that this run deletes when it starts (only with --overwrite):
+    all of them for a new run, the later ones for a resume that goes back to `step`."""
     t = train_config
     if not t.overwrite:
         return []
@@ -282,47 +294,120 @@ def files_replaced(train_config, step):
     return run_files(t.checkpoint_dir)
 
 
+def files_set_aside(train_config, step):
+    """(files, the name of their place in superseded/): what this run moves aside, never deletes.
+
+    A resume in its own directory that goes back to `step` (a rewind, or --resume latest past an
+    unreadable newer file) sets aside the run's later files; a new run, the files of an attempt
+    that saved nothing (configure.py accepted them, `accept_an_attempt_that_saved_nothing`).
+    """
+    t = train_config
+    if t.overwrite:
+        return [], ""
+    if t.resume:
+        if not same_directory(t.resume, t.checkpoint_dir):
+            return [], ""
+        return run_files_after(t.checkpoint_dir, step), f"after-step{step}"
+    return run_files(t.checkpoint_dir), "attempt-without-checkpoint"
+
+
 # ----------------------------------------------------------------- one training run's directory
 
 @dataclass
 class RunDirectory:
     """The directory as one training run writes it: where its files go and what it replaces.
 
-    `replaced_files` (--overwrite) are only noted when the run starts: `delete_replaced_files`
-    deletes them once the first steps are done, so a run that fails before then has changed
-    nothing.
+    What the run replaces is only noted when it starts: `clear_replaced_files` deletes
+    `replaced_files` (--overwrite) and moves `set_aside_files` to superseded/ once the first steps
+    are done, so a run that fails before then has changed nothing. `run_id` marks the run's own
+    step checkpoints, the only ones --keep_last deletes (`prune`).
     """
 
     path: Path
     replaced_files: list[Path] = field(default_factory=list)
+    set_aside_files: list[Path] = field(default_factory=list)
+    set_aside_as: str = ""  # the place's name in superseded/, after its time: after-step{N}, ...
+    run_id: str = ""  # kept in every step checkpoint of the run, resumes included
+    room_needed: int | None = None  # bytes: what the start-up check asked for
     changed: bool = False  # whether the run has started to change the directory
+    kept: set = field(default_factory=set)  # step files --keep_last could not delete (said once)
 
-    def delete_replaced_files(self):
+    def clear_replaced_files(self):
         """The moment the directory starts to change: call it before the run's first record or
-        file. The first call deletes the files of the run this one replaces; later calls do
-        nothing."""
+        file. The first call deletes what --overwrite replaces and moves aside what a rewind
+        supersedes; later calls do nothing."""
         if self.changed:
             return
         self.changed = True
-        for path in self.replaced_files:
-            Path(path).unlink(missing_ok=True)
+        if self.replaced_files:
+            delete_files(self.path, self.replaced_files)
+        if self.set_aside_files:
+            place = set_aside(self.path, self.set_aside_files, self.set_aside_as)
+            print0(f"moved aside to {place}/: {list_names(sorted(place.iterdir()), shown=6)} "
+                   f"(kept as they were; --resume, sample.py, evaluate.py and export.py ignore "
+                   f"them)")
+
+    def prune(self, keep_last, up_to_step):
+        """Keep only the `keep_last` newest step checkpoints (0 keeps all) among the run's own:
+        those up to its current step that hold its run_id. gpt_best.pt, gpt_final.pt and any
+        other step file (a later one, one copied in, one of an older version) are never touched.
+        A file that cannot be deleted is kept, with one line, and training goes on."""
+        if keep_last <= 0:
+            return
+        own = [path for path in step_checkpoints(self.path) if step_of(path) <= up_to_step
+               and saved_value(path, "run_id") == self.run_id]
+        for path in own[:-keep_last]:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as error:
+                if path not in self.kept:
+                    self.kept.add(path)
+                    print0(f"note: --keep_last {keep_last} could not delete {path} "
+                           f"({error.strerror or error}); it is kept and training goes on")
 
 
-def prepare_run_directory(train_config, resumed_step, bytes_per_checkpoint):
+def new_run_id():
+    return uuid.uuid4().hex
+
+
+def prepare_run_directory(train_config, resumed_step, bytes_per_checkpoint, run_id):
     """Before the first step, on the rank that writes: the directory is writable and has room for
-    two checkpoints, a killed run's temporary files are gone, and what --overwrite replaces is
-    noted. Returns the RunDirectory."""
-    directory = Path(train_config.checkpoint_dir)
+    two checkpoints, a killed run's temporary files are gone, and what the run deletes
+    (--overwrite) or sets aside (a rewind) is noted, each file checked first. Returns the
+    RunDirectory."""
+    t = train_config
+    directory = Path(t.checkpoint_dir)
     check_room_for_checkpoints(directory, bytes_per_checkpoint)
-    remove_temporary_files(directory)
-    return RunDirectory(directory, files_replaced(train_config, resumed_step))
+    remove_leftovers(directory)
+    replaced = files_replaced(t, resumed_step)
+    set_aside_files, set_aside_as = files_set_aside(t, resumed_step)
+    check_movable(replaced + set_aside_files, "--overwrite true" if replaced else "this resume")
+    return RunDirectory(directory, replaced, set_aside_files, set_aside_as, run_id,
+                        2 * bytes_per_checkpoint)
+
+
+def check_directory(directory):
+    """--checkpoint_dir names a directory, or nothing yet (it is created)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        fail(f"--checkpoint_dir {directory} is a file, not a directory; give a directory (it is "
+             f"created if missing)")
+
+
+def make_directory(directory):
+    """Create `directory` if missing; one line if it cannot be."""
+    check_directory(directory)
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        fail(f"checkpoint directory {directory} is not writable: {error.strerror or error}")
 
 
 def check_room_for_checkpoints(directory, bytes_per_checkpoint):
     """Fail before training if `directory` is not writable or cannot hold two checkpoints."""
     directory = Path(directory)
+    make_directory(directory)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f"{TEMPORARY_PREFIX}probe.{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -334,15 +419,117 @@ def check_room_for_checkpoints(directory, bytes_per_checkpoint):
              f"of this model need about {2 * bytes_per_checkpoint / 2**20:.1f} MiB")
 
 
-def prune_checkpoints(directory, keep_last, up_to_step):
-    """Keep only the `keep_last` newest step checkpoints (0 keeps all) among the run's own, those
-    up to its current step; gpt_best.pt, gpt_final.pt and any later step file (one the run skipped as
-    unreadable on --resume latest, or not its own) are never touched."""
-    if keep_last <= 0:
-        return
-    own = [path for path in step_checkpoints(directory) if step_of(path) <= up_to_step]
-    for path in own[:-keep_last]:
-        path.unlink(missing_ok=True)
+def is_own_name(name):
+    """Whether the tool writes files of this name in a run directory (temporary ones included)."""
+    return (name in (FINAL_NAME, BEST_NAME, METRICS_NAME, WANDB_RUN_ID_NAME, "probe")
+            or bool(STEP_PATTERN.match(name)))
+
+
+def remove_leftovers(directory):
+    """What a killed run left: its temporary files (.tmp-NAME.PID, for the names this tool writes)
+    and the folder of files it was deleting (.tmp-replaced.PID). Nothing else is touched."""
+    remove_temporary_files(directory, is_own_name)
+    for folder in Path(directory).glob(f"{TEMPORARY_PREFIX}{REPLACED_NAME}.*"):
+        if REPLACED_PATTERN.match(folder.name) and folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_movable(paths, reason):
+    """Fail before training, naming the file, if one of `paths` could not be deleted or moved."""
+    for path in paths:
+        path = Path(path)
+        if path.is_dir() and not path.is_symlink():
+            fail(f"{path} is a directory, where {reason} would replace a file; nothing was "
+                 f"changed; move it away first")
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            fail(f"{path} cannot be removed from {path.parent} (the directory is not writable); "
+                 f"nothing was changed")
+
+
+def move_files(paths, folder):
+    """Move `paths` into `folder` (names kept), all or none: on a failure the ones moved go back,
+    and the error propagates. Returns the new paths."""
+    moved = []
+    try:
+        for path in paths:
+            destination = Path(folder) / Path(path).name
+            os.rename(path, destination)
+            moved.append((Path(path), destination))
+    except OSError:
+        for path, destination in reversed(moved):
+            with contextlib.suppress(OSError):
+                os.rename(destination, path)
+        raise
+    return [destination for _, destination in moved]
+
+
+def delete_files(directory, paths):
+    """Delete `paths` (--overwrite), all or none: they are moved into one folder first, which
+    then goes; if one cannot be moved, none is deleted and the run stops with one line."""
+    folder = Path(directory) / f"{TEMPORARY_PREFIX}{REPLACED_NAME}.{os.getpid()}"
+    try:
+        folder.mkdir()
+        move_files(paths, folder)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+        fail(f"--overwrite true could not delete {error.filename or directory} "
+             f"({error.strerror or error}); no file of the old run was deleted")
+    shutil.rmtree(folder, ignore_errors=True)
+    fsync_directory(directory)
+
+
+def set_aside(directory, paths, label):
+    """Move `paths` into a new folder superseded/<time>-<label>/ of `directory`, names and bytes
+    kept; after a rewind (label after-step{N}) also keep the whole metrics.jsonl and the
+    TensorBoard events there, whose records past N the resumed run drops or hides. All or
+    nothing: on a failure nothing is moved, and the run stops with one line. Returns the folder."""
+    directory = Path(directory)
+    folder = new_folder(directory / SUPERSEDED_NAME, label)
+    try:
+        if label.startswith("after-step"):
+            keep_a_copy(metrics_path(directory), folder)
+            keep_a_copy(directory / TENSORBOARD_NAME, folder)
+        move_files(paths, folder)
+    except OSError as error:
+        shutil.rmtree(folder, ignore_errors=True)  # only links and copies of files still in place
+        fail(f"could not move {error.filename or list_names(paths)} aside to {folder} "
+             f"({error.strerror or error}); nothing was moved")
+    fsync_directory(directory)
+    return folder
+
+
+def new_folder(parent, label):
+    """A new folder parent/<local time>-<label> (a suffix -2, -3, ... if that name is taken)."""
+    stem = f"{time.strftime('%Y-%m-%dT%H-%M-%S')}-{label}"
+    make_directory(parent)
+    for suffix in itertools.count(1):
+        folder = parent / (stem if suffix == 1 else f"{stem}-{suffix}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+        except OSError as error:
+            fail(f"could not create {folder} to set the later files aside "
+                 f"({error.strerror or error}); nothing was moved")
+
+
+def keep_a_copy(source, folder):
+    """A copy of the file or folder `source` in `folder`, byte for byte (a hard link where the file
+    system has them: no room taken); nothing if `source` is missing."""
+    source, destination = Path(source), Path(folder) / Path(source).name
+    if source.is_dir():
+        shutil.copytree(source, destination, copy_function=link_or_copy)
+    elif source.is_file():
+        link_or_copy(source, destination)
+
+
+def link_or_copy(source, destination):
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 @contextlib.contextmanager
@@ -358,8 +545,9 @@ def hold_run_directory(directory, enabled=True):
         return
     directory = Path(directory)
     path, created = directory / LOCK_NAME, not directory.exists()
+    make_directory(directory)
+    check_lock_file(path)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
         handle = lock_file(path)
     except OSError as error:
         fail(f"checkpoint directory {directory} is not writable: {error.strerror or error}")
@@ -374,6 +562,24 @@ def hold_run_directory(directory, enabled=True):
         if created:  # a run that failed before writing anything leaves no empty directory
             with contextlib.suppress(OSError):
                 directory.rmdir()
+
+
+LOCK_CONTENT = re.compile(r"(pid \d+ on host [^\n]*\n?)?")  # what hold_run_directory writes
+
+
+def check_lock_file(path):
+    """A train.lock that this tool did not write (the user's own file, a directory) is refused:
+    the lock writes into it and deletes it."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    content = b"?"
+    if path.is_file() and not path.is_symlink():
+        with contextlib.suppress(OSError), open(path, "rb") as handle:
+            content = handle.read(1024)
+    if not LOCK_CONTENT.fullmatch(content.decode("utf-8", "replace")):
+        fail(f"{path} is not a lock of this tool's, which a training run writes there and deletes "
+             f"at its end; nothing was changed; move it out of {path.parent}")
 
 
 def lock_file(path):

@@ -11,7 +11,8 @@ fingerprint of the source (path, size, mtime); a changed source rebuilds it. It 
   damaged JSON, a changed source) is rebuilt, with one line saying why. A build removes the old
   JSON first and writes the new one last, so a build killed at any moment is never taken for
   a complete cache.
-What the tokens are used for (splits, batches) is dataset.py's business.
+`data_fingerprint` is a cheap fingerprint of the source that survives a copy, which train.py keeps
+in step checkpoints. What the tokens are used for (splits, batches) is dataset.py's business.
 """
 
 import codecs
@@ -310,3 +311,18 @@ def _renumber(handle, new_id, count, chunk_bytes):
         ids = np.frombuffer(handle.read(min(per_chunk, count - start) * itemsize), dtype=new_id.dtype)
         handle.seek(start * itemsize)
         handle.write(new_id[ids])
+
+
+def data_fingerprint(path, samples=64, sample_bytes=1 << 12):
+    """A cheap fingerprint of a --data file or directory, for a resume to notice that the data
+    changed since its checkpoint: each file's name and size, and `samples` evenly spaced blocks
+    of its bytes (the first and last included). Unlike the cache's, it survives a copy."""
+    digest = hashlib.sha256()
+    for file in corpus_files(path):
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with open(file, "rb") as handle:
+            for index in range(samples):
+                handle.seek(max(0, size - sample_bytes) * index // (samples - 1))
+                digest.update(handle.read(sample_bytes))
+    return digest.hexdigest()[:32]

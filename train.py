@@ -7,7 +7,9 @@ checkpoints read. Notable details:
   position are saved, so a resumed run continues with the very next batch and step;
 - the hot loop makes no host-device synchronisation except at log time, and checks for a
   non-finite loss there, before any checkpoint is written;
-- Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and prints how to resume;
+- Ctrl-C, SIGTERM or SIGHUP finishes the current step, saves a checkpoint and prints how to
+  resume; an output whose reader went away (`python train.py | head`, a closed terminal) is
+  dropped from then on, and training goes on;
 - every evaluation with the lowest validation loss so far writes gpt_best.pt, and
   --early_stop_patience ends the run once evaluations stop improving (best_model.py);
 - --init_from also takes a Hugging Face GPT-2 (pretrained.py, through checkpoint.py) and evaluates
@@ -16,7 +18,10 @@ checkpoints read. Notable details:
   and writes files;
 - nothing in --checkpoint_dir is replaced unless a flag says so: the rules, and the files they
   protect, are rundir.py's; this module asks them once (configure.py, before any file is touched)
-  and deletes what a run replaces only once its first steps have passed the finite-loss check.
+  and deletes (--overwrite) or moves aside (a rewind) what a run replaces only once its first
+  steps have passed the finite-loss check;
+- step checkpoints also hold the run's id (what --keep_last deletes is the run's own) and a
+  fingerprint of --data (a resume on changed data says so).
 The configuration is resolved in configure.py, the model lives in model.py, batches in dataset.py,
 the optimizer and schedule in optim.py, one optimizer step and the `Run` in step.py, checkpoint
 files in checkpoint.py, the run directory in rundir.py.
@@ -38,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import load_model_state, plain_weights, save_checkpoint
-from cli import EXIT_STATUS, fail, run_main
+from cli import EXIT_STATUS, UserError, fail, output_that_may_close, run_main
 from config import config_to_dict
 from configure import configure
 from dataset import (RandomWindows, build_dataloader, get_dataset, split_tokens,
@@ -48,31 +53,34 @@ from lora import add_lora, merged_state_dict
 from model import build_model, count_parameters, crop_block_size, flops_per_token
 from optim import (configure_optimizer, get_cosine_schedule_with_warmup, load_optimizer_state,
                    rebase_schedule)
-from rundir import (best_path, final_path, hold_run_directory, prepare_run_directory,
-                    prune_checkpoints, step_path)
+from rundir import (best_path, final_path, hold_run_directory, new_run_id, prepare_run_directory,
+                    step_path)
 from runtime import (check_memory, peak_flops, print0, random_states, restore_random_states,
                      setup_runtime)
 from scoring import piece_lengths, score_batches
 from step import LossMeter, Run, graphed_step_for, optimizer_step, recorder_for
+from tokencache import data_fingerprint
 from tokenizer import tokenizer_from_state
 
 
 def train(argv=None):
     """The eight stages, in order; returns the last record logged."""
-    gpt_config, train_config, checkpoint = configure(argv)  # 1: every refusal happens here
-    runtime = setup_runtime(train_config)  # 2: seeds every random source, picks the device
-    try:
-        # one run per directory: rank 0 writes the files, so rank 0 holds the directory
-        with hold_run_directory(train_config.checkpoint_dir, enabled=runtime.is_main):
-            run = build_run(gpt_config, train_config, runtime, checkpoint)  # 3 to 5
-            prepare_checkpoint_dir(run, checkpoint)
-            if train_config.resume:
-                resume(run, checkpoint)  # 6
-            record = run_loop(run)  # 7
-            return finish(run, record)  # 8
-    finally:
-        if runtime.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+    # `python train.py | head`, a closed terminal: the output is dropped, the training goes on
+    with output_that_may_close():
+        gpt_config, train_config, checkpoint = configure(argv)  # 1: every refusal happens here
+        runtime = setup_runtime(train_config)  # 2: seeds every random source, picks the device
+        try:
+            # one run per directory: rank 0 writes the files, so rank 0 holds the directory
+            with hold_run_directory(train_config.checkpoint_dir, enabled=runtime.is_main):
+                run = build_run(gpt_config, train_config, runtime, checkpoint)  # 3 to 5
+                prepare_checkpoint_dir(run, checkpoint)
+                if train_config.resume:
+                    resume(run, checkpoint)  # 6
+                record = run_loop(run)  # 7
+                return finish(run, record)  # 8
+        finally:
+            if runtime.distributed and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
@@ -82,7 +90,8 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
     = (tokenizer, token ids) replaces the corpus (the benchmark's synthetic data).
     """
     t = train_config
-    tokenizer, ids = tokens or load_corpus(gpt_config, t, checkpoint)
+    fingerprint = data_fingerprint(t.data) if t.data and tokens is None else None
+    tokenizer, ids = tokens or load_corpus(gpt_config, t, checkpoint, fingerprint)
     train_tokens, val_tokens = split_tokens(ids, t.val_fraction, gpt_config.block_size)
     check_memory(memory_needs(gpt_config, t, runtime))
     print0(f"data: {len(ids):,} tokens ({len(train_tokens):,} train, {len(val_tokens):,} "
@@ -102,6 +111,7 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
     run = Run(gpt_config, t, runtime, tokenizer, loader, val_set, model, wrapped_model, optimizer,
               scheduler, scaler)
     run.graphed_step = graphed_step_for(run, recorder)
+    run.data_fingerprint = fingerprint
     return run
 
 
@@ -127,13 +137,39 @@ def memory_needs(gpt_config, train_config, runtime):
     ]
 
 
-def load_corpus(gpt_config, train_config, checkpoint=None):
-    """(tokenizer, token ids) of the configured corpus; a new run's vocabulary sets the model's."""
+def load_corpus(gpt_config, train_config, checkpoint=None, fingerprint=None):
+    """(tokenizer, token ids) of the configured corpus; a new run's vocabulary sets the model's.
+
+    A resume whose data differs from the checkpoint's (by `fingerprint`) says so, and a problem
+    with the data then (characters the saved vocabulary lacks) is put down to that change.
+    """
     saved_tokenizer = tokenizer_from_state(checkpoint["tokenizer"]) if checkpoint else None
-    tokenizer, ids = get_dataset(train_config, saved_tokenizer)
+    change = data_change(train_config, checkpoint, fingerprint)
+    try:
+        tokenizer, ids = get_dataset(train_config, saved_tokenizer)
+    except UserError as error:
+        if change:
+            fail(f"{change}: {error}")
+        raise
     if checkpoint is None:
         gpt_config.vocab_size = padded_vocab_size(tokenizer)
     return tokenizer, ids
+
+
+def data_change(train_config, checkpoint, fingerprint):
+    """On a resume, what changed in --data since the checkpoint was written (one note), or None."""
+    saved = checkpoint.get("data_fingerprint") if checkpoint and train_config.resume else None
+    if not saved or not fingerprint or saved == fingerprint:
+        return None
+    data, path = train_config.data, train_config.resume
+    saved_data = checkpoint.get("train_config", {}).get("data")
+    if saved_data == data:
+        change = f"--data {data} changed since the checkpoint {path} was written"
+    else:
+        change = f"--data {data} is not the data the checkpoint {path} was trained on ({saved_data})"
+    print0(f"note: {change}; the run goes on with this text, so its batches differ from the "
+           f"original run's")
+    return change
 
 
 def padded_vocab_size(tokenizer):
@@ -174,7 +210,11 @@ def prepare_checkpoint_dir(run, checkpoint=None):
         weights = sum(p.numel() for p in run.model.parameters())
         bytes_per_checkpoint = 4 * (weights + 2 * count_parameters(run.model)) + (1 << 20)  # + moments
         resumed_step = int(checkpoint["step"]) if run.train_config.resume else 0
-        run.directory = prepare_run_directory(run.train_config, resumed_step, bytes_per_checkpoint)
+        run_id = checkpoint.get("run_id") if run.train_config.resume else None  # a resume keeps it
+        if not isinstance(run_id, str):
+            run_id = new_run_id()
+        run.directory = prepare_run_directory(run.train_config, resumed_step, bytes_per_checkpoint,
+                                              run_id)
 
 
 def resume(run, checkpoint):
@@ -209,7 +249,7 @@ def resume(run, checkpoint):
 
 
 class StopRequest:
-    """Turns SIGINT / SIGTERM into a request to stop after the current optimizer step.
+    """Turns SIGINT / SIGTERM / SIGHUP into a request to stop after the current optimizer step.
 
     The handler only records the signal, so a second Ctrl-C while a checkpoint is being written
     cannot interrupt the write. Under torchrun the ranks agree on stopping through a small
@@ -302,7 +342,7 @@ def log_step(run, meter, step_lr, progress, evaluate):
     peak = peak_flops(t, run.runtime.device)
     if peak:
         record["mfu"] = round(flops_per_token(run.model) * tokens_per_second / peak, 4)
-    run.directory.delete_replaced_files()  # the loss is finite: the run changes its directory
+    run.directory.clear_replaced_files()  # the loss is finite: the run changes its directory
     if evaluate:
         record.update(estimate_loss(run))
         keep_if_best(run, record)
@@ -337,7 +377,7 @@ def estimate_loss(run):
 def evaluate_starting_model(run):
     """Before a fine-tune's first step: the starting model's validation loss, the one to beat."""
     record = {"step": 0, **estimate_loss(run)}
-    run.directory.delete_replaced_files()
+    run.directory.clear_replaced_files()
     keep_if_best(run, record)
     run.loggers.write(record)
     print0(f"step 0 (starting model) | val_loss {record['val_loss']:.4f} "
@@ -349,7 +389,8 @@ def keep_if_best(run, record):
     if run.best.update(record["val_loss"], run.step) and run.runtime.is_main:
         state = weights_state(run, record.get("loss", math.nan))
         state["val_loss"] = record["val_loss"]
-        save_checkpoint(state, best_path(run.train_config.checkpoint_dir))
+        save_checkpoint(state, best_path(run.train_config.checkpoint_dir),
+                        run.directory.room_needed)
 
 
 def early_stop_message(run):
@@ -377,7 +418,10 @@ def checkpoint_state(run, loss):
         "data_state": {"position": run.step * run.train_config.grad_accum_steps},
         "world_size": run.runtime.world_size,
         "early_stopping": run.best.state_dict(),  # the key it has always had
+        "run_id": run.directory.run_id,  # --keep_last deletes only the run's own step files
     })
+    if run.data_fingerprint:  # a resume on other data says so
+        state["data_fingerprint"] = run.data_fingerprint
     if run.scaler.is_enabled():
         state["scaler_state_dict"] = run.scaler.state_dict()
     return state
@@ -396,9 +440,9 @@ def save_step_checkpoint(run, loss):
     state = checkpoint_state(run, loss)  # every rank takes part: random states are gathered
     path = step_path(run.train_config.checkpoint_dir, run.step)
     if run.runtime.is_main:
-        run.directory.delete_replaced_files()  # done already by the log before every save
-        save_checkpoint(state, path)
-        prune_checkpoints(run.train_config.checkpoint_dir, run.train_config.keep_last, run.step)
+        run.directory.clear_replaced_files()  # done already by the log before every save
+        save_checkpoint(state, path, run.directory.room_needed)
+        run.directory.prune(run.train_config.keep_last, run.step)
     return path
 
 
@@ -435,8 +479,8 @@ def finish(run, record):
     """The final save: weights, configs and tokenizer, no optimizer state; then the final figures."""
     path = final_path(run.train_config.checkpoint_dir)
     if run.runtime.is_main:
-        run.directory.delete_replaced_files()
-        save_checkpoint(weights_state(run, record["loss"]), path)
+        run.directory.clear_replaced_files()
+        save_checkpoint(weights_state(run, record["loss"]), path, run.directory.room_needed)
     if "val_loss" not in record:  # resumed at the end: the loop had nothing left to do
         record.update(estimate_loss(run))
     print0(f"final validation loss: {record['val_loss']:.4f} at step {run.step} "

@@ -167,7 +167,7 @@ def test_reading_a_directory_a_live_run_holds_is_never_blocked(finished_run, tmp
 
 # -------------------------------------------------------------------------------------- full disk
 
-def test_a_full_disk_stops_the_run_with_exit_status_1_and_the_room_a_checkpoint_needs(
+def test_a_full_disk_stops_the_run_with_exit_status_1_and_the_room_the_run_needs(
         tmp_path, monkeypatch, capsys):
     """The second checkpoint's write fails partway, as on a disk that fills up mid-run."""
     import atomic
@@ -191,8 +191,10 @@ def test_a_full_disk_stops_the_run_with_exit_status_1_and_the_room_a_checkpoint_
     assert exit_status(train.train, tiny_argv(directory, data, **FLAGS)) == 1
     error = one_error_line(capsys.readouterr().err, "gpt_step8.pt", os.strerror(errno.ENOSPC))
     size = (directory / "gpt_step4.pt").stat().st_size
-    needed = float(re.search(r"a checkpoint needs about ([\d.]+) MiB", error).group(1))
-    assert needed == pytest.approx(size / 2**20, rel=0.1, abs=0.1)
+    # the room the start-up check asks for (test_nothing_lost checks the two figures agree)
+    needed = float(re.search(r"two checkpoints of this model need about ([\d.]+) MiB",
+                             error).group(1))
+    assert needed >= 2 * size / 2**20
     assert sorted(p.name for p in directory.iterdir()) == ["gpt_best.pt", "gpt_step4.pt",
                                                            "metrics.jsonl"]
     load_checkpoint(directory / "gpt_step4.pt")

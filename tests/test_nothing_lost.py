@@ -8,11 +8,13 @@ allowed to replace the directory's files must not have touched them when it fail
 first steps. Only start-up itself and signals sent to a process group need a real subprocess.
 """
 
+import contextlib
 import errno
 import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -294,16 +296,21 @@ def test_a_resume_into_another_directory_that_holds_a_run_stops_too(run_dir, tra
     refused(capsys, train.train, argv, run_dir, "already holds a run", "--overwrite true")
 
 
-def test_resume_auto_replaces_an_attempt_that_saved_nothing_but_never_a_model(
+def test_resume_auto_sets_aside_an_attempt_that_saved_nothing_but_never_replaces_a_model(
         trained_run, corpus, tmp_path, capsys):
-    attempt = tmp_path / "attempt"  # killed before its first checkpoint: a few records only
+    attempt = tmp_path / "attempt"  # killed before its first checkpoint: records and a best model
     attempt.mkdir()
     (attempt / "metrics.jsonl").write_text('{"step": 2, "loss": 9.0}\n{"step": 4, "lo')
+    shutil.copy(trained_run / "gpt_final.pt", attempt / "gpt_best.pt")
+    before = snapshot(attempt)
     argv = tiny_argv(attempt, corpus, resume="auto", max_iters=4, save_iter=4)
     assert exit_status(train.train, argv) == 0
-    assert "replaces them" in capsys.readouterr().out
+    assert "sets them aside" in capsys.readouterr().out
     assert [r["step"] for r in metrics_records(attempt)] == [2, 4]
     assert metrics_records(attempt)[0]["loss"] != 9.0
+    [aside] = (attempt / "superseded").iterdir()  # byte for byte, under their own names
+    assert aside.name.endswith("-attempt-without-checkpoint")
+    assert snapshot(aside) == before
     model = tmp_path / "model"  # a gpt_final.pt and no step checkpoint: not an attempt's
     model.mkdir()
     shutil.copy(trained_run / "gpt_final.pt", model / "gpt_final.pt")
@@ -332,16 +339,32 @@ def test_a_run_that_fails_at_its_first_steps_has_deleted_nothing(run_dir, corpus
             "--grad_clip 0.0", "--warmup_iters 2")
 
 
-def test_keep_last_prunes_only_the_runs_own_step_files(run_dir, capsys):
-    foreign = run_dir / "gpt_step100.pt"
-    foreign.write_bytes(b"not this run's checkpoint")  # --resume latest skips it
+def test_keep_last_prunes_only_the_runs_own_step_files(run_dir, monkeypatch, capsys):
+    later = run_dir / "gpt_step100.pt"
+    later.write_bytes(b"not this run's checkpoint")  # --resume latest skips it, then sets it aside
+    copied = run_dir / "gpt_step2.pt"  # an earlier step, copied in from another run
+    damage_checkpoint(run_dir / "gpt_step4.pt", copied, lambda c: c.update(run_id="another run"))
+    copied_bytes = copied.read_bytes()
+    real_unlink = type(copied).unlink
+
+    def unlink_except_step4(path, *args, **kwargs):  # as a file of another owner
+        if path.name == "gpt_step4.pt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(type(copied), "unlink", unlink_except_step4)
     argv = ["--resume", "latest", "--checkpoint_dir", run_dir, "--max_iters", 10,
             "--save_iter", 1, "--keep_last", 1]
     assert exit_status(train.train, [str(arg) for arg in argv]) == 0
-    assert "skipping gpt_step100.pt" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "skipping gpt_step100.pt" in out
+    assert out.count("--keep_last 1 could not delete") == 1  # one line, and training went on
     assert sorted(p.name for p in run_dir.glob("gpt_step*.pt")) == ["gpt_step10.pt",
-                                                                     "gpt_step100.pt"]
-    assert foreign.read_bytes() == b"not this run's checkpoint"
+                                                                     "gpt_step2.pt",
+                                                                     "gpt_step4.pt"]
+    assert copied.read_bytes() == copied_bytes
+    [aside] = (run_dir / "superseded").iterdir()
+    assert (aside / "gpt_step100.pt").read_bytes() == b"not this run's checkpoint"
 
 
 @pytest.mark.parametrize("overwrite", ["false", "true"])
@@ -359,9 +382,20 @@ def test_a_resume_with_nothing_left_to_train_changes_nothing_and_says_what_to_ty
     refused(capsys, train.train, argv, run_dir, "nothing is left to train", "--max_iters")
 
 
-def test_going_back_to_an_earlier_checkpoint_needs_overwrite(run_dir, capsys):
-    argv = ["--resume", run_dir / "gpt_step4.pt"]
-    refused(capsys, train.train, argv, run_dir, "gpt_step8.pt, gpt_final.pt", "--overwrite true")
+def test_the_designs_three_commands_rewind_a_finished_run_and_keep_every_file(run_dir, capsys):
+    before = snapshot(run_dir)  # after `python train.py ...`: steps 4 and 8, final, best, metrics
+    assert exit_status(train.train, ["--resume", str(run_dir / "gpt_step4.pt")]) == 0
+    assert exit_status(sample.main, ["--checkpoint_dir", str(run_dir),
+                                     "--max_new_tokens", "5"]) == 0
+    [aside] = (run_dir / "superseded").iterdir()
+    assert aside.name.endswith("-after-step4")
+    assert f"moved aside to {aside}/: gpt_best.pt, gpt_final.pt, gpt_step8.pt, metrics.jsonl" \
+        in capsys.readouterr().out
+    for name, content in before.items():  # every earlier file, byte for byte, in one place
+        assert (run_dir / name if name == "gpt_step4.pt" else aside / name).read_bytes() == content
+    records = metrics_records(run_dir)  # the kept history, the resume, the new records
+    assert [r["step"] for r in records] == [2, 4, 4, 6, 8] and records[2]["event"] == "resume"
+    assert read_checkpoint(run_dir / "gpt_final.pt")["step"] == 8
 
 
 def test_resume_latest_tolerates_the_torn_last_line_a_kill_leaves_in_metrics(run_dir):
@@ -570,8 +604,9 @@ def test_plot_tolerates_a_torn_last_line_and_names_the_file_it_wrote(run_dir, tm
 # ---------------------------------------------------------------------------------- signals
 
 @pytest.mark.parametrize("number, status, line", [(signal.SIGINT, 130, "interrupted"),
-                                                  (signal.SIGTERM, 143, "terminated")],
-                         ids=["SIGINT", "SIGTERM"])
+                                                  (signal.SIGTERM, 143, "terminated"),
+                                                  (signal.SIGHUP, 129, "hung up")],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_signal_during_set_up_is_one_line_and_its_exit_status(run_dir, corpus, number, status,
                                                                 line, monkeypatch, capfd):
     def signalled_while_loading(*args):
@@ -640,3 +675,200 @@ def test_sigterm_to_the_whole_process_group_with_a_worker_saves_and_exits_143(tm
     assert read_checkpoint(checkpoint_dir / "gpt_step3.pt")["step"] == 3
     for sign_of_trouble in ("Traceback", "Exception ignored", "killed by signal", "Error"):
         assert sign_of_trouble not in errors
+
+
+# --- the run directory (issue 24 round two) ---
+
+def test_overwrite_on_a_rewind_deletes_the_later_files_and_never_the_set_aside_ones(run_dir,
+                                                                                    corpus):
+    assert exit_status(train.train, ["--resume", str(run_dir / "gpt_step4.pt")]) == 0
+    set_aside = snapshot(run_dir / "superseded")
+    rewind = ["--resume", str(run_dir / "gpt_step4.pt"), "--overwrite", "true"]
+    assert exit_status(train.train, rewind) == 0  # --overwrite: the later files go, not aside
+    assert exit_status(train.train, tiny_argv(run_dir, corpus, overwrite="true")) == 0
+    assert snapshot(run_dir / "superseded") == set_aside  # a whole new run leaves them too
+
+
+def test_resume_auto_refuses_when_every_step_checkpoint_is_unreadable(run_dir, corpus, capsys):
+    (run_dir / "gpt_final.pt").unlink()
+    (run_dir / "gpt_step8.pt").write_bytes((run_dir / "gpt_step8.pt").read_bytes()[:1000])
+    (run_dir / "gpt_step4.pt").write_bytes(b"PK\x03\x04 written by another version")
+    refused(capsys, train.train, tiny_argv(run_dir, corpus, resume="auto"), run_dir,
+            "none can be read (gpt_step4.pt, gpt_step8.pt)", "--overwrite true")
+
+
+def test_resume_latest_past_an_unreadable_newest_step_sets_the_later_files_aside(run_dir,
+                                                                                  capsys):
+    (run_dir / "gpt_step8.pt").write_bytes(b"PK\x03\x04 torn")
+    later = {name: (run_dir / name).read_bytes() for name in ("gpt_step8.pt", "gpt_final.pt",
+                                                              "gpt_best.pt")}
+    argv = ["--resume", "latest", "--checkpoint_dir", str(run_dir), "--max_iters", "6"]
+    assert exit_status(train.train, argv) == 0
+    [aside] = (run_dir / "superseded").iterdir()
+    assert {name: (aside / name).read_bytes() for name in later} == later
+    assert read_checkpoint(run_dir / "gpt_final.pt")["step"] == 6
+
+
+def test_a_kill_while_metrics_are_trimmed_leaves_the_old_file(run_dir, monkeypatch, capsys):
+    import loggers
+
+    real_atomic_write = loggers.atomic_write
+
+    @contextlib.contextmanager
+    def killed_in_the_middle(path):
+        with real_atomic_write(path) as handle:
+            yield handle
+            handle.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(loggers, "atomic_write", killed_in_the_middle)
+    with open(run_dir / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 9, "loss": 1.0}\n')  # a record to drop: the file is rewritten
+    before = snapshot(run_dir)
+    argv = ["--resume", "latest", "--checkpoint_dir", str(run_dir), "--max_iters", "12",
+            "--log_iter", "1"]  # the first record, at step 9, trims the file
+    assert exit_status(train.train, argv) == 1
+    one_error_line(capsys.readouterr().err, "metrics.jsonl", "No space left on device")
+    assert snapshot(run_dir) == before
+
+
+def test_only_the_tools_own_leftovers_are_removed_and_a_foreign_train_lock_is_refused(
+        tmp_path, corpus, capsys):
+    directory = tmp_path / "run"
+    (directory / ".tmp-build").mkdir(parents=True)
+    (directory / ".tmp-build" / "object.o").write_text("the user's build")
+    (directory / ".tmp-notes").write_text("the user's notes")
+    (directory / ".tmp-gpt_step2.pt.12345").write_bytes(b"half a checkpoint")  # a killed save
+    (directory / "train.lock").write_text("the user's own train.lock")
+    argv = tiny_argv(directory, corpus, max_iters=2, save_iter=2, eval_iter=2)
+    refused(capsys, train.train, argv, directory, "train.lock", "not a lock of this tool's")
+    (directory / "train.lock").unlink()
+    users = {name: content for name, content in snapshot(directory).items() if "step2" not in name}
+    assert exit_status(train.train, argv) == 0
+    after = snapshot(directory)
+    assert {name: after[name] for name in users} == users
+    assert ".tmp-gpt_step2.pt.12345" not in after
+
+
+def test_overwrite_deletes_nothing_when_one_file_cannot_be_deleted(run_dir, corpus, monkeypatch,
+                                                                    capsys):
+    import rundir
+
+    real_rename = os.rename
+
+    def rename_except_final(source, destination):  # as a file of another owner
+        if os.path.basename(source) == "gpt_final.pt":
+            raise PermissionError(errno.EACCES, "Permission denied", str(source))
+        return real_rename(source, destination)
+
+    monkeypatch.setattr(rundir.os, "rename", rename_except_final)
+    refused(capsys, train.train, tiny_argv(run_dir, corpus, overwrite="true"), run_dir,
+            "gpt_final.pt", "Permission denied", "no file of the old run was deleted")
+
+
+@pytest.mark.parametrize("in_the_way, named", [
+    ("metrics.jsonl/", "metrics.jsonl is not a file"),
+    ("tensorboard", "tensorboard is a file"),
+    ("CHECKPOINT_DIR", "is a file, not a directory"),
+])
+def test_a_path_in_the_way_of_a_runs_files_is_one_line(tmp_path, corpus, in_the_way, named,
+                                                       capsys):
+    directory = tmp_path / "root" / "run"
+    directory.parent.mkdir()
+    if in_the_way == "CHECKPOINT_DIR":
+        directory.write_text("a file")
+    else:
+        directory.mkdir()
+        target = directory / in_the_way.rstrip("/")
+        target.mkdir() if in_the_way.endswith("/") else target.write_text("a file")
+    argv = tiny_argv(directory, corpus, log_to="jsonl,tensorboard", cache_dir=tmp_path / "cache")
+    refused(capsys, train.train, argv, directory.parent, named)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--config", "RECIPE"], ["recipe.toml", "--n_layer 2 contradicts"]),
+    (["--lora_rank", "4"], ["--lora_rank 4 contradicts", "leave out --lora_rank"]),
+    (["--optimizer", "muon"], ["--optimizer muon contradicts", "--init_from"]),
+], ids=["recipe", "lora_rank", "optimizer"])
+def test_a_resume_that_cannot_apply_a_setting_names_where_it_came_from(run_dir, tmp_path, flags,
+                                                                       named, capsys):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("n_layer = 2\n")
+    flags = [str(recipe) if flag == "RECIPE" else flag for flag in flags]
+    argv = ["--resume", run_dir / "gpt_step8.pt", "--max_iters", 12] + flags
+    refused(capsys, train.train, argv, run_dir, *named)
+
+
+def test_a_resume_names_the_checkpoints_data_when_it_is_missing_or_changed(run_dir, corpus,
+                                                                            tmp_path, capsys):
+    moved = damage_checkpoint(run_dir / "gpt_step8.pt", run_dir / "gpt_step9.pt",
+                              lambda c: c["train_config"].update(data="input.txt"))
+    refused(capsys, train.train, ["--resume", moved, "--max_iters", 12], run_dir,
+            "trained on --data input.txt, which is not found", "give --data")
+    moved.unlink()
+    edited = tmp_path / "edited.txt"
+    edited.write_text(corpus.read_text() + "a new character: \u20ac\n")
+    argv = ["--resume", run_dir / "gpt_step8.pt", "--max_iters", 12, "--data", edited]
+    line = refused(capsys, train.train, argv, run_dir, "is not the data the checkpoint",
+                   "\u20ac")
+    assert "tokenizer" not in line.split(":")[0]
+
+
+def test_a_disk_full_stop_and_the_next_resume_ask_for_the_same_room(run_dir, monkeypatch,
+                                                                     capsys):
+    import checkpoint
+    import rundir
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    argv = ["--resume", "latest", "--checkpoint_dir", str(run_dir), "--max_iters", "10"]
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint.torch, "save", disk_full)
+        assert exit_status(train.train, argv) == 1
+    stop = one_error_line(capsys.readouterr().err, "No space left on device")
+    free = shutil.disk_usage(run_dir)._replace(free=1)
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: free)
+    assert exit_status(train.train, argv) == 2
+    start = one_error_line(capsys.readouterr().err, "MiB free")
+    needed = [re.search(r"two checkpoints of this model need about ([\d.]+) MiB", line).group(1)
+              for line in (stop, start)]
+    assert needed[0] == needed[1]
+
+
+def test_checkpoints_get_the_users_umask_like_every_other_file(trained_run):
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("gpt_step4.pt", "gpt_final.pt", "gpt_best.pt", "metrics.jsonl"):
+        assert (trained_run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_sighup_saves_and_stops_like_sigterm(run_dir, monkeypatch, capsys):
+    real_log_step = train.log_step
+
+    def log_step_then_hang_up(run, *args):
+        if run.step == 9:
+            os.kill(os.getpid(), signal.SIGHUP)  # the terminal closed
+        return real_log_step(run, *args)
+
+    monkeypatch.setattr(train, "log_step", log_step_then_hang_up)
+    argv = ["--resume", "latest", "--checkpoint_dir", str(run_dir), "--max_iters", "20",
+            "--log_iter", "1"]
+    assert exit_status(train.train, argv) == 129
+    assert "stopped by SIGHUP after step 10" in capsys.readouterr().out
+    assert read_checkpoint(run_dir / "gpt_step10.pt")["step"] == 10
+
+
+def test_a_reader_that_goes_away_drops_the_output_not_the_training(run_dir, monkeypatch):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `| head` has read its lines and exited: every write now fails
+    stdout = open(write_end, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    argv = ["--resume", "latest", "--checkpoint_dir", str(run_dir), "--max_iters", "10"]
+    try:
+        assert exit_status(train.train, argv) == 0
+        stdout.write("later output is dropped too\n")  # as Python's own flush at exit
+        stdout.flush()
+    finally:
+        stdout.close()
+    assert read_checkpoint(run_dir / "gpt_final.pt")["step"] == 10

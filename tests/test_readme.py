@@ -341,13 +341,15 @@ def test_training_commands_shrink_in_proportion(tmp_path, monkeypatch):
     assert flag_value(resumed, "max_iters") is None and flag_value(resumed, "n_embd") is None
 
 
-@pytest.mark.xfail(strict=True, reason="issue 23: going back to an earlier checkpoint of a "
-                   "finished run is refused until the rewind lands; then this passes: move the "
-                   "three commands into the README and drop this test")
 def test_the_designs_three_commands_in_order(tmp_path, monkeypatch):
+    """As the design types them, into the default checkpoints/ (the README gives them their own
+    --checkpoint_dir, as every example that trains does)."""
     text = ("```bash\n"
             "python train.py --max_iters 5000 --device cuda\n"
             "python train.py --resume checkpoints/gpt_step1000.pt\n"
             "python sample.py\n"
             "```\n")
     run_readme(text, tmp_path, monkeypatch)
+    [aside] = (tmp_path / "checkpoints" / "superseded").iterdir()  # the later files, kept
+    assert {"gpt_step8.pt", "gpt_step20.pt", "gpt_final.pt", "metrics.jsonl"} <= \
+        {path.name for path in aside.iterdir()}
