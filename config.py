@@ -84,6 +84,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
     compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # ddp: every rank holds the whole model; fsdp: each rank holds 1/N of it
     cuda_graphs: bool = True  # on CUDA, record the whole training step once and replay it
     fused_loss: bool = True  # compute the training loss in chunks, without the whole float32 logits
     peak_flops: float = 0.0  # the device's peak FLOP/s for MFU, counted as nanoGPT and PaLM do; 0 = look it up
@@ -94,13 +95,14 @@ TOKENIZERS = ("char", "byte", "bpe")
 LOG_DESTINATIONS = ("jsonl", "tensorboard", "wandb")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
+PARALLEL = ("ddp", "fsdp")
 ARCHITECTURE_CHOICES = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
                         "mlp": ("gelu", "relu2", "swiglu")}
 DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps)(:\d+)?")
 MAX_SEED = 2**32 - 1  # numpy's generators take seeds below 2**32
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout")
 CHOICES = {"tokenizer": TOKENIZERS, "dtype": DTYPES, "optimizer": OPTIMIZERS,
-           **ARCHITECTURE_CHOICES}
+           "parallel": PARALLEL, **ARCHITECTURE_CHOICES}
 
 
 def _field_comments(config_class):
@@ -335,6 +337,17 @@ def validate(gpt_config, train_config):
         fail("--checkpoint_dir must not be empty (use . for the current directory)")
     if t.resume and t.init_from:
         fail("--resume continues a run and --init_from starts a new one: give only one")
+    # --parallel fsdp (issue 26): what a sharded model cannot do yet
+    if t.parallel == "fsdp" and t.optimizer == "muon":
+        fail("--optimizer muon cannot run with --parallel fsdp: its Newton-Schulz step needs each "
+             "whole matrix, and FSDP gives every rank a slice of it; use --optimizer adamw, or "
+             "--parallel ddp")
+    if t.parallel == "fsdp" and t.dtype == "float16":
+        fail("--dtype float16 cannot run with --parallel fsdp: its gradient scaler does not "
+             "work on sharded gradients; use --dtype bfloat16, which needs no scaler")
+    if t.parallel == "fsdp" and t.lora_rank:
+        fail("--lora_rank cannot run with --parallel fsdp: the adapters are not sharded; use "
+             "--parallel ddp")
 
 
 def _check_value(name, value):
