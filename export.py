@@ -47,6 +47,7 @@ from cli import ArgumentParser, fail, parse_bool, run_main
 from generation import encode_prompt
 from model import RMS_NORM_EPS, ROPE_THETA, mlp_hidden_size
 from rundir import add_checkpoint_arguments, checkpoint_to_load
+from sharded_checkpoint import is_sharded_checkpoint
 
 SOURCE_NAME = "export_source.json"
 # Every file an export writes. A directory holding only these (with our tokenizer_vocab.json)
@@ -292,7 +293,7 @@ def export_source(checkpoint_path):
     """export_source.json: the run a checkpoint file belongs to (its directory), or the Hugging
     Face directory or model id it was read from, with the file and its step."""
     path = Path(checkpoint_path)
-    if path.is_file():
+    if path.is_file() or is_sharded_checkpoint(path):  # a run's file (or FSDP step directory)
         return {"run": str(path.resolve().parent), "checkpoint": str(path.resolve()),
                 "step": saved_step(path)}
     name = str(path.resolve()) if path.is_dir() else str(checkpoint_path)
