@@ -87,6 +87,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
     compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # ddp: every rank holds the whole model; fsdp: each rank holds 1/N of it
     cuda_graphs: bool = True  # on CUDA, record the whole training step once and replay it
     fused_loss: bool = True  # compute the training loss in chunks, without the whole float32 logits
     peak_flops: float = 0.0  # the device's peak FLOP/s for MFU, counted as nanoGPT and PaLM do; 0 = look it up
@@ -98,13 +99,14 @@ LOG_DESTINATIONS = ("jsonl", "tensorboard", "wandb")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
 LR_SCHEDULES = ("cosine", "wsd")
+PARALLEL = ("ddp", "fsdp")
 ARCHITECTURE_CHOICES = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
                         "mlp": ("gelu", "relu2", "swiglu")}
 DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps)(:\d+)?")
 MAX_SEED = 2**32 - 1  # numpy's generators take seeds below 2**32
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout")
 CHOICES = {"tokenizer": TOKENIZERS, "dtype": DTYPES, "optimizer": OPTIMIZERS,
-           "lr_schedule": LR_SCHEDULES, **ARCHITECTURE_CHOICES}
+           "lr_schedule": LR_SCHEDULES, "parallel": PARALLEL, **ARCHITECTURE_CHOICES}
 
 
 def _field_comments(config_class):
@@ -168,15 +170,32 @@ def parse_args(argv=None, parser=None):
     return args
 
 
+# Fields a recipe may not set: what destroys files is asked for on the command line, each time.
+COMMAND_LINE_ONLY = ("overwrite",)
+UTF8_BOM, UTF16_BOMS = b"\xef\xbb\xbf", (b"\xff\xfe", b"\xfe\xff")
+
+
 def read_recipe(path):
-    """The fields a TOML recipe sets, each checked against its field's type."""
+    """The fields a TOML recipe sets, each checked against its field's type.
+
+    A UTF-8 byte-order mark (what some Windows editors put first) is read past; `overwrite = true`
+    is refused: a recipe is reused and shared, and a run that replaces files says so on its own
+    command line (`overwrite = false`, which --print_config wrote before, is harmless)."""
     try:
         with open(path, "rb") as handle:
-            values = tomllib.load(handle)
+            data = handle.read()
     except OSError as error:
         fail(f"--config {path}: cannot read it: {error.strerror}")
+    if data.startswith(UTF16_BOMS):
+        fail(f"{path}: the file is UTF-16 text; save it as UTF-8 (TOML files are UTF-8)")
+    try:
+        values = tomllib.loads(data.removeprefix(UTF8_BOM).decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         fail(f"{path}: not a valid TOML file: {error}")
+    for key in COMMAND_LINE_ONLY:
+        if values.get(key) is True:
+            fail(f"{path}: {key} = true is refused in a recipe: replacing a run's files is asked "
+                 f"for on the command line (--{key} true); delete the line")
     fields = {f.name: f for config_class in (GPTConfig, TrainConfig)
               for f in dataclasses.fields(config_class)}
     recipe = {}
@@ -248,14 +267,15 @@ def name_the_recipe(args, error):
 def configs_to_toml(gpt_config, train_config):
     """The configs as a recipe that --config reads back: every field, with its help as a comment.
 
-    vocab_size is left out: a new run takes it from its tokenizer, a resumed one from its checkpoint.
+    vocab_size is left out: a new run takes it from its tokenizer, a resumed one from its
+    checkpoint; so is overwrite, which a recipe may not set (`read_recipe`).
     """
     lines = ["# python train.py --config THIS_FILE  (flags given as well override these values)"]
     for config in (gpt_config, train_config):
         lines += ["", f"# {type(config).__name__}"]
         comments = _field_comments(type(config))
         for config_field in dataclasses.fields(config):
-            if config_field.name == "vocab_size":
+            if config_field.name == "vocab_size" or config_field.name in COMMAND_LINE_ONLY:
                 continue
             line = f"{config_field.name} = {_toml_value(getattr(config, config_field.name))}"
             comment = comments.get(config_field.name)
@@ -325,6 +345,17 @@ def validate(gpt_config, train_config):
         fail("--checkpoint_dir must not be empty (use . for the current directory)")
     if t.resume and t.init_from:
         fail("--resume continues a run and --init_from starts a new one: give only one")
+    # --parallel fsdp (issue 26): what a sharded model cannot do yet
+    if t.parallel == "fsdp" and t.optimizer == "muon":
+        fail("--optimizer muon cannot run with --parallel fsdp: its Newton-Schulz step needs each "
+             "whole matrix, and FSDP gives every rank a slice of it; use --optimizer adamw, or "
+             "--parallel ddp")
+    if t.parallel == "fsdp" and t.dtype == "float16":
+        fail("--dtype float16 cannot run with --parallel fsdp: its gradient scaler does not "
+             "work on sharded gradients; use --dtype bfloat16, which needs no scaler")
+    if t.parallel == "fsdp" and t.lora_rank:
+        fail("--lora_rank cannot run with --parallel fsdp: the adapters are not sharded; use "
+             "--parallel ddp")
 
 
 def _check_value(name, value):

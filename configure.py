@@ -81,7 +81,7 @@ def configure_resume(args, train_config, automatic):
         path = latest_checkpoint(directory, require_readable=True, report=print0)
         if path is None:
             fail(f"--resume latest: no readable gpt_step*.pt in {directory}")
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, weights=False)  # a sharded one: weights come in resume()
     step = resumable_step(checkpoint, path)
     saved_gpt, saved_train = configs_from_checkpoint(checkpoint, path)
     tokenizer_from_checkpoint(checkpoint, saved_gpt, path)

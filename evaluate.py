@@ -30,7 +30,7 @@ from tqdm import tqdm
 from checkpoint import configs_from_checkpoint, model_from_checkpoint
 from cli import ArgumentParser, fail, run_main
 from config import DTYPES
-from dataset import get_dataset, split_tokens
+from dataset import check_token_ids, get_dataset, split_tokens
 from model import IGNORE_INDEX
 from rundir import add_checkpoint_arguments, checkpoint_to_load
 from runtime import autocast_context, check_memory, select_device, select_dtype
@@ -123,7 +123,7 @@ def tokens_to_score(checkpoint, tokenizer, data, path):
     gpt_config, train_config = configs_from_checkpoint(checkpoint, path)
     if data:  # through the token cache: a large file is read in chunks and memory-mapped
         _, ids = cached_tokens(data, tokenizer.kind, train_config.cache_dir, tokenizer=tokenizer)
-        return np.asarray(ids), data
+        return np.asarray(check_token_ids(ids, tokenizer.vocab_size, data)), data
     _, tokens = get_dataset(train_config, tokenizer)
     _, val_tokens = split_tokens(tokens, train_config.val_fraction, gpt_config.block_size)
     source = train_config.data or "the built-in corpus"

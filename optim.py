@@ -342,11 +342,14 @@ def set_learning_rate(group, rate):
         group["lr"] = rate
 
 
-def load_optimizer_state(optimizer, state_dict):
+def load_optimizer_state(optimizer, state_dict, load=None):
     """Load a saved state, keeping this optimizer's form of the rate (tensor or float) and its
-    `capturable` flag: a checkpoint written with CUDA graphs resumes without them and vice versa."""
+    `capturable` flag: a checkpoint written with CUDA graphs resumes without them and vice versa.
+
+    `load(state_dict)` loads it, by default `optimizer.load_state_dict` (a sharded checkpoint's
+    comes from sharded_checkpoint.py)."""
     own = [(group["lr"], group.get("capturable")) for group in optimizer.param_groups]
-    optimizer.load_state_dict(state_dict)
+    (load or optimizer.load_state_dict)(state_dict)
     for group, (rate, capturable) in zip(optimizer.param_groups, own):
         saved = float(group["lr"])  # a checkpoint is loaded to the CPU: no device sync
         group["lr"] = rate

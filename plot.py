@@ -10,6 +10,12 @@ A dashed vertical line marks each point where the run was resumed (records {"eve
 The picture is drawn on a matplotlib `Figure` with the Agg (file-only) canvas: no window and no
 global pyplot state. matplotlib is optional; only this script needs it. What the records mean
 is train.py's business.
+
+No file a user has is overwritten: a PNG, PDF or SVG this script writes carries a mark in its
+metadata (`plot_mark`: a digest of the metrics file's full path), and an existing --out is
+replaced only if it carries the mark of the same metrics file, so a bare `plot.py` redraws its
+own loss.png but never a user's report.pdf nor another run's loss.png; anything else needs
+--overwrite true. The image is written whole and renamed into place (atomic.py).
 """
 
 from cli import exit_on_signals
@@ -17,12 +23,20 @@ from cli import exit_on_signals
 if __name__ == "__main__":
     exit_on_signals()  # Ctrl-C or SIGTERM while the imports load: one line, not a traceback
 
+import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
-from cli import ArgumentParser, fail, run_main
+from atomic import atomic_write
+from cli import ArgumentParser, fail, parse_bool, run_main
 from rundir import metrics_path
+
+# the formats whose metadata carries `plot_mark` as plain text, and the key it goes under
+MARK_KEYS = {"png": "Subject", "pdf": "Subject", "svg": "Description"}
+MARK_PATTERN = re.compile(rb"written by plot\.py from metrics ([0-9a-f]{16})")
+LARGEST_IMAGE = 64 << 20  # bytes read looking for the mark; a larger file is not one of ours
 
 
 def parse_plot_args(argv=None):
@@ -34,6 +48,9 @@ def parse_plot_args(argv=None):
                         "the format: png, svg, pdf, ... (default: loss.png)")
     parser.add_argument("--smoothing", type=float, default=0.6,
                         help="weight of the past in the smoothed training loss, in [0, 1)")
+    parser.add_argument("--overwrite", type=parse_bool, default=False, metavar="true|false",
+                        help="replace an existing --out that is not this script's plot of the "
+                        "same metrics file (default: false)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.smoothing < 1.0:  # also rejects nan
         fail(f"--smoothing must be in [0, 1), got {args.smoothing}")
@@ -101,8 +118,9 @@ def _import_figure():
     return Figure
 
 
-def draw(series, out, smoothing=0.6, title=""):
-    """Render the curves to the image file `out` (its suffix picks the format: png, svg, pdf)."""
+def draw(series, out, smoothing=0.6, title="", mark=""):
+    """Render the curves to the image file `out` (its suffix picks the format: png, svg, pdf),
+    with `mark` (`plot_mark`) in its metadata."""
     Figure = _import_figure()
     figure = Figure(figsize=(9, 6), layout="constrained")
     loss_axes, lr_axes = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
@@ -136,19 +154,50 @@ def draw(series, out, smoothing=0.6, title=""):
     lr_axes.set_ylabel("learning rate")
     lr_axes.set_xlabel("step")
     lr_axes.grid(alpha=0.3)
-    out = Path(out)
-    if not out.suffix:
-        out = out.with_name(out.name + ".png")  # what savefig would write; say so, by its name
+    image_format = out.suffix[1:].lower()
+    metadata = {MARK_KEYS[image_format]: mark} if image_format in MARK_KEYS else None
     try:
-        figure.savefig(out, dpi=100)
+        with atomic_write(out) as handle:
+            figure.savefig(handle, format=image_format, dpi=100, metadata=metadata)
     except (OSError, ValueError) as error:
         fail(f"could not write {out}: {error}")
     return out
 
 
+def image_path(out):
+    """The file --out names: without a suffix, a PNG (what savefig would write; say so, by name)."""
+    out = Path(out)
+    return out if out.suffix else out.with_name(out.name + ".png")
+
+
+def plot_mark(metrics):
+    """What this script writes into an image's metadata: which metrics file it drew."""
+    digest = hashlib.sha256(str(Path(metrics).resolve()).encode("utf-8", "surrogateescape"))
+    return f"written by plot.py from metrics {digest.hexdigest()[:16]}"
+
+
+def check_out(out, mark, overwrite):
+    """Refuse to replace a file at `out` unless it is this script's plot of the same metrics."""
+    if overwrite or not out.exists():
+        return
+    found = None
+    try:
+        if out.is_file() and out.stat().st_size <= LARGEST_IMAGE:
+            found = MARK_PATTERN.search(out.read_bytes())
+    except OSError as error:
+        fail(f"cannot read --out {out}: {error.strerror or error}")
+    if found and found.group(0).decode() == mark:
+        return
+    whose = "plot.py's plot of another metrics file" if found else "a file plot.py did not write"
+    fail(f"--out {out} is {whose}: choose another --out, or pass --overwrite true to replace it")
+
+
 def main(argv=None):
     args = parse_plot_args(argv)
-    out = draw(read_metrics(args.metrics), args.out, args.smoothing, title=str(args.metrics))
+    out, mark = image_path(args.out), plot_mark(args.metrics)
+    series = read_metrics(args.metrics)
+    check_out(out, mark, args.overwrite)
+    out = draw(series, out, args.smoothing, title=str(args.metrics), mark=mark)
     print(f"wrote {out}")
     return out
 

@@ -3,8 +3,10 @@
 Everything about the directory a training run writes lives here, for train.py, configure.py,
 loggers.py and the readers (sample.py, evaluate.py, export.py, plot.py):
 - its names (gpt_step{N}.pt, gpt_final.pt, gpt_best.pt, metrics.jsonl, train.lock), spelled here
-  and nowhere else, and its inventory: `run_files` (what makes it hold a run), the step
-  checkpoints, the newest readable one, the file a reader loads (`find_sampling_checkpoint`);
+  and nowhere else (under --parallel fsdp a step checkpoint is a gpt_step{N} directory, which
+  every rule treats as it treats a gpt_step{N}.pt), and its inventory: `run_files` (what makes
+  it hold a run), the step checkpoints, the newest readable one, the file a reader loads
+  (`find_sampling_checkpoint`, `readable_sampling_checkpoint`);
 - the lock: a training run holds the directory with a flock on train.lock, which the kernel drops
   when the process dies, so a second run there is refused and a killed run never blocks the next;
 - the safety rules, as the README's "Safety" section states them, each a function that refuses
@@ -30,6 +32,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -37,7 +40,8 @@ from pathlib import Path
 
 from atomic import TEMPORARY_PREFIX, fsync_directory, remove_temporary_files
 from best_model import BestModel
-from checkpoint import load_checkpoint, saved_step, saved_value
+from checkpoint import is_readable, load_checkpoint, saved_step, saved_value
+from sharded_checkpoint import is_sharded_checkpoint
 from cli import UserError, fail
 from runtime import print0
 
@@ -46,7 +50,8 @@ try:
 except ImportError:
     fcntl = None
 
-STEP_PATTERN = re.compile(r"^gpt_step(\d+)\.pt$")
+# a step checkpoint: a gpt_step{N}.pt file, or under --parallel fsdp a gpt_step{N} directory
+STEP_PATTERN = re.compile(r"^gpt_step(\d+)(\.pt)?$")
 FINAL_NAME = "gpt_final.pt"
 BEST_NAME = "gpt_best.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -56,6 +61,8 @@ LOCK_NAME = "train.lock"  # not part of the run: present only while a training p
 SUPERSEDED_NAME = "superseded"  # the files a rewind moved aside: superseded/<time>-after-step{N}/
 REPLACED_NAME = "replaced"  # .tmp-replaced.PID/: what --overwrite is deleting, all or none
 REPLACED_PATTERN = re.compile(rf"^\.tmp-{REPLACED_NAME}\.\d+$")
+# an FSDP step checkpoint being written (.sharded), or an old one being replaced (.replaced)
+SHARDED_TEMPORARY_PATTERN = re.compile(r"^\.tmp-gpt_step\d+\.sharded(\.replaced)?$")
 
 
 # ------------------------------------------------------------------------------ names and contents
@@ -63,6 +70,16 @@ REPLACED_PATTERN = re.compile(rf"^\.tmp-{REPLACED_NAME}\.\d+$")
 def step_path(directory, step):
     """gpt_step{N}.pt: everything needed to continue the run after step N."""
     return Path(directory) / f"gpt_step{step}.pt"
+
+
+def sharded_step_path(directory, step):
+    """gpt_step{N}: a step checkpoint of an FSDP run, a directory of every rank's slices."""
+    return Path(directory) / f"gpt_step{step}"
+
+
+def sharded_temporary_path(path):
+    """.tmp-gpt_step{N}.sharded: where the ranks write gpt_step{N} before rank 0 renames it."""
+    return Path(path).with_name(f"{TEMPORARY_PREFIX}{Path(path).name}.sharded")
 
 
 def final_path(directory):
@@ -117,16 +134,18 @@ def run_files_after(directory, step):
 
 
 def step_of(path):
-    """N, from the name gpt_step{N}.pt."""
+    """N, from the name gpt_step{N}.pt (or gpt_step{N})."""
     return int(STEP_PATTERN.match(Path(path).name).group(1))
 
 
 def step_checkpoints(directory):
-    """The gpt_step{N}.pt files in `directory`, oldest step first."""
+    """The gpt_step{N}.pt files, and FSDP's gpt_step{N} directories, in `directory`, oldest step
+    first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted((p for p in directory.iterdir() if STEP_PATTERN.match(p.name) and p.is_file()),
+    return sorted((p for p in directory.iterdir() if (match := STEP_PATTERN.match(p.name))
+                   and (p.is_file() if match.group(2) else is_sharded_checkpoint(p))),
                   key=lambda path: (step_of(path), path))
 
 
@@ -136,7 +155,7 @@ def latest_checkpoint(directory, require_readable=False, report=print):
         if not require_readable:
             return path
         try:
-            load_checkpoint(path)
+            load_checkpoint(path, weights=False)  # a sharded one: its run state and index
             return path
         except UserError as error:
             report(f"skipping {path.name}: {error}")
@@ -168,11 +187,27 @@ def add_checkpoint_arguments(parser):
     parser.add_argument("--checkpoint_dir", default="checkpoints")
 
 
+def readable_sampling_checkpoint(directory):
+    """`find_sampling_checkpoint`'s choice if it reads, else the next that does in the same order
+    (gpt_final.pt, then the newest step), said in one line on stderr; None if there is none.
+    If none reads, the first: loading it says what is wrong with it."""
+    named = [path for path in (best_path(directory), final_path(directory)) if path.is_file()]
+    candidates = named + list(reversed(step_checkpoints(directory)))
+    for index, path in enumerate(candidates):
+        if is_readable(path):
+            if index:
+                verb = "is" if index == 1 else "are"
+                print(f"note: {list_names(candidates[:index])} {verb} unreadable (corrupt or "
+                      f"truncated); using {path.name}", file=sys.stderr)
+            return path
+    return candidates[0] if candidates else None
+
+
 def checkpoint_to_load(args):
-    """The --checkpoint given, else the best file of --checkpoint_dir, else a UserError."""
+    """The --checkpoint given, else the best readable file of --checkpoint_dir, else a UserError."""
     if not args.checkpoint and not args.checkpoint_dir.strip():
         fail("--checkpoint_dir must not be empty (use . for the current directory)")
-    path = args.checkpoint or find_sampling_checkpoint(args.checkpoint_dir)
+    path = args.checkpoint or readable_sampling_checkpoint(args.checkpoint_dir)
     if not path:
         fail(f"no checkpoint in {args.checkpoint_dir}/: train a model first with `python train.py`")
     return path
@@ -340,12 +375,24 @@ class RunDirectory:
                and saved_value(path, "run_id") == self.run_id]
         for path in own[:-keep_last]:
             try:
-                path.unlink(missing_ok=True)
+                remove_step_checkpoint(path)
             except OSError as error:
                 if path not in self.kept:
                     self.kept.add(path)
                     print0(f"note: --keep_last {keep_last} could not delete {path} "
                            f"({error.strerror or error}); it is kept and training goes on")
+
+
+def remove_step_checkpoint(path):
+    """Delete a gpt_step{N}.pt, or an FSDP run's gpt_step{N} directory (renamed away first, so
+    that it is gone at once as a checkpoint, whatever is left of its files on an error)."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        path.unlink(missing_ok=True)
+        return
+    doomed = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.sharded.replaced")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def new_run_id():
@@ -408,11 +455,13 @@ def is_own_name(name):
 
 
 def remove_leftovers(directory):
-    """What a killed run left: its temporary files (.tmp-NAME.PID, for the names this tool writes)
-    and the folder of files it was deleting (.tmp-replaced.PID). Nothing else is touched."""
+    """What a killed run left: its temporary files (.tmp-NAME.PID, for the names this tool writes),
+    the folder of files it was deleting (.tmp-replaced.PID) and an FSDP checkpoint directory it
+    was writing or deleting (.tmp-gpt_step{N}.sharded, .replaced). Nothing else is touched."""
     remove_temporary_files(directory, is_own_name)
-    for folder in Path(directory).glob(f"{TEMPORARY_PREFIX}{REPLACED_NAME}.*"):
-        if REPLACED_PATTERN.match(folder.name) and folder.is_dir() and not folder.is_symlink():
+    for folder in Path(directory).glob(f"{TEMPORARY_PREFIX}*"):
+        own = REPLACED_PATTERN.match(folder.name) or SHARDED_TEMPORARY_PATTERN.match(folder.name)
+        if own and folder.is_dir() and not folder.is_symlink():
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -420,7 +469,7 @@ def check_movable(paths, reason):
     """Fail before training, naming the file, if one of `paths` could not be deleted or moved."""
     for path in paths:
         path = Path(path)
-        if path.is_dir() and not path.is_symlink():
+        if path.is_dir() and not path.is_symlink() and not is_sharded_checkpoint(path):
             fail(f"{path} is a directory, where {reason} would replace a file; nothing was "
                  f"changed; move it away first")
         if not os.access(path.parent, os.W_OK | os.X_OK):

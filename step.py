@@ -20,10 +20,10 @@ and the loss it reports.
   the optimizer's state or a learning-rate tensor is replaced (a resume loads new ones).
 - Recorders record a step and return its replay: `CUDAGraphRecorder` on CUDA, and
   `CallRecorder`, whose replay calls the step again. With it the CPU tests run all of the above.
-- `graphed_step_for` says why a run cannot use graphs (float16's scaler, DDP, --skip_nonfinite,
-  Muon) and returns None then; the eager step runs instead.
+- `graphed_step_for` says why a run cannot use graphs (float16's scaler, DDP, FSDP,
+  --skip_nonfinite, Muon) and returns None then; the eager step runs instead.
 When to log, evaluate, save and stop is train.py's business; the optimizer and its schedule are
-optim.py's.
+optim.py's; how gradients are reduced across ranks (DDP or FSDP) and clipped is parallel.py's.
 """
 
 import contextlib
@@ -40,6 +40,7 @@ from cli import fail
 from config import GPTConfig, TrainConfig
 from loggers import Loggers
 from optim import current_learning_rates
+from parallel import clip_gradients, pause_gradient_sync, uses_fsdp
 from rundir import RunDirectory, step_checkpoints, step_of
 from runtime import Runtime, print0
 from tokenizer import Tokenizer
@@ -59,6 +60,7 @@ class Run:
     val_set: list  # fixed (input_ids, labels) batches: this rank's share of the validation split
     model: torch.nn.Module  # the plain model: checkpoints hold its weights
     wrapped_model: torch.nn.Module  # the same model compiled and/or DDP-wrapped: what trains
+    # (under --parallel fsdp, model and wrapped_model are one module, sharded in place)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -210,9 +212,9 @@ def forward_backward(run, micro_batches, autocast=None):
     autocast = autocast or runtime.autocast
     step_loss = torch.zeros((), device=runtime.device)
     for micro_step, (x, y) in enumerate(micro_batches):
-        # under DDP, only the last micro-step all-reduces the accumulated gradients
-        if runtime.distributed and micro_step < accumulation - 1:
-            sync = run.wrapped_model.no_sync()
+        # under DDP or FSDP, only the last micro-step reduces the accumulated gradients
+        if micro_step < accumulation - 1:
+            sync = pause_gradient_sync(run.wrapped_model)
         else:
             sync = contextlib.nullcontext()
         with sync:
@@ -223,8 +225,7 @@ def forward_backward(run, micro_batches, autocast=None):
             run.scaler.scale(loss).backward()
         step_loss += loss.detach()
     run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
-                                               run.train_config.grad_clip or math.inf)
+    grad_norm = clip_gradients(run.model.parameters(), run.train_config.grad_clip)
     if run.scaler.is_enabled():  # float16: the scaler itself skips steps whose gradients overflowed
         return step_loss, grad_norm, ~torch.isfinite(step_loss)
     return step_loss, grad_norm, ~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
@@ -243,6 +244,8 @@ def graph_fallback(train_config, runtime):
         return "--cuda_graphs false"
     if runtime.dtype == torch.float16:
         return "float16's gradient scaler checks its scale on the host every step"
+    if uses_fsdp(train_config):
+        return "FSDP's gathers and reduce-scatters are not recorded"
     if runtime.distributed:
         return "DistributedDataParallel's all-reduce is not recorded"
     if train_config.skip_nonfinite:

@@ -24,7 +24,9 @@ checkpoints read. Notable details:
   fingerprint of --data (a resume on changed data says so).
 The configuration is resolved in configure.py, the model lives in model.py, batches in dataset.py,
 the optimizer and schedule in optim.py, one optimizer step and the `Run` in step.py, checkpoint
-files in checkpoint.py, the run directory in rundir.py.
+files in checkpoint.py, the run directory in rundir.py; how the model is spread over ranks
+(--parallel ddp or fsdp) in parallel.py, and an FSDP run's sharded step checkpoints in
+sharded_checkpoint.py.
 """
 
 from cli import exit_on_signals
@@ -39,10 +41,10 @@ import signal
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import configs_from_checkpoint, load_model_state, save_checkpoint
+from checkpoint import (configs_from_checkpoint, load_model_state, plain_weights,
+                        save_checkpoint)
 from cli import EXIT_STATUS, UserError, fail, output_that_may_close, run_main
 from config import config_to_dict
 from configure import configure
@@ -53,11 +55,14 @@ from lora import add_lora, merged_state_dict
 from model import build_model, count_parameters, crop_block_size, flops_per_token
 from optim import (Schedule, configure_optimizer, describe_schedule, learning_rate_scheduler,
                    load_optimizer_state, rebase_schedule, schedule_changes)
+from parallel import memory_line, uses_fsdp, wrap_model
 from rundir import (best_path, final_path, hold_run_directory, new_run_id, prepare_run_directory,
-                    step_path)
+                    sharded_step_path, sharded_temporary_path, step_path)
 from runtime import (check_memory, peak_flops, print0, random_states, restore_random_states,
                      setup_runtime)
 from scoring import piece_lengths, score_batches
+from sharded_checkpoint import (gathered_weights, resharding_note, restore_training_state,
+                                save_sharded_checkpoint)
 from step import LossMeter, Run, graphed_step_for, optimizer_step, recorder_for
 from tokencache import data_fingerprint
 from tokenizer import tokenizer_from_state
@@ -79,7 +84,7 @@ def train(argv=None):
                 record = run_loop(run)  # 7
                 return finish(run, record)  # 8
         finally:
-            if runtime.distributed and dist.is_initialized():
+            if dist.is_initialized():  # torchrun's group, or --parallel fsdp's group of one
                 dist.destroy_process_group()
 
 
@@ -104,7 +109,8 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
                                  runtime.rank, runtime.world_size)
     model, wrapped_model = prepare_model(gpt_config, t, runtime, checkpoint, tokenizer.vocab_size)
     recorder = recorder_for(runtime.device)
-    optimizer = configure_optimizer(model, t, capturable=recorder is not None)
+    # FSDP's steps are never recorded as CUDA graphs (step.graph_fallback)
+    optimizer = configure_optimizer(model, t, capturable=recorder is not None and not uses_fsdp(t))
     scheduler = learning_rate_scheduler(optimizer, Schedule.from_config(t))
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
     run = Run(gpt_config, t, runtime, tokenizer, loader, val_set, model, wrapped_model, optimizer,
@@ -124,11 +130,12 @@ def memory_needs(gpt_config, train_config, runtime):
     per_token = 12 * g.n_layer * g.n_embd * activation_bytes + 2 * 4 * g.vocab_size
     window_bytes = 2 * 8 * (g.block_size + 1)  # a window of int64 ids, as input and as labels
     device, host = runtime.device, torch.device("cpu")
+    held = 16 * parameters // (runtime.world_size if uses_fsdp(t) else 1)  # FSDP: one slice each
     return [
         (f"a model of {parameters:,} parameters, with its gradients and AdamW state",
-         f"--n_layer {g.n_layer}, --n_embd {g.n_embd}", 16 * parameters, device),
+         f"--n_layer {g.n_layer}, --n_embd {g.n_embd}", held, device),
         ("the activations of a batch", f"--batch_size {t.batch_size}, --block_size {g.block_size}",
-         16 * parameters + t.batch_size * g.block_size * per_token, device),
+         held + t.batch_size * g.block_size * per_token, device),
         ("the validation set", f"--eval_batches {t.eval_batches}, --batch_size {t.batch_size}",
          t.eval_batches * t.batch_size * runtime.world_size * window_bytes, host),
         ("the sample printed at each evaluation", f"--sample_tokens {t.sample_tokens}",
@@ -179,25 +186,26 @@ def padded_vocab_size(tokenizer):
 
 
 def prepare_model(gpt_config, train_config, runtime, checkpoint=None, vocab_limit=None):
-    """The model on its device; returns (model, the module that trains: compiled and/or DDP).
+    """The model on its device; returns (model, the module that trains: compiled and/or DDP, or
+    under --parallel fsdp the model itself, sharded in place).
 
     `vocab_limit` is the tokenizer's vocabulary, where the model's is padded beyond it.
     """
     t = train_config
     model = build_model(gpt_config, vocab_limit)
     if checkpoint is not None and not t.resume:  # --init_from: start from its weights
-        state = crop_block_size(checkpoint["model_state_dict"], gpt_config.block_size)
+        state = crop_block_size(plain_weights(checkpoint, t.init_from), gpt_config.block_size)
         load_model_state(model, state, t.init_from)
     if t.lora_rank:  # after the weights are in, before a resumed run's adapters are
         add_lora(model, t.lora_rank, t.lora_alpha, t.lora_dropout)
-    model.to(runtime.device)
+    if not uses_fsdp(t):  # FSDP moves the model block by block as it shards it (parallel.py)
+        model.to(runtime.device)
     total = sum(p.numel() for p in model.parameters())
     print0(f"model: {count_parameters(model):,} trainable parameters" +
            (f" of {total:,} (LoRA rank {t.lora_rank})" if t.lora_rank else ""))
-    wrapped_model = torch.compile(model) if train_config.compile else model
-    if runtime.distributed:
-        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        wrapped_model = DistributedDataParallel(wrapped_model, device_ids=device_ids)
+    wrapped_model = wrap_model(model, t, runtime)  # parallel.py: DDP or FSDP
+    if uses_fsdp(t):
+        print0(memory_line(model, runtime))
     return model, wrapped_model
 
 
@@ -219,9 +227,15 @@ def prepare_checkpoint_dir(run, checkpoint=None):
 def resume(run, checkpoint):
     """Restore everything a step checkpoint holds; afterwards run.step is its step."""
     runtime, path = run.runtime, run.train_config.resume
-    load_model_state(run.model, checkpoint["model_state_dict"], path)
+    # a gpt_step{N} directory, or a whole-model checkpoint into FSDP's slices: sharded_checkpoint.py
+    sharded = checkpoint.get("sharded", False) or uses_fsdp(run.train_config)
+    if not sharded:
+        load_model_state(run.model, checkpoint["model_state_dict"], path)
     try:
-        load_optimizer_state(run.optimizer, checkpoint["optimizer_state_dict"])
+        if sharded:
+            restore_training_state(run.model, run.optimizer, checkpoint, path)
+        else:
+            load_optimizer_state(run.optimizer, checkpoint["optimizer_state_dict"])
         run.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
         if "scaler_state_dict" in checkpoint and run.scaler.is_enabled():
             run.scaler.load_state_dict(checkpoint["scaler_state_dict"])
@@ -234,13 +248,17 @@ def resume(run, checkpoint):
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
         fail(f"checkpoint {path} cannot be resumed: {type(error).__name__}: {error}")
     rebase_schedule(run.optimizer, run.scheduler, run.train_config, run.step)
+    note = resharding_note(saved_world_size, checkpoint.get("sharded", False), runtime.world_size,
+                           run.train_config.parallel)  # FSDP on either side: one line of its own
     try:
         if saved_world_size == runtime.world_size:
             restore_random_states(rank_states[runtime.rank], runtime.device)
-        else:
+        elif note is None:
             print0(f"note: the checkpoint was written by {saved_world_size} process(es) and this "
                    f"run has {runtime.world_size}: random states restart from the seed and the "
                    f"data order changes")
+        if note:
+            print0(note)
     except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as error:
         fail(f"checkpoint {path} has damaged random states: {type(error).__name__}: {error}")
     run.loggers.resume(run.step)
@@ -355,7 +373,8 @@ def log_step(run, meter, step_rates, progress, evaluate):
         postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
     progress.set_postfix(postfix, refresh=False)
     print0(format_record(record))
-    if evaluate and t.sample_tokens and run.runtime.is_main:
+    # under FSDP every rank generates: each forward gathers every rank's slices
+    if evaluate and t.sample_tokens and (run.runtime.is_main or uses_fsdp(t)):
         print_training_sample(run)
     meter.restart_clock()
     return record
@@ -389,11 +408,12 @@ def evaluate_starting_model(run):
 
 def keep_if_best(run, record):
     """Count the evaluation; write gpt_best.pt if its validation loss is the lowest so far."""
-    if run.best.update(record["val_loss"], run.step) and run.runtime.is_main:
-        state = weights_state(run, record.get("loss", math.nan))
+    if run.best.update(record["val_loss"], run.step):
+        state = weights_state(run, record.get("loss", math.nan))  # every rank: FSDP gathers
         state["val_loss"] = record["val_loss"]
-        save_checkpoint(state, best_path(run.train_config.checkpoint_dir),
-                        run.directory.room_needed)
+        if run.runtime.is_main:
+            save_checkpoint(state, best_path(run.train_config.checkpoint_dir),
+                            run.directory.room_needed)
 
 
 def early_stop_message(run):
@@ -413,9 +433,11 @@ def checkpoint_state(run, loss):
         rank_states = gathered
     else:
         rank_states = [rank_states]
-    state = weights_state(run, loss, merged=False)  # LoRA: adapters apart, to resume exactly
+    state = run_summary(run, loss)
+    if not uses_fsdp(run.train_config):  # FSDP: each rank saves its slices (save_step_checkpoint)
+        state["model_state_dict"] = run.model.state_dict()  # LoRA: adapters apart, to resume exactly
+        state["optimizer_state_dict"] = run.optimizer.state_dict()
     state.update({
-        "optimizer_state_dict": run.optimizer.state_dict(),
         "scheduler_state_dict": run.scheduler.state_dict(),
         "random_states": rank_states,
         "data_state": {"position": run.step * run.train_config.grad_accum_steps},
@@ -430,22 +452,38 @@ def checkpoint_state(run, loss):
     return state
 
 
-def weights_state(run, loss, merged=True):
-    """What gpt_final.pt holds: weights (LoRA adapters merged in), configs and tokenizer."""
-    weights = merged_state_dict(run.model) if merged else run.model.state_dict()
-    return {"step": run.step, "loss": loss, "model_state_dict": weights,
-            "gpt_config": config_to_dict(run.gpt_config),
+def weights_state(run, loss):
+    """What gpt_final.pt holds: weights (LoRA adapters merged in), configs and tokenizer.
+
+    Every rank calls it: under --parallel fsdp the ranks gather the whole model onto rank 0.
+    """
+    if uses_fsdp(run.train_config):
+        weights = gathered_weights(run.model)
+    else:
+        weights = merged_state_dict(run.model)
+    return {**run_summary(run, loss), "model_state_dict": weights}
+
+
+def run_summary(run, loss):
+    """The step, loss, configs and tokenizer: what every checkpoint says about its run."""
+    return {"step": run.step, "loss": loss, "gpt_config": config_to_dict(run.gpt_config),
             "train_config": config_to_dict(run.train_config),
             "tokenizer": run.tokenizer.state_dict()}
 
 
 def save_step_checkpoint(run, loss):
     state = checkpoint_state(run, loss)  # every rank takes part: random states are gathered
-    path = step_path(run.train_config.checkpoint_dir, run.step)
+    t = run.train_config
+    run.directory.clear_replaced_files()  # done already by the log before every save
+    if uses_fsdp(t):  # every rank writes its slices into a directory (sharded_checkpoint.py)
+        path = sharded_step_path(t.checkpoint_dir, run.step)
+        save_sharded_checkpoint(state, run.model, run.optimizer, path, sharded_temporary_path(path))
+    else:
+        path = step_path(t.checkpoint_dir, run.step)
+        if run.runtime.is_main:
+            save_checkpoint(state, path, run.directory.room_needed)
     if run.runtime.is_main:
-        run.directory.clear_replaced_files()  # done already by the log before every save
-        save_checkpoint(state, path, run.directory.room_needed)
-        run.directory.prune(run.train_config.keep_last, run.step)
+        run.directory.prune(t.keep_last, run.step)
     return path
 
 
@@ -486,9 +524,10 @@ def print_training_sample(run):
 def finish(run, record):
     """The final save: weights, configs and tokenizer, no optimizer state; then the final figures."""
     path = final_path(run.train_config.checkpoint_dir)
+    state = weights_state(run, record["loss"])  # every rank: FSDP gathers onto rank 0
     if run.runtime.is_main:
         run.directory.clear_replaced_files()
-        save_checkpoint(weights_state(run, record["loss"]), path, run.directory.room_needed)
+        save_checkpoint(state, path, run.directory.room_needed)
     if "val_loss" not in record:  # resumed at the end: the loop had nothing left to do
         record.update(estimate_loss(run))
     print0(f"final validation loss: {record['val_loss']:.4f} at step {run.step} "
