@@ -11,7 +11,11 @@ and what counts as a readable one:
 - wherever a checkpoint file is accepted, a Hugging Face GPT-2 (a model id or a directory) is too:
   pretrained.py turns it into the same plain dict;
 - `configs_from_checkpoint`, `tokenizer_from_checkpoint`, `model_from_checkpoint`: a checkpoint's
-  configs, tokenizer and model, each checked, each problem one UserError.
+  configs, tokenizer and model, each checked, each problem one UserError;
+- `plain_weights`: the weights every reader loads; a LoRA run's step checkpoint (adapters apart,
+  so that it resumes exactly) has its adapters merged here, and nowhere else, so sample.py,
+  evaluate.py, export.py and --init_from take every checkpoint train.py writes;
+- `is_readable`: a cheap look (a memory map, no tensor read) for choosing among a run's files.
 A sharded step checkpoint (--parallel fsdp, a directory) is written and read by
 sharded_checkpoint.py; `load_checkpoint` reads it as it reads a file.
 What goes *into* a training checkpoint is train.py's business; the names of the files in a run
@@ -29,6 +33,7 @@ from atomic import atomic_write
 from cli import ResourceError, UserError, fail
 from config import GPTConfig, TrainConfig, config_from_dict
 from config import validate as validate_configs
+from lora import merge_adapters
 from model import build_model
 from pretrained import checkpoint_from_pretrained, is_pretrained
 from sharded_checkpoint import (RUN_STATE_NAME, has_index, is_sharded_checkpoint,
@@ -146,6 +151,21 @@ def read_saved_file(path, map_location="cpu"):
     return checkpoint
 
 
+def is_readable(path):
+    """Whether `path` opens as a checkpoint of this project, read through a memory map without
+    loading its tensors: a truncated or overwritten file does not. (A sharded one: its run state
+    and the index of its slices.)"""
+    sharded = is_sharded_checkpoint(path)
+    try:
+        checkpoint = torch.load(Path(path) / RUN_STATE_NAME if sharded else path,
+                                map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable for any reason: the caller picks another file
+        return False
+    required = [key for key in REQUIRED_KEYS if not (sharded and key == "model_state_dict")]
+    return isinstance(checkpoint, dict) and all(key in checkpoint for key in required) and \
+        (not sharded or has_index(path))
+
+
 def saved_value(path, key):
     """One top-level value of a checkpoint, read without loading its tensors; None if the file is
     unreadable or has no such key."""
@@ -196,11 +216,25 @@ def load_model_state(model, state_dict, path="checkpoint"):
         fail(f"checkpoint {path} does not fit its model: {first_problem[0].strip()}")
 
 
+def plain_weights(checkpoint, path="checkpoint"):
+    """The checkpoint's weights under the plain model's names: a LoRA step checkpoint's adapters
+    merged into the weights they adapt, with its own --lora_alpha (lora.py's arithmetic)."""
+    state_dict = checkpoint["model_state_dict"]
+    if not isinstance(state_dict, dict) or not any(name.endswith(".lora_A") for name in state_dict):
+        return state_dict
+    _, train_config = configs_from_checkpoint(checkpoint, path)
+    try:
+        return merge_adapters(state_dict, train_config.lora_alpha)
+    except (RuntimeError, AttributeError) as error:  # adapters whose shapes do not fit
+        fail(f"checkpoint {path}: its LoRA adapters do not fit the weights they adapt: "
+             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}")
+
+
 def model_from_checkpoint(path, device="cpu"):
     """(model in eval mode, tokenizer, checkpoint) from a checkpoint file, for sampling and export."""
     checkpoint = load_checkpoint(path)
     gpt_config, _ = configs_from_checkpoint(checkpoint, path)
     tokenizer = tokenizer_from_checkpoint(checkpoint, gpt_config, path)
     model = build_model(gpt_config, vocab_limit=tokenizer.vocab_size)
-    load_model_state(model, checkpoint["model_state_dict"], path)
+    load_model_state(model, plain_weights(checkpoint, path), path)
     return model.to(device).eval(), tokenizer, checkpoint

@@ -7,7 +7,10 @@
   training loop takes over (even while torch is still being imported: `exit_on_signals`) is one
   line and exit status 130, 143 or 129 (`EXIT_STATUS`);
 - `output_that_may_close`: standard output and error whose reader may go away (`| head`, a
-  closed terminal); from then on what is written is dropped, and the program goes on;
+  closed terminal); from then on what is written is dropped, and the program goes on (training);
+- any other command whose reader goes away (`sample.py | head -c 100`, `plot.py | true`) ends
+  quietly, with the status a shell gives a command stopped by SIGPIPE, 141
+  (`exit_on_closed_output`): there is no one left to write for;
 - `ArgumentParser`: argparse whose mistakes are UserErrors, and `parse_bool` for true/false flags.
 No torch and no project imports, so a script can install all of this before its slow imports.
 What the flags are and mean is config.py's business; the training loop's own signal handling
@@ -46,6 +49,7 @@ SIGNAL_LINES = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 if hasattr(signal, "SIGHUP"):  # POSIX: a hang-up is a request to stop, like SIGTERM
     EXIT_STATUS[signal.SIGHUP] = 129
     SIGNAL_LINES[signal.SIGHUP] = "hung up"
+CLOSED_OUTPUT_EXIT_STATUS = 141  # 128 + SIGPIPE (13), what `yes | head` reports for `yes`
 
 
 def exit_on_signals():
@@ -133,6 +137,8 @@ def run_main(main, argv=None):
     except (UserError, ResourceError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_status)
+    except BrokenPipeError:
+        exit_on_closed_output()
     except KeyboardInterrupt:  # Ctrl-C, should anything have restored Python's own handler
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -145,6 +151,16 @@ def run_main(main, argv=None):
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def exit_on_closed_output():
+    """The reader of our standard output went away: nothing more can be said to it, and nothing is
+    wrong, so stop without a word (not a traceback) and with SIGPIPE's conventional status."""
+    try:  # the flush at exit would fail again: what is left goes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stand-in stdout without a descriptor
+        pass
+    sys.exit(CLOSED_OUTPUT_EXIT_STATUS)
 
 
 def is_out_of_memory(error):

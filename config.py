@@ -60,7 +60,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
     warmup_iters: int = 100
     max_iters: int = 2000  # optimizer steps in the whole run
-    min_lr_ratio: float = 0.1  # the cosine ends at this fraction of learning_rate
+    min_lr_ratio: float = 0.1  # the decay ends at this fraction of the peak learning rate
+    lr_schedule: str = "cosine"  # cosine: warmup, then decay; wsd: warmup, constant, then decay
+    decay_fraction: float = 0.2  # wsd: the last fraction of the steps, where the rate decays
+    lr_decay_iters: int = 0  # the step the decay ends at; 0 = --max_iters; a resume keeps its run's
     optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest
     muon_learning_rate: float = 0.02  # peak learning rate of Muon; --learning_rate is AdamW's
     muon_momentum: float = 0.95  # Muon's Nesterov momentum
@@ -98,14 +101,15 @@ TOKENIZERS = ("char", "byte", "bpe")
 LOG_DESTINATIONS = ("jsonl", "tensorboard", "wandb")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
+LR_SCHEDULES = ("cosine", "wsd")
 PARALLEL = ("ddp", "fsdp")
 ARCHITECTURE_CHOICES = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
                         "mlp": ("gelu", "relu2", "swiglu")}
 DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps)(:\d+)?")
 MAX_SEED = 2**32 - 1  # numpy's generators take seeds below 2**32
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout")
-CHOICES = {"dtype": DTYPES, "optimizer": OPTIMIZERS, "parallel": PARALLEL,
-           **ARCHITECTURE_CHOICES}
+CHOICES = {"dtype": DTYPES, "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES,
+           "parallel": PARALLEL, **ARCHITECTURE_CHOICES}
 
 
 def _field_comments(config_class):
@@ -169,15 +173,32 @@ def parse_args(argv=None, parser=None):
     return args
 
 
+# Fields a recipe may not set: what destroys files is asked for on the command line, each time.
+COMMAND_LINE_ONLY = ("overwrite",)
+UTF8_BOM, UTF16_BOMS = b"\xef\xbb\xbf", (b"\xff\xfe", b"\xfe\xff")
+
+
 def read_recipe(path):
-    """The fields a TOML recipe sets, each checked against its field's type."""
+    """The fields a TOML recipe sets, each checked against its field's type.
+
+    A UTF-8 byte-order mark (what some Windows editors put first) is read past; `overwrite = true`
+    is refused: a recipe is reused and shared, and a run that replaces files says so on its own
+    command line (`overwrite = false`, which --print_config wrote before, is harmless)."""
     try:
         with open(path, "rb") as handle:
-            values = tomllib.load(handle)
+            data = handle.read()
     except OSError as error:
         fail(f"--config {path}: cannot read it: {error.strerror}")
+    if data.startswith(UTF16_BOMS):
+        fail(f"{path}: the file is UTF-16 text; save it as UTF-8 (TOML files are UTF-8)")
+    try:
+        values = tomllib.loads(data.removeprefix(UTF8_BOM).decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         fail(f"{path}: not a valid TOML file: {error}")
+    for key in COMMAND_LINE_ONLY:
+        if values.get(key) is True:
+            fail(f"{path}: {key} = true is refused in a recipe: replacing a run's files is asked "
+                 f"for on the command line (--{key} true); delete the line")
     fields = {f.name: f for config_class in (GPTConfig, TrainConfig)
               for f in dataclasses.fields(config_class)}
     recipe = {}
@@ -249,14 +270,15 @@ def name_the_recipe(args, error):
 def configs_to_toml(gpt_config, train_config):
     """The configs as a recipe that --config reads back: every field, with its help as a comment.
 
-    vocab_size is left out: a new run takes it from its tokenizer, a resumed one from its checkpoint.
+    vocab_size is left out: a new run takes it from its tokenizer, a resumed one from its
+    checkpoint; so is overwrite, which a recipe may not set (`read_recipe`).
     """
     lines = ["# python train.py --config THIS_FILE  (flags given as well override these values)"]
     for config in (gpt_config, train_config):
         lines += ["", f"# {type(config).__name__}"]
         comments = _field_comments(type(config))
         for config_field in dataclasses.fields(config):
-            if config_field.name == "vocab_size":
+            if config_field.name == "vocab_size" or config_field.name in COMMAND_LINE_ONLY:
                 continue
             line = f"{config_field.name} = {_toml_value(getattr(config, config_field.name))}"
             comment = comments.get(config_field.name)
@@ -291,12 +313,13 @@ POSITIVE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_si
             "grad_accum_steps", "max_iters", "log_iter", "eval_iter", "eval_batches", "save_iter",
             "bpe_vocab_size", "learning_rate", "muon_learning_rate", "lora_alpha")
 NOT_NEGATIVE = ("warmup_iters", "num_workers", "num_proc", "keep_last", "skip_nonfinite",
-                "sample_tokens", "lora_rank", "early_stop_patience", "weight_decay", "grad_clip", "peak_flops",
-                "muon_weight_decay", "early_stop_min_delta")
+                "sample_tokens", "lora_rank", "early_stop_patience", "weight_decay", "grad_clip",
+                "peak_flops", "muon_weight_decay", "early_stop_min_delta", "lr_decay_iters")
 # name -> (low, high, whether low is allowed, whether high is allowed)
 INTERVALS = {"dropout": (0, 1, True, False), "muon_momentum": (0, 1, True, False),
              "lora_dropout": (0, 1, True, False), "betas": (0, 1, True, False),
-             "min_lr_ratio": (0, 1, True, True), "val_fraction": (0, 1, False, False),
+             "min_lr_ratio": (0, 1, True, True), "decay_fraction": (0, 1, False, True),
+             "val_fraction": (0, 1, False, False),
              "seed": (0, MAX_SEED, True, True)}  # numpy's generators take seeds below 2**32
 
 
@@ -316,6 +339,9 @@ def validate(gpt_config, train_config):
              f"below 1: each step multiplies the weights by 1 - their product")
     if t.warmup_iters > t.max_iters:
         fail(f"--warmup_iters ({t.warmup_iters}) must not exceed --max_iters ({t.max_iters})")
+    if 0 < t.lr_decay_iters < t.warmup_iters:
+        fail(f"--lr_decay_iters ({t.lr_decay_iters}) must be 0 (= --max_iters) or at least "
+             f"--warmup_iters ({t.warmup_iters}): the decay follows the warmup")
     if t.device != "auto":
         check_device(t.device)
     if not t.checkpoint_dir.strip():

@@ -9,6 +9,7 @@ training settings; for --init_from, the checkpoint's architecture and tokenizer.
   --checkpoint_dir says otherwise; a --max_iters at or below its step leaves nothing to train;
   --lora_rank and --optimizer shape the state it loads, so they cannot change
   (`reject_state_changes`); without --data it reads the saved path (`check_saved_data`);
+  without --lr_decay_iters, a decay that has begun keeps its end (optim.resumed_decay_iters);
 - `--resume auto` resumes the newest readable step checkpoint if there is one, else starts a new
   run (from --init_from if given), so a requeued job can repeat its command.
 Whether the run may write into its --checkpoint_dir is rundir.py's rule, asked from here, so that
@@ -16,7 +17,9 @@ every refusal happens before any file is touched. The dataclasses and their vali
 config.py's.
 """
 
+import copy
 import glob
+import sys
 from pathlib import Path
 
 from checkpoint import configs_from_checkpoint, load_checkpoint, tokenizer_from_checkpoint
@@ -24,6 +27,7 @@ from cli import UserError, fail
 from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, adapt_defaults,
                     apply_args_to_configs, check_configs, configs_to_toml, name_the_recipe,
                     parse_args, validate)
+from optim import resumed_decay_iters
 from rundir import (accept_an_attempt_that_saved_nothing, exit_if_finished, latest_checkpoint,
                     refuse_to_replace_a_run)
 from runtime import print0
@@ -54,7 +58,8 @@ def configure(argv=None):
         if train_config.init_from:
             gpt_config, checkpoint = configure_init_from(given, train_config)
         for note in adapt_defaults(gpt_config, train_config, given):
-            print0(f"note: {note}")
+            # under --print_config, stdout is the recipe: a note there would break it
+            print0(f"note: {note}", file=sys.stderr if given.get("print_config") else None)
         if automatic:
             attempt = accept_an_attempt_that_saved_nothing(train_config)
     check_configs(args, gpt_config, train_config)
@@ -87,7 +92,9 @@ def configure_resume(args, train_config, automatic):
     except UserError as error:
         name_the_recipe(args, error)
     check_saved_data(given, saved_train, path)
-    gpt_config, train_config = apply_args_to_configs(args, saved_gpt, saved_train)
+    gpt_config, train_config = apply_args_to_configs(args, saved_gpt, copy.copy(saved_train))
+    if "lr_decay_iters" not in given:  # a decay that has begun keeps its end
+        train_config.lr_decay_iters = resumed_decay_iters(saved_train, train_config, step)
     train_config.resume, train_config.init_from = str(path), ""
     train_config.overwrite = given.get("overwrite", False)  # never inherited from the saved run
     if "checkpoint_dir" not in given:  # the run continues where its checkpoint is

@@ -15,6 +15,8 @@
   pickling the dataset (the spawn start method) reopens the file instead of receiving a copy.
 - `validation_batches`: a fixed set of evenly spaced windows of the validation split; it uses no
   random state at all, and like the training batches it depends only on the global batch.
+- `check_token_ids`: a mapped token cache holds only ids of its vocabulary (a damaged cache of the
+  right size is one line, not an IndexError deep in the model).
 Tokenizers live in tokenizer.py; what a batch is used for lives in train.py.
 """
 
@@ -48,7 +50,8 @@ def get_dataset(train_config, tokenizer=None):
     if tokenizer is None and t.tokenizer not in TOKENIZERS:
         tokenizer = tokenizer_from_pretrained(t.tokenizer)
     if t.data:
-        return corpus_tokens(t.data, t, tokenizer)
+        tokenizer, ids = corpus_tokens(t.data, t, tokenizer)
+        return tokenizer, check_token_ids(ids, tokenizer.vocab_size, t.data)
     text = builtin_corpus()
     if tokenizer is None:
         if t.tokenizer == "char":
@@ -78,6 +81,7 @@ def training_and_validation(tokens, tokenizer, train_config, block_size):
         return split_tokens(tokens, t.val_fraction, block_size,
                             getattr(tokenizer, "end_of_text", None) if documents else None)
     _, val_tokens = corpus_tokens(t.val_data, t, tokenizer)
+    val_tokens = check_token_ids(val_tokens, tokenizer.vocab_size, t.val_data)
     for name, part in (("training", tokens), ("validation (--val_data)", val_tokens)):
         check_length(name, part, block_size)
     return tokens, val_tokens
@@ -236,3 +240,22 @@ def validation_batches(tokens, block_size, batch_size, num_batches, rank=0, worl
     starts = starts.round().astype(np.int64).reshape(num_batches, global_batch)
     mine = starts[:, rank * batch_size:(rank + 1) * batch_size]
     return [windows_at(source, s, block_size) for s in mine]
+
+
+def check_token_ids(tokens, vocab_size, source):
+    """`tokens`, once every id is known to be in [0, vocab_size); else one line naming the file.
+
+    A token cache of the right size whose content was damaged (or written by something else)
+    maps without complaint, and its ids would fail deep inside the embedding. One pass over the
+    ids (about a second per GB of cache) checks them where they are obtained."""
+    ids = np.asarray(tokens)
+    if ids.size == 0:
+        return tokens
+    largest, smallest = int(ids.max()), int(ids.min())
+    if largest < vocab_size and smallest >= 0:
+        return tokens
+    location = _memmap_location(ids)
+    where = f"the token cache {location[0]} of {source}" if location else f"the tokens of {source}"
+    bad = largest if largest >= vocab_size else smallest
+    fail(f"{where} holds token id {bad}, outside the vocabulary of {vocab_size} tokens: the cache "
+         f"is damaged; delete it and it is rebuilt from the text")

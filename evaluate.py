@@ -30,7 +30,7 @@ from tqdm import tqdm
 from checkpoint import configs_from_checkpoint, model_from_checkpoint
 from cli import ArgumentParser, fail, run_main
 from config import DTYPES
-from dataset import get_dataset, training_and_validation
+from dataset import check_token_ids, get_dataset, training_and_validation
 from model import IGNORE_INDEX
 from rundir import add_checkpoint_arguments, checkpoint_to_load
 from runtime import autocast_context, check_memory, select_device, select_dtype
@@ -124,7 +124,7 @@ def tokens_to_score(checkpoint, tokenizer, data, path):
     if data:  # through the token cache: a large file is read in chunks and memory-mapped
         _, ids = cached_tokens(data, tokenizer.kind, train_config.cache_dir, tokenizer=tokenizer,
                                text_field=train_config.text_field, num_proc=train_config.num_proc)
-        return np.asarray(ids), data
+        return np.asarray(check_token_ids(ids, tokenizer.vocab_size, data)), data
     _, tokens = get_dataset(train_config, tokenizer)
     _, val_tokens = training_and_validation(tokens, tokenizer, train_config,
                                             gpt_config.block_size)

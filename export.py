@@ -19,31 +19,43 @@ runs in `pipeline("text-generation", model=DIR)` with no other step. It holds:
        "pieces": ["68656c6c6f", ...],   # for each id, the UTF-8 bytes it stands for, in hex
        "tokenizer_state": {...}}        # this project's tokenizer state (tokenizer.py)
   Decoding ids is concatenating their pieces and reading the bytes as UTF-8.
-No file a user has is overwritten: `--out` must be new, empty, or an earlier export of ours
-(which is replaced), unless `--overwrite true`.
+- `export_source.json`: where the export came from: {"run": the run directory of the checkpoint
+  (resolved), or the Hugging Face directory or model id; "checkpoint": the file; "step": its step}.
+No file a user has is overwritten, and no export is lost (`check_out_dir`, `install_export`):
+- the files are written into a temporary directory beside `--out` and moved into place only once
+  all are written, so a failed export (a full disk, a kill) leaves the earlier one working;
+- `--out` must be new, empty, or an export of the same run (re-exporting after more training just
+  works); an export of another run, an export that does not say its run (older versions), or a
+  directory with other files needs `--overwrite true`, which replaces the export's files and
+  leaves any others.
 
 Exporting needs the `safetensors` and `tokenizers` packages; loading the result needs
 `transformers`. None is needed to train. Checkpoint loading is checkpoint.py's job, the choice of
-file rundir.py's. The export is a directory of several files, written in place (an export that
-fails halfway is marked as ours and may be run again), not through atomic.py's one-file writes.
+file rundir.py's.
 """
 
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
 
-from checkpoint import model_from_checkpoint
+from atomic import TEMPORARY_PREFIX, fsync_directory
+from checkpoint import model_from_checkpoint, saved_step
 from cli import ArgumentParser, fail, parse_bool, run_main
 from generation import encode_prompt
 from model import RMS_NORM_EPS, ROPE_THETA, mlp_hidden_size
 from rundir import add_checkpoint_arguments, checkpoint_to_load
+from sharded_checkpoint import is_sharded_checkpoint
 from tokenizer import END_OF_TEXT
 
+SOURCE_NAME = "export_source.json"
 # Every file an export writes. A directory holding only these (with our tokenizer_vocab.json)
-# is an earlier export, which a new export may replace.
+# is an earlier export, which an export of the same run may replace.
 EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                "tokenizer_config.json", "tokenizer_vocab.json")
+                "tokenizer_config.json", "tokenizer_vocab.json", SOURCE_NAME)
 
 
 def parse_export_args(argv=None):
@@ -51,8 +63,8 @@ def parse_export_args(argv=None):
     add_checkpoint_arguments(parser)
     parser.add_argument("--out", default="hf_model", help="directory to write (default: hf_model)")
     parser.add_argument("--overwrite", type=parse_bool, default=False, metavar="true|false",
-                        help="write into a non-empty --out that is not an earlier export, "
-                             "replacing files of the same names (default: false)")
+                        help="write into a non-empty --out that is not an earlier export of "
+                             "the same run, replacing files of the same names (default: false)")
     args = parser.parse_args(argv)
     for flag in ("out", "checkpoint_dir"):
         if not getattr(args, flag).strip():
@@ -289,32 +301,54 @@ def tokenizer_vocabulary(tokenizer):
             "tokenizer_state": tokenizer.state_dict()}
 
 
-def is_earlier_export(directory):
-    """Whether `directory` holds nothing but the files of an export of ours."""
+def export_source(checkpoint_path):
+    """export_source.json: the run a checkpoint file belongs to (its directory), or the Hugging
+    Face directory or model id it was read from, with the file and its step."""
+    path = Path(checkpoint_path)
+    if path.is_file() or is_sharded_checkpoint(path):  # a run's file (or FSDP step directory)
+        return {"run": str(path.resolve().parent), "checkpoint": str(path.resolve()),
+                "step": saved_step(path)}
+    name = str(path.resolve()) if path.is_dir() else str(checkpoint_path)
+    return {"run": name, "checkpoint": name, "step": None}
+
+
+def earlier_export_run(directory):
+    """The run an earlier export in `directory` came from; "" for an export that does not say
+    (written by an older version); None if `directory` is not only an export of ours."""
     names = {path.name for path in directory.iterdir()}
     if not names <= set(EXPORT_FILES) or "tokenizer_vocab.json" not in names:
-        return False
+        return None
     try:
         vocabulary = json.loads((directory / "tokenizer_vocab.json").read_text(encoding="utf-8"))
+        if not isinstance(vocabulary, dict) or not {"kind", "pieces"} <= vocabulary.keys():
+            return None
+        source = json.loads((directory / SOURCE_NAME).read_text(encoding="utf-8"))
+        return str(source["run"]) if isinstance(source, dict) and "run" in source else ""
+    except FileNotFoundError:
+        return ""
     except (OSError, ValueError):
-        return False
-    return isinstance(vocabulary, dict) and {"kind", "pieces"} <= vocabulary.keys()
+        return None
 
 
-def check_out_dir(out, overwrite):
-    """Refuse an --out that would replace files not written by an export of ours."""
+def check_out_dir(out, overwrite, source):
+    """Refuse an --out that would replace files not written by an export of the same run."""
     if out.exists() and not out.is_dir():
         fail(f"--out {out} exists and is not a directory")
     if overwrite or not out.exists():
         return
     try:
-        empty = not any(out.iterdir())
-        ours = empty or is_earlier_export(out)
+        earlier_run = None if any(out.iterdir()) else source["run"]  # empty: nothing to lose
+        earlier_run = earlier_export_run(out) if earlier_run is None else earlier_run
     except OSError as error:
         fail(f"cannot read --out {out}: {error.strerror or error}")
-    if not ours:
+    if earlier_run is None:
         fail(f"--out {out} holds files that are not an earlier export: choose another "
              f"directory, or pass --overwrite true to write over its files of the same names")
+    if earlier_run != source["run"]:
+        of_what = f"of another run ({earlier_run})" if earlier_run else \
+            f"that does not say which run it came from (no {SOURCE_NAME})"
+        fail(f"--out {out} holds an export {of_what}, not of {source['run']}: choose another "
+             f"--out, or pass --overwrite true to replace it")
 
 
 def _import_save_file():
@@ -326,31 +360,126 @@ def _import_save_file():
     return save_file
 
 
+def write_files(directory, files, weights, save_file):
+    """Every file of the export into the new `directory`, each flushed to the disk."""
+    directory.mkdir()
+    for name, content in files.items():
+        text = content if isinstance(content, str) else json.dumps(content, indent=2) + "\n"
+        with open(directory / name, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    with open(directory / "model.safetensors", "rb") as handle:
+        os.fsync(handle.fileno())
+    fsync_directory(directory)
+
+
+def temporary_directory(target):
+    """Where the export is written first: beside --out, to be renamed into place (a new --out, or
+    an earlier export swapped whole); inside --out where the files move one by one into a
+    directory that stays (an empty one, or a user's with --overwrite)."""
+    renamed = not target.exists() or earlier_export_run(target) is not None
+    return (target.parent if renamed else target) / f"{TEMPORARY_PREFIX}{target.name}.{os.getpid()}"
+
+
+def remove_leftovers(target):
+    """Delete what an export killed while writing left behind: a `.tmp-NAME.PID` directory,
+    beside or inside --out, of a process that is gone, holding nothing but export files. (A
+    `.tmp-NAME.PID.old`, an earlier export caught mid-swap, is the user's to look at.)"""
+    if os.name != "posix":
+        return  # no safe way to ask whether the writer is still alive
+    prefix = f"{TEMPORARY_PREFIX}{target.name}."
+    for home in (target.parent, target):
+        if not home.is_dir():
+            continue
+        for path in home.iterdir():
+            pid = path.name[len(prefix):] if path.name.startswith(prefix) else ""
+            if pid.isdigit() and path.is_dir() and not path.is_symlink() and \
+                    not process_alive(int(pid)) and \
+                    {child.name for child in path.iterdir()} <= set(EXPORT_FILES):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, as another user's
+        return True
+    return True
+
+
+def install_export(temporary, target):
+    """Move the finished export in `temporary` (`temporary_directory`'s) to `target`.
+
+    A new --out is the temporary directory renamed. An earlier export (only our files) is swapped
+    out whole: renamed aside, the new one renamed in, the old one deleted, so at no moment is a
+    half-written export in place. Into an empty or a user's directory (--overwrite) each file
+    is moved over its namesake, and the user's other files stay."""
+    if temporary.parent == target:
+        for path in temporary.iterdir():
+            os.replace(path, target / path.name)
+        temporary.rmdir()
+    elif not target.exists():
+        os.rename(temporary, target)
+    else:
+        retired = temporary.with_name(temporary.name + ".old")
+        os.rename(target, retired)
+        try:
+            os.rename(temporary, target)
+        except OSError:
+            os.rename(retired, target)
+            raise
+        shutil.rmtree(retired, ignore_errors=True)
+    fsync_directory(target.parent)
+
+
+def write_failure(error):
+    """Why writing failed, in a few words, or None for an error that is not about writing.
+    safetensors reports a failed write (a full disk) as a SafetensorError, not an OSError."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    if type(error).__name__ == "SafetensorError":
+        reason = re.search(r'message: "([^"]+)"', str(error))
+        return reason.group(1) if reason else (str(error).splitlines() or ["write failed"])[0]
+    return None
+
+
 def export(checkpoint_path, out_dir, overwrite=False):
     """Write the Hugging Face directory for `checkpoint_path` into `out_dir`; return its path."""
     save_file = _import_save_file()
     out = Path(out_dir)
-    check_out_dir(out, overwrite)
+    source = export_source(checkpoint_path)
+    target = out.resolve()  # a link to a directory: the export goes where it points
+    if not out.exists() or out.is_dir():
+        remove_leftovers(target)
+    check_out_dir(out, overwrite, source)
     model, tokenizer, _ = model_from_checkpoint(checkpoint_path)
     special_ids = special_token_ids(tokenizer)
     config, weights = hugging_face_model(model, special_ids)
-    # tokenizer_vocab.json first: it marks the directory as ours, so an export that fails
-    # halfway may be run again into the same directory
     files = {
         "tokenizer_vocab.json": tokenizer_vocabulary(tokenizer),
         "config.json": config,
         "generation_config.json": generation_config(tokenizer, model.config, special_ids),
         "tokenizer.json": tokenizer.hugging_face_json(),
         "tokenizer_config.json": tokenizer_config(tokenizer, model.config.block_size),
+        SOURCE_NAME: source,
     }
+    existed = out.exists()
+    temporary = temporary_directory(target)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        for name, content in files.items():
-            text = content if isinstance(content, str) else json.dumps(content, indent=2) + "\n"
-            (out / name).write_text(text, encoding="utf-8")
-        save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    except OSError as error:
-        fail(f"could not write the export to {out}: {error.strerror or error}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_files(temporary, files, weights, save_file)
+        install_export(temporary, target)
+    except Exception as error:  # only a failure to write is reported here; the rest propagates
+        shutil.rmtree(temporary, ignore_errors=True)
+        reason = write_failure(error)
+        if reason is None:
+            raise
+        kept = f"{out} is as it was" if existed else "nothing was written"
+        fail(f"could not write the export to {out}: {reason}; {kept}")
     return out
 
 

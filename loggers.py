@@ -22,7 +22,8 @@ from config import config_to_dict
 from rundir import TENSORBOARD_NAME, WANDB_RUN_ID_NAME, metrics_path
 
 # record key -> the chart it is drawn in (TensorBoard tag, W&B key); other numbers keep their key
-CHARTS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+CHARTS = {"loss": "train/loss", "lr": "train/lr", "muon_lr": "train/muon_lr",
+          "grad_norm": "train/grad_norm",
           "tokens_per_sec": "speed/tokens_per_sec", "mfu": "speed/mfu",
           "val_loss": "val/loss", "val_bpb": "val/bits_per_byte"}
 

@@ -7,7 +7,9 @@ as it was; only A and B reach the optimizer, so its state shrinks by orders of m
 - A `LoRALinear` keeps the frozen `weight` and `bias` under their own names and adds `lora_A` and
   `lora_B`: a step checkpoint holds the plain keys plus the adapters, and resumes exactly;
 - `merged_state_dict(model)` folds the adapters into the weights, giving the plain model's keys:
-  what gpt_best.pt and gpt_final.pt hold, so sample.py, evaluate.py and export.py need nothing new.
+  what gpt_best.pt and gpt_final.pt hold, so sample.py, evaluate.py and export.py need nothing new;
+- `merge_adapters(state_dict, alpha)` does the same to a step checkpoint's saved weights, with the
+  same arithmetic (`merged_weight`): checkpoint.py calls it, so every command reads those too.
 Written here rather than with `peft`, whose wrappers rename every key (`base_model.model. ...
 .base_layer.weight`) and would make checkpoints undo that renaming on every save and load.
 When to add adapters is train.py's business.
@@ -39,7 +41,12 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight, self.bias) + self.scale * update
 
     def merged_weight(self):
-        return (self.weight + self.scale * (self.lora_B @ self.lora_A)).detach()
+        return merged_weight(self.weight, self.lora_A, self.lora_B, self.scale).detach()
+
+
+def merged_weight(weight, lora_A, lora_B, scale):
+    """The plain layer's weight that computes what the adapted one does (without dropout)."""
+    return weight + scale * (lora_B @ lora_A)
 
 
 def add_lora(model, rank, alpha, dropout=0.0):
@@ -62,3 +69,20 @@ def merged_state_dict(model):
             del state[f"{name}.lora_A"], state[f"{name}.lora_B"]
             state[f"{name}.weight"] = module.merged_weight()
     return state
+
+
+def merge_adapters(state_dict, alpha):
+    """A saved LoRA state dict (plain keys plus each adapted layer's lora_A and lora_B) as the plain
+    model's: each pair folded into the weight it adapts, scaled by alpha / rank as in training.
+    A state dict without adapters comes back as it is; an incomplete pair is left for the model's
+    load to name."""
+    merged = dict(state_dict)
+    for name in state_dict:
+        layer = name.removesuffix(".lora_A")
+        weight, lora_A, lora_B = f"{layer}.weight", f"{layer}.lora_A", f"{layer}.lora_B"
+        if name == lora_A and weight in state_dict and lora_B in state_dict:
+            rank = state_dict[lora_A].size(0)
+            merged[weight] = merged_weight(state_dict[weight], state_dict[lora_A],
+                                           state_dict[lora_B], alpha / rank)
+            del merged[lora_A], merged[lora_B]
+    return merged

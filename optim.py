@@ -4,16 +4,21 @@
 - `--optimizer muon`: Muon on the 2-D matrices inside the blocks, AdamW on everything else
   (embeddings, the head, norm gains, biases), in one `MuonWithAdamW` optimizer, so the loop, the
   gradient scaler and a checkpoint see one optimizer with one state_dict.
-Weight decay applies to matrices and embeddings only. The schedule (a linear warmup, then a
-cosine decay, as a `LambdaLR`) is a multiplier of each group's base rate, so every group follows
-the same warmup and decay. Where the training step is recorded as a CUDA graph (step.py), AdamW
-is `capturable` and each group's learning rate a device tensor that the schedule fills in place,
-so replays follow the schedule; `load_optimizer_state` lets a checkpoint written in either form
-resume in the other, and `rebase_schedule` fits a resumed schedule to this run's flags. Shared
-by train.py, step.py and the benchmarks; when to step is train.py's job.
+Weight decay applies to matrices and embeddings only. The schedule (`Schedule`: a linear warmup,
+then a cosine decay, or with --lr_schedule wsd the peak held and a decay at the end, as a
+`LambdaLR`) is a multiplier of each group's base rate, so every group follows the same warmup and
+decay; a resumed run keeps the end of a decay that has begun (`resumed_decay_iters`), and
+`describe_schedule` says in one line what the rate does for the steps ahead. Where the training
+step is recorded as a CUDA graph (step.py), AdamW is `capturable` and each group's learning rate
+a device tensor that the schedule fills in place, so replays follow the schedule;
+`load_optimizer_state` lets a checkpoint written in either form resume in the other, and
+`rebase_schedule` fits a resumed schedule to this run's flags. Shared by train.py, step.py and
+the benchmarks; when to step is train.py's job.
 """
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -183,36 +188,150 @@ def newton_schulz_dtype(matrices):
     return torch.float32
 
 
-def get_cosine_schedule_with_warmup(optimizer, num_warmup_steps, num_training_steps,
-                                    min_lr_ratio=0.0):
-    """Linear warmup to the peak, then a cosine down to `min_lr_ratio` of it at the last step.
+@dataclass(frozen=True)
+class Schedule:
+    """The multiplier of each group's peak rate for optimizer step s (counting from 0).
 
-    The multiplier for optimizer step s (counting from 0) is (s + 1) / warmup during warmup, so
-    the very first step already learns, and the peak is reached at the last warmup step.
+    Both kinds warm up linearly, (s + 1) / warmup, so the very first step already learns and the
+    peak is reached at the last warmup step, and both end at `min_lr_ratio` at step `decay_iters`
+    (--lr_decay_iters, or --max_iters), where they stay:
+    - cosine: from the end of warmup, a cosine from the peak down to the floor;
+    - wsd (warmup-stable-decay): the peak held, then over the last `decay_fraction` of the steps
+      a decay shaped 1 - sqrt(progress). Hagele et al. (2024, "Scaling Laws and Compute-Optimal
+      Training Beyond Fixed Training Durations") found this shape ends lower than a linear decay,
+      on a par with a cosine: it drops fast at first and spends its last steps near the floor.
+      Until its decay begins, a WSD run is the same whatever its length, which is what lets a run
+      be extended as if it had been started longer (see `resumed_decay_iters`).
     """
-    def multiplier(step):
-        if step < num_warmup_steps:
-            return (step + 1) / num_warmup_steps
-        progress = (step - num_warmup_steps) / max(1, num_training_steps - num_warmup_steps)
-        cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * cosine
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    kind: str  # cosine or wsd: --lr_schedule
+    warmup_iters: int
+    decay_iters: int  # the step at which the decay reaches min_lr_ratio
+    min_lr_ratio: float
+    decay_fraction: float  # wsd only
+
+    @classmethod
+    def from_config(cls, train_config):
+        t = train_config
+        return cls(t.lr_schedule, t.warmup_iters, t.lr_decay_iters or t.max_iters, t.min_lr_ratio,
+                   t.decay_fraction)
+
+    @property
+    def decay_start(self):
+        """The first step whose rate is below the peak (after warmup)."""
+        if self.kind == "wsd":
+            decay_steps = round(self.decay_fraction * self.decay_iters)
+            return max(self.warmup_iters, self.decay_iters - decay_steps)
+        return self.warmup_iters
+
+    def __call__(self, step):
+        if step < self.warmup_iters:
+            return (step + 1) / self.warmup_iters
+        start = self.decay_start
+        if step < start:
+            return 1.0
+        progress = min(1.0, (step - start) / max(1, self.decay_iters - start))
+        if self.kind == "wsd":
+            remaining = 1.0 - math.sqrt(progress)
+        else:
+            remaining = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * remaining
+
+
+def learning_rate_scheduler(optimizer, schedule):
+    """A `LambdaLR` that multiplies each group's peak rate by `schedule(step)`.
+
+    The multiplier is a plain function, so the scheduler's state_dict holds the step and the
+    peaks only: the shape always comes from the run's flags (`rebase_schedule`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
+
+
+def resumed_decay_iters(saved_config, train_config, step):
+    """The --lr_decay_iters of a run resumed after `step` when the flag is not given.
+
+    A decay that has begun keeps the end it had, so extending a run never raises its rate: the
+    extra steps run at the floor (nanoGPT's fixed lr_decay_iters). A WSD run that is before its
+    decay, under its old length and its new one, has held the peak so far whatever its length:
+    its decay moves to the end of the new --max_iters (0), so it ends exactly as a run started
+    with that --max_iters. 0 is returned wherever the end is --max_iters anyway.
+    """
+    saved = Schedule.from_config(saved_config)
+    if saved_config.lr_decay_iters == 0 and saved.kind == train_config.lr_schedule == "wsd":
+        extended = Schedule.from_config(dataclasses.replace(train_config, lr_decay_iters=0))
+        if step < saved.decay_start and step < extended.decay_start:
+            return 0
+    return 0 if saved.decay_iters == train_config.max_iters else saved.decay_iters
 
 
 def rebase_schedule(optimizer, scheduler, train_config, step):
-    """After a resume: the schedule follows this run's flags from `step` on (a larger --max_iters
-    or another --learning_rate reshapes the rest of it), and each group's rate is the one the
-    schedule gives for the next step."""
+    """After a resume: the schedule follows this run's flags from `step` on (another
+    --learning_rate, or --max_iters and --lr_decay_iters as `resumed_decay_iters` settles them,
+    reshape the rest of it), and each group's rate is the one the schedule gives for the next
+    step."""
     scheduler.base_lrs = base_learning_rates(optimizer, train_config)
     for group, base_lr, multiplier in zip(optimizer.param_groups, scheduler.base_lrs,
                                           scheduler.lr_lambdas):
         set_learning_rate(group, base_lr * multiplier(step))
 
 
-def current_learning_rate(scheduler):
-    """The first group's learning rate for the coming step, computed on the host."""
-    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch)
+def schedule_changes(saved_config, train_config):
+    """Whether a resume changes the rates of the steps ahead: their number, shape or peaks."""
+    fields = ("max_iters", "learning_rate", "muon_learning_rate", "optimizer")
+    return Schedule.from_config(saved_config) != Schedule.from_config(train_config) or \
+        any(getattr(saved_config, name) != getattr(train_config, name) for name in fields)
+
+
+def describe_schedule(train_config, step, saved_config=None):
+    """One line: what the learning rate does over steps step + 1 to --max_iters, and why its
+    decay ends where it does (`saved_config`: the run it resumes)."""
+    t, schedule = train_config, Schedule.from_config(train_config)
+    end, warmup = t.max_iters, schedule.warmup_iters
+
+    def rate(s):
+        return f"{t.learning_rate * schedule(s):.2e}"
+
+    phases = []
+    if step < warmup:
+        phases.append(f"a warmup to {rate(warmup - 1)} at step {min(warmup, end)}")
+    if max(step, warmup) < min(schedule.decay_start, end):
+        phases.append(f"constant at {rate(max(step, warmup))} to step "
+                      f"{min(schedule.decay_start, end)}")
+    decay_from, decay_to = max(step, schedule.decay_start), min(schedule.decay_iters, end)
+    if decay_from < decay_to:
+        shape = "1-sqrt" if schedule.kind == "wsd" else "cosine"
+        phases.append(f"a {shape} decay from {rate(decay_from)} to {rate(decay_to)} at step "
+                      f"{decay_to}")
+    if max(step, schedule.decay_iters) < end:
+        phases.append(f"the minimum, {rate(end)}, to step {end}")
+    muon = (f" (muon_lr in proportion, from {t.muon_learning_rate:g})" if t.optimizer == "muon"
+            else "")
+    return (f"learning rate for steps {step + 1}-{end}: {', then '.join(phases)}{muon}; "
+            f"{decay_reason(t, schedule, saved_config)}")
+
+
+def decay_reason(train_config, schedule, saved_config=None):
+    """Why the decay ends at schedule.decay_iters, and how to move it."""
+    t = train_config
+    if t.lr_decay_iters == 0 and schedule.kind == "wsd":
+        return (f"the decay is the last {t.decay_fraction:g} of --max_iters {t.max_iters}, as in "
+                f"a run started with it")
+    if t.lr_decay_iters == 0:
+        return f"the decay ends at --max_iters {t.max_iters}"
+    saved = Schedule.from_config(saved_config) if saved_config else None
+    if saved and saved.decay_iters == t.lr_decay_iters:
+        return (f"the decay ends at step {t.lr_decay_iters} as in the run it resumes (give "
+                f"--lr_decay_iters {t.max_iters} to end it at --max_iters instead)")
+    return f"the decay ends at step {t.lr_decay_iters} (--lr_decay_iters {t.lr_decay_iters})"
+
+
+def current_learning_rates(scheduler):
+    """The rates of the coming step under their record names, computed on the host: `lr` for
+    AdamW's groups and, with --optimizer muon, `muon_lr` for Muon's."""
+    multiplier = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    rates = {}
+    for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        rates.setdefault("muon_lr" if group.get("muon") else "lr", base_lr * multiplier)
+    return dict(sorted(rates.items()))  # lr first
 
 
 def set_learning_rate(group, rate):

@@ -1,19 +1,23 @@
-"""A Hugging Face GPT-2 becomes this project's checkpoint: `checkpoint_from_pretrained(source)`.
+"""A Hugging Face model becomes this project's checkpoint: `checkpoint_from_pretrained(source)`.
 
 `source` is a GPT-2 model id (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `distilgpt2`) or a
-directory written by `save_pretrained` or by export.py. The result is the plain dict a training
-run saves (weights, `gpt_config`, tokenizer), so checkpoint.py hands it to train.py's --init_from,
-sample.py, evaluate.py and export.py as if it had been read from a file. Notable details:
+directory written by `save_pretrained` or by export.py: a GPT-2, or a Llama or Qwen3 of the shapes
+export.py writes (every head its own keys and values, our RoPE base and RMSNorm epsilon). The
+result is the plain dict a training run saves (weights, `gpt_config`, tokenizer), so
+checkpoint.py hands it to train.py's --init_from, sample.py, evaluate.py and export.py as if it
+had been read from a file. Notable details:
 - GPT-2 stores its linear layers as `Conv1D`, whose weight is the transpose of `nn.Linear`'s;
   its `gelu_new` is the tanh GELU of model.py written out, and its LayerNorm eps is ours (1e-5);
   export.py's GPT-2 variants (ReLU², an untied head) come back as they went out;
+- Llama and Qwen3 keep queries, keys and values (and SwiGLU's gate and value) as separate
+  matrices, which are concatenated back into model.py's fused ones (`llama_state_from`);
 - a BPE vocabulary is padded to a multiple of 64, as a trained one is: padded ids are never
   sampled nor predicted (model.py's `vocab_limit`);
 - the tokenizer is read from `tokenizer.json` (or `vocab.json` + `merges.txt`) with `tokenizers`
   and stored like a trained BPE tokenizer; export.py's directories bring back their own tokenizer;
 - a model id is fetched with `huggingface_hub` into the cache `transformers` shares; a local
   directory needs only `safetensors` (or torch, for `pytorch_model.bin`) and `tokenizers`.
-Only the GPT-2 architecture maps onto model.py: any other setting is one clear error.
+Any other architecture or setting is one clear error naming it.
 `tokenizer_from_pretrained` reads only the tokenizer (--tokenizer gpt2, or a tokenizer.json), with
 its end-of-text token (tokenizer_config.json's eos_token, or the special token named for it).
 """
@@ -26,6 +30,7 @@ import torch
 
 from cli import UserError, fail
 from config import GPTConfig, config_to_dict
+from model import RMS_NORM_EPS, ROPE_THETA, mlp_hidden_size
 from tokenizer import BPETokenizer, import_tokenizers, tokenizer_from_state
 
 MODEL_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2",
@@ -50,17 +55,25 @@ def is_pretrained(source):
 
 
 def checkpoint_from_pretrained(source):
-    """{"model_state_dict", "gpt_config", "tokenizer", ...} of a Hugging Face GPT-2, on the CPU."""
+    """{"model_state_dict", "gpt_config", "tokenizer", ...} of a Hugging Face model, on the CPU."""
     directory = Path(source) if Path(source).is_dir() else download(str(source))
     settings = read_config(directory)
     tokenizer = read_tokenizer(directory)
     if tokenizer.vocab_size > settings["vocab_size"]:
         fail(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
              f"{settings['vocab_size']}")
-    gpt_config = gpt_config_from(settings, source)
+    family = settings.get("model_type")
+    if family not in ("gpt2", "llama", "qwen3"):
+        fail(f"{source} holds a {family!r} model; only GPT-2 models (model_type 'gpt2') and "
+             f"Llama or Qwen3 models as export.py writes them map onto this project's GPT")
+    read = {"gpt2": (gpt_config_from, model_state_from),
+            "llama": (llama_config_from, llama_state_from),
+            "qwen3": (llama_config_from, llama_state_from)}
+    config_reader, state_reader = read[family]
+    gpt_config = config_reader(settings, source)
     if tokenizer.kind == "bpe":  # as a trained one is (export.py's char and byte ones are not)
         gpt_config.vocab_size = (settings["vocab_size"] + 63) // 64 * 64
-    state = model_state_from(read_weights(directory), gpt_config, source)
+    state = state_reader(weight_reader(read_weights(directory), source), gpt_config)
     return {"model_state_dict": state, "gpt_config": config_to_dict(gpt_config),
             "tokenizer": tokenizer.state_dict(), "step": 0, "pretrained": str(source)}
 
@@ -101,14 +114,11 @@ def read_config(directory):
         fail(f"{path} is unreadable: {first_line(error)}")
     if not isinstance(settings, dict):
         fail(f"{path} is not a model configuration")
-    return {**GPT2_DEFAULTS, **settings}
+    return {**GPT2_DEFAULTS, **settings} if settings.get("model_type") == "gpt2" else settings
 
 
 def gpt_config_from(settings, source):
     """Our GPTConfig for a GPT-2 config.json; a setting our GPT cannot reproduce is an error."""
-    if settings.get("model_type") != "gpt2":
-        fail(f"{source} holds a {settings.get('model_type')!r} model; only GPT-2 models "
-             f"(model_type 'gpt2') map onto this project's GPT")
     n_embd, activation = settings["n_embd"], settings.get("activation_function", "gelu_new")
     fits = {
         "activation_function": activation in TANH_GELUS or activation == "relu2",
@@ -151,22 +161,28 @@ def read_weights(directory):
     return {name.removeprefix("transformer."): tensor for name, tensor in weights.items()}
 
 
-def model_state_from(weights, gpt_config, source):
-    """model.py's state dict from GPT-2's tensors: renamed, Conv1D weights transposed, padded."""
+def weight_reader(weights, source):
+    """`take(name)`: the tensor `name` in float32, or one line saying the model lacks it."""
     def take(name):
         if name not in weights:
-            fail(f"{source}: the weights lack {name!r}, which a GPT-2 has")
+            fail(f"{source}: the weights lack {name!r}, which its architecture has")
         return weights[name].to(torch.float32)
+    return take
 
-    def padded(matrix):
-        # Padded rows start as the mean real row: the logit they get is an average one, so even a
-        # model exported back to Hugging Face (which does not know they are padding) never
-        # favours them.
-        rows = matrix.new_empty(gpt_config.vocab_size - matrix.size(0), matrix.size(1))
-        return torch.cat([matrix, rows.copy_(matrix.mean(0))])
 
-    embedding = padded(take("wte.weight"))
-    head = embedding if gpt_config.tie_embeddings else padded(take("lm_head.weight"))
+def padded(matrix, vocab_size):
+    """`matrix`'s rows, then rows up to `vocab_size` that start as the mean real row: the logit
+    they get is an average one, so even a model exported back to Hugging Face (which does not
+    know they are padding) never favours them."""
+    rows = matrix.new_empty(vocab_size - matrix.size(0), matrix.size(1))
+    return torch.cat([matrix, rows.copy_(matrix.mean(0))])
+
+
+def model_state_from(take, gpt_config):
+    """model.py's state dict from GPT-2's tensors: renamed, Conv1D weights transposed, padded."""
+    embedding = padded(take("wte.weight"), gpt_config.vocab_size)
+    head = embedding if gpt_config.tie_embeddings else \
+        padded(take("lm_head.weight"), gpt_config.vocab_size)
     state = {"token_embedding.weight": embedding, "lm_head.weight": head,
              "position_embedding.weight": take("wpe.weight"),
              "ln_f.weight": take("ln_f.weight"), "ln_f.bias": take("ln_f.bias")}
@@ -179,6 +195,70 @@ def model_state_from(weights, gpt_config, source):
             weight = take(f"{theirs}.{their_name}.weight")
             state[f"{ours}.{our_name}.weight"] = weight.t().contiguous()  # Conv1D: x @ W
             state[f"{ours}.{our_name}.bias"] = take(f"{theirs}.{their_name}.bias")
+    return state
+
+
+def llama_config_from(settings, source):
+    """Our GPTConfig (--pos rope --norm rmsnorm --mlp swiglu, and --qk_norm for Qwen3) for a
+    Llama or Qwen3 config.json; a setting our GPT cannot reproduce is one line naming it."""
+    qwen3 = settings.get("model_type") == "qwen3"
+    try:
+        width, heads = int(settings["hidden_size"]), int(settings["num_attention_heads"])
+        gpt_config = GPTConfig(
+            vocab_size=int(settings["vocab_size"]),
+            block_size=int(settings["max_position_embeddings"]),
+            n_layer=int(settings["num_hidden_layers"]), n_head=heads, n_embd=width, dropout=0.0,
+            bias=settings.get("attention_bias", False) is True, pos="rope", norm="rmsnorm",
+            qk_norm=qwen3, mlp="swiglu",
+            tie_embeddings=settings.get("tie_word_embeddings", True) is not False)
+    except (KeyError, TypeError, ValueError) as error:
+        fail(f"{source}/config.json lacks or garbles a field its model needs: {first_line(error)}")
+    fits = {
+        "hidden_act": settings.get("hidden_act", "silu") == "silu",
+        "num_key_value_heads": settings.get("num_key_value_heads", heads) == heads,
+        "head_dim": (settings.get("head_dim") or width // heads) * heads == width,
+        "intermediate_size": settings.get("intermediate_size") == mlp_hidden_size(gpt_config),
+        "rms_norm_eps": math.isclose(settings.get("rms_norm_eps", 0.0), RMS_NORM_EPS),
+        "rope_theta": settings.get("rope_theta", ROPE_THETA) == ROPE_THETA,
+        "rope_scaling": not settings.get("rope_scaling"),
+        # our --bias puts biases on attention and MLP alike; Qwen3's MLP never has any
+        "mlp_bias": settings.get("mlp_bias", False) is gpt_config.bias,
+        "attention_bias": not (qwen3 and gpt_config.bias),
+        "use_sliding_window": not settings.get("use_sliding_window"),
+    }
+    for name, fit in fits.items():
+        if not fit:
+            fail(f"{source}: {name}={settings.get(name)!r} has no equivalent in this project's "
+                 f"GPT (SiLU gate, every head its own keys and values, RMSNorm eps "
+                 f"{RMS_NORM_EPS:g}, RoPE base {ROPE_THETA:g}, one --bias for attention and MLP)")
+    return gpt_config
+
+
+def llama_state_from(take, gpt_config):
+    """model.py's state dict from Llama's or Qwen3's tensors: q, k and v (and the SwiGLU gate
+    and value) concatenated into our fused matrices, the vocabulary padded."""
+    embedding = padded(take("model.embed_tokens.weight"), gpt_config.vocab_size)
+    head = embedding if gpt_config.tie_embeddings else \
+        padded(take("lm_head.weight"), gpt_config.vocab_size)
+    state = {"token_embedding.weight": embedding, "lm_head.weight": head,
+             "ln_f.weight": take("model.norm.weight")}
+    parts = ["weight", "bias"] if gpt_config.bias else ["weight"]
+
+    def fused(ours, theirs):
+        for part in parts:
+            state[f"{ours}.{part}"] = torch.cat([take(f"{name}.{part}") for name in theirs])
+
+    for index in range(gpt_config.n_layer):
+        theirs, ours = f"model.layers.{index}", f"blocks.{index}"
+        state[f"{ours}.ln_1.weight"] = take(f"{theirs}.input_layernorm.weight")
+        state[f"{ours}.ln_2.weight"] = take(f"{theirs}.post_attention_layernorm.weight")
+        fused(f"{ours}.attn.qkv", [f"{theirs}.self_attn.{n}_proj" for n in "qkv"])
+        fused(f"{ours}.attn.proj", [f"{theirs}.self_attn.o_proj"])
+        fused(f"{ours}.mlp.fc", [f"{theirs}.mlp.gate_proj", f"{theirs}.mlp.up_proj"])
+        fused(f"{ours}.mlp.proj", [f"{theirs}.mlp.down_proj"])
+        if gpt_config.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                state[f"{ours}.attn.{norm}.weight"] = take(f"{theirs}.self_attn.{norm}.weight")
     return state
 
 

@@ -6,7 +6,7 @@ loggers.py and the readers (sample.py, evaluate.py, export.py, plot.py):
   and nowhere else (under --parallel fsdp a step checkpoint is a gpt_step{N} directory, which
   every rule treats as it treats a gpt_step{N}.pt), and its inventory: `run_files` (what makes
   it hold a run), the step checkpoints, the newest readable one, the file a reader loads
-  (`find_sampling_checkpoint`);
+  (`find_sampling_checkpoint`, `readable_sampling_checkpoint`);
 - the lock: a training run holds the directory with a flock on train.lock, which the kernel drops
   when the process dies, so a second run there is refused and a killed run never blocks the next;
 - the safety rules, as the README's "Safety" section states them, each a function that refuses
@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from pathlib import Path
 
 from atomic import TEMPORARY_PREFIX, fsync_directory, remove_temporary_files
 from best_model import BestModel
-from checkpoint import load_checkpoint, saved_step, saved_value
+from checkpoint import is_readable, load_checkpoint, saved_step, saved_value
 from sharded_checkpoint import is_sharded_checkpoint
 from cli import UserError, fail
 from runtime import print0
@@ -186,11 +187,27 @@ def add_checkpoint_arguments(parser):
     parser.add_argument("--checkpoint_dir", default="checkpoints")
 
 
+def readable_sampling_checkpoint(directory):
+    """`find_sampling_checkpoint`'s choice if it reads, else the next that does in the same order
+    (gpt_final.pt, then the newest step), said in one line on stderr; None if there is none.
+    If none reads, the first: loading it says what is wrong with it."""
+    named = [path for path in (best_path(directory), final_path(directory)) if path.is_file()]
+    candidates = named + list(reversed(step_checkpoints(directory)))
+    for index, path in enumerate(candidates):
+        if is_readable(path):
+            if index:
+                verb = "is" if index == 1 else "are"
+                print(f"note: {list_names(candidates[:index])} {verb} unreadable (corrupt or "
+                      f"truncated); using {path.name}", file=sys.stderr)
+            return path
+    return candidates[0] if candidates else None
+
+
 def checkpoint_to_load(args):
-    """The --checkpoint given, else the best file of --checkpoint_dir, else a UserError."""
+    """The --checkpoint given, else the best readable file of --checkpoint_dir, else a UserError."""
     if not args.checkpoint and not args.checkpoint_dir.strip():
         fail("--checkpoint_dir must not be empty (use . for the current directory)")
-    path = args.checkpoint or find_sampling_checkpoint(args.checkpoint_dir)
+    path = args.checkpoint or readable_sampling_checkpoint(args.checkpoint_dir)
     if not path:
         fail(f"no checkpoint in {args.checkpoint_dir}/: train a model first with `python train.py`")
     return path

@@ -39,9 +39,9 @@ from best_model import BestModel
 from cli import fail
 from config import GPTConfig, TrainConfig
 from loggers import Loggers
-from optim import current_learning_rate
+from optim import current_learning_rates
 from parallel import clip_gradients, pause_gradient_sync, uses_fsdp
-from rundir import RunDirectory
+from rundir import RunDirectory, step_checkpoints, step_of
 from runtime import Runtime, print0
 from tokenizer import Tokenizer
 
@@ -116,7 +116,7 @@ class LossMeter:
             dist.all_reduce(self.first_bad_step, op=dist.ReduceOp.MAX)
         bad_step = int(self.first_bad_step)
         if bad_step >= 0:
-            stop_nonfinite(bad_step, run.train_config)
+            stop_nonfinite(bad_step, run)
         if run.runtime.distributed:  # the mean over every rank's micro-batches
             dist.all_reduce(self.loss_sum)
             self.loss_sum /= run.runtime.world_size
@@ -138,10 +138,11 @@ class LossMeter:
 
 
 def optimizer_step(run, data, meter, skipped):
-    """One optimizer step and one schedule step; returns the learning rate the step used and
-    the number of batches skipped so far (--skip_nonfinite)."""
+    """One optimizer step and one schedule step; returns the learning rates the step used (by
+    record name: `lr`, and `muon_lr` with Muon) and the number of batches skipped so far
+    (--skip_nonfinite)."""
     t = run.train_config
-    step_lr = current_learning_rate(run.scheduler)
+    step_rates = current_learning_rates(run.scheduler)
     if run.graphed_step is not None:  # the whole step, optimizer included, as one replay
         step_loss, grad_norm, bad = run.graphed_step(data)
         meter.add(run.step + 1, step_loss, grad_norm, bad)
@@ -150,7 +151,7 @@ def optimizer_step(run, data, meter, skipped):
         if t.skip_nonfinite and bool(bad):  # opt-in: costs a host sync every step
             skipped += 1
             if skipped > t.skip_nonfinite:
-                stop_nonfinite(run.step + 1, t, f"more than {t.skip_nonfinite} skipped batches")
+                stop_nonfinite(run.step + 1, run, f"more than {t.skip_nonfinite} skipped batches")
             print0(f"step {run.step + 1}: non-finite loss or gradient, batch skipped "
                    f"({skipped} of at most {t.skip_nonfinite})")
             run.optimizer.zero_grad(set_to_none=True)
@@ -162,23 +163,43 @@ def optimizer_step(run, data, meter, skipped):
             run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     run.step += 1
-    return step_lr, skipped
+    return step_rates, skipped
 
 
 # Flags that shape each update: when one of them differs from its default, it may be the cause.
-UPDATE_FLAGS = ("weight_decay", "grad_clip", "betas", "warmup_iters", "muon_learning_rate",
-                "muon_momentum")
+UPDATE_FLAGS = ("weight_decay", "grad_clip", "betas", "warmup_iters", "muon_momentum")
 
 
-def stop_nonfinite(step, train_config, reason="the loss or gradient norm is not finite"):
-    t, defaults = train_config, TrainConfig()
+def stop_nonfinite(step, run, reason="the loss or gradient norm is not finite"):
+    """End a diverged run in one line: what was kept, and the flags worth changing."""
+    t, defaults = run.train_config, TrainConfig()
+    names = [name for name in UPDATE_FLAGS
+             if t.optimizer == "muon" or not name.startswith("muon_")]
     changed = [f"--{name} {' '.join(map(str, value)) if isinstance(value, tuple) else value}"
-               for name in UPDATE_FLAGS
-               if (value := getattr(t, name)) != getattr(defaults, name)]
+               for name in names if (value := getattr(t, name)) != getattr(defaults, name)]
     suspects = f" or check {', '.join(changed)}" if changed else ""
+    rates = f"--learning_rate (now {t.learning_rate:g})"
+    if t.optimizer == "muon":  # either optimizer's rate may be the one that diverged
+        rates = (f"--muon_learning_rate (now {t.muon_learning_rate:g}, Muon's) or "
+                 f"--learning_rate (now {t.learning_rate:g}, AdamW's)")
+    last_good = last_good_checkpoint(run, step)
+    kept = (f"the last good one, {last_good}, is intact" if last_good else
+            "this run had saved none before it")
+    skip = (f"a --skip_nonfinite above {t.skip_nonfinite}" if t.skip_nonfinite else
+            "--skip_nonfinite N")
     fail(f"training diverged at step {step}: {reason}. No checkpoint of this state was written; "
-         f"the last good one in {t.checkpoint_dir} is intact. Try a lower --learning_rate (now "
-         f"{t.learning_rate:g}){suspects}, or --skip_nonfinite N")
+         f"{kept}. Try a lower {rates}{suspects}, or {skip}")
+
+
+def last_good_checkpoint(run, bad_step):
+    """The newest step checkpoint this run can go back to before `bad_step`, or None: one it
+    wrote, else the one it resumed from (the files of a run it replaces do not count)."""
+    t = run.train_config
+    if run.directory.changed or not run.runtime.is_main:  # only rank 0 knows when it changed
+        saved = [path for path in step_checkpoints(t.checkpoint_dir) if step_of(path) < bad_step]
+        if saved:
+            return saved[-1]
+    return Path(t.resume) if t.resume else None
 
 
 def forward_backward(run, micro_batches, autocast=None):

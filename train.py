@@ -43,7 +43,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import load_model_state, save_checkpoint
+from checkpoint import (configs_from_checkpoint, load_model_state, plain_weights,
+                        save_checkpoint)
 from cli import EXIT_STATUS, UserError, fail, output_that_may_close, run_main
 from config import config_to_dict
 from configure import configure
@@ -52,8 +53,8 @@ from dataset import (RandomWindows, build_dataloader, get_dataset, training_and_
 from generation import generate_text
 from lora import add_lora, merged_state_dict
 from model import build_model, count_parameters, crop_block_size, flops_per_token
-from optim import (configure_optimizer, get_cosine_schedule_with_warmup, load_optimizer_state,
-                   rebase_schedule)
+from optim import (Schedule, configure_optimizer, describe_schedule, learning_rate_scheduler,
+                   load_optimizer_state, rebase_schedule, schedule_changes)
 from parallel import memory_line, uses_fsdp, wrap_model
 from rundir import (best_path, final_path, hold_run_directory, new_run_id, prepare_run_directory,
                     sharded_step_path, sharded_temporary_path, step_path)
@@ -110,8 +111,7 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
     recorder = recorder_for(runtime.device)
     # FSDP's steps are never recorded as CUDA graphs (step.graph_fallback)
     optimizer = configure_optimizer(model, t, capturable=recorder is not None and not uses_fsdp(t))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_iters, t.max_iters,
-                                                t.min_lr_ratio)
+    scheduler = learning_rate_scheduler(optimizer, Schedule.from_config(t))
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
     run = Run(gpt_config, t, runtime, tokenizer, loader, val_set, model, wrapped_model, optimizer,
               scheduler, scaler)
@@ -194,7 +194,7 @@ def prepare_model(gpt_config, train_config, runtime, checkpoint=None, vocab_limi
     t = train_config
     model = build_model(gpt_config, vocab_limit)
     if checkpoint is not None and not t.resume:  # --init_from: start from its weights
-        state = crop_block_size(checkpoint["model_state_dict"], gpt_config.block_size)
+        state = crop_block_size(plain_weights(checkpoint, t.init_from), gpt_config.block_size)
         load_model_state(model, state, t.init_from)
     if t.lora_rank:  # after the weights are in, before a resumed run's adapters are
         add_lora(model, t.lora_rank, t.lora_alpha, t.lora_dropout)
@@ -263,6 +263,9 @@ def resume(run, checkpoint):
         fail(f"checkpoint {path} has damaged random states: {type(error).__name__}: {error}")
     run.loggers.resume(run.step)
     print0(f"resumed from {path} after step {run.step}")
+    _, saved_train = configs_from_checkpoint(checkpoint, path)
+    if schedule_changes(saved_train, run.train_config) and run.step < run.train_config.max_iters:
+        print0(describe_schedule(run.train_config, run.step, saved_train))
 
 
 class StopRequest:
@@ -321,7 +324,7 @@ def run_loop(run):
         if t.init_from and run.step == 0:
             evaluate_starting_model(run)
         while run.step < t.max_iters:
-            step_lr, skipped = optimizer_step(run, data, meter, skipped)
+            step_rates, skipped = optimizer_step(run, data, meter, skipped)
             progress.update(1)
             finished = run.step == t.max_iters
             evaluating = run.step % t.eval_iter == 0 or finished
@@ -329,7 +332,7 @@ def run_loop(run):
             stop_signal = stop.pending_signal()
             # a checkpoint is written only after the log has checked the loss is finite
             if run.step % t.log_iter == 0 or evaluating or saving or stop_signal:
-                record = log_step(run, meter, step_lr, progress, evaluating)
+                record = log_step(run, meter, step_rates, progress, evaluating)
             stopping_early = evaluating and run.best.should_stop and not finished
             if saving or stop_signal or stopping_early:
                 path = save_step_checkpoint(run, record["loss"])
@@ -346,13 +349,13 @@ def run_loop(run):
     return record
 
 
-def log_step(run, meter, step_lr, progress, evaluate):
+def log_step(run, meter, step_rates, progress, evaluate):
     """Read the loss and throughput, evaluate if due, write the record to --log_to's destinations
     and the progress line."""
     t = run.train_config
     loss, grad_norm, steps, seconds = meter.read(run)
     tokens_per_second = run.tokens_per_step * steps / max(seconds, 1e-9)
-    record = {"step": run.step, "loss": loss, "lr": step_lr,
+    record = {"step": run.step, "loss": loss, **step_rates,
               "tokens_per_sec": round(tokens_per_second, 1)}
     if grad_norm is not None:
         record["grad_norm"] = grad_norm
@@ -364,7 +367,8 @@ def log_step(run, meter, step_lr, progress, evaluate):
         record.update(estimate_loss(run))
         keep_if_best(run, record)
     run.loggers.write(record)
-    postfix = {"loss": f"{loss:.4f}", "lr": f"{step_lr:.2e}", "tok/s": f"{tokens_per_second:,.0f}"}
+    postfix = {"loss": f"{loss:.4f}", **{name: f"{rate:.2e}" for name, rate in step_rates.items()},
+               "tok/s": f"{tokens_per_second:,.0f}"}
     if "mfu" in record:
         postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
     progress.set_postfix(postfix, refresh=False)
@@ -492,11 +496,16 @@ def batches(loader):
         del iterator
 
 
+# The learning rates a record holds, by name: AdamW's, and with --optimizer muon, Muon's.
+RATE_NAMES = ("lr", "muon_lr")
+
+
 def format_record(record):
     parts = [f"step {record['step']}", f"loss {record['loss']:.4f}"]
     if "val_loss" in record:
         parts.append(f"val_loss {record['val_loss']:.4f} ({record['val_bpb']:.3f} bits/byte)")
-    parts += [f"lr {record['lr']:.2e}", f"{record['tokens_per_sec']:,.0f} tok/s"]
+    parts += [f"{name} {record[name]:.2e}" for name in RATE_NAMES if name in record]
+    parts.append(f"{record['tokens_per_sec']:,.0f} tok/s")
     if "mfu" in record:
         parts.append(f"mfu {100 * record['mfu']:.1f}%")
     return " | ".join(parts)

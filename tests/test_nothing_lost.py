@@ -10,26 +10,32 @@ first steps. Only start-up itself and signals sent to a process group need a rea
 
 import contextlib
 import errno
+import importlib.util
+import io
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 
 import pytest
 import torch
 
 import evaluate
+import export
 import plot
 import sample
 import train
-from checkpoint import save_checkpoint
+from checkpoint import model_from_checkpoint, save_checkpoint
 from config import GPTConfig, config_to_dict
-from conftest import (REPO, exit_status, metrics_records, one_error_line, read_checkpoint,
-                      snapshot, tiny_argv, write_corpus)
+from conftest import (REPO, assert_same_weights, exit_status, metrics_records, one_error_line,
+                      read_checkpoint, snapshot, tiny_argv, write_corpus)
 from model import build_model
 from robust_helpers import PAUSED_LINE, poison_training_losses
+from tokencache import cached_tokens
 
 SUBPROCESS_SECONDS = 90  # a bound for a hung run; a healthy one takes a few seconds
 
@@ -52,6 +58,221 @@ def refused(capsys, main, argv, directory, *fragments):
     line = one_error_line(capsys.readouterr().err, *fragments)
     assert snapshot(directory) == before
     return line
+
+
+# --- exports, plots, recipes, loading (issue 24 round two) ---
+
+def status_of(main, *argv):
+    """The exit status of `main` run as its script runs it, with `argv` (paths and all)."""
+    return exit_status(main, [str(arg) for arg in argv])
+
+
+def export_into(checkpoint_path, out, *flags):
+    """export.py's exit status for `checkpoint_path` into `out`."""
+    return status_of(export.main, "--checkpoint", checkpoint_path, "--out", out, *flags)
+
+
+@pytest.fixture
+def exported(run_dir, tmp_path):
+    """An export of run_dir's step 4, beside it."""
+    pytest.importorskip("safetensors")
+    assert export_into(run_dir / "gpt_step4.pt", tmp_path / "hf") == 0
+    return tmp_path / "hf"
+
+
+def test_an_export_of_another_run_or_of_no_known_run_is_replaced_only_with_overwrite(
+        exported, run_dir, tmp_path, capsys):
+    other_run = shutil.copytree(run_dir, tmp_path / "other")
+    refused(capsys, export.main, ["--checkpoint", other_run / "gpt_final.pt", "--out", exported],
+            exported, "holds an export of another run", "--overwrite true")
+    (exported / "export_source.json").unlink()  # as an export by an older version
+    refused(capsys, export.main, ["--checkpoint", run_dir / "gpt_final.pt", "--out", exported],
+            exported, "does not say which run", "--overwrite true")
+    assert export_into(other_run / "gpt_final.pt", exported, "--overwrite", "true") == 0
+    assert json.loads((exported / "export_source.json").read_text())["run"] == \
+        str(other_run.resolve())
+
+
+def test_the_same_runs_export_is_replaced_by_a_later_model_of_it(exported, run_dir):
+    step4 = snapshot(exported)
+    killed, users = exported.parent / ".tmp-hf.999999999", exported.parent / ".tmp-hf.12"
+    for leftover, name in ((killed, "config.json"), (users, "notes.txt")):
+        leftover.mkdir()
+        (leftover / name).write_text("{}")
+    assert export_into(run_dir / "gpt_final.pt", exported) == 0
+    assert snapshot(exported).keys() == step4.keys()
+    assert snapshot(exported)["model.safetensors"] != step4["model.safetensors"]
+    # what a killed export left goes; a user's directory of a name like it stays
+    assert sorted(p.name for p in exported.parent.iterdir() if p.name.startswith(".tmp-")) == \
+        [users.name]
+
+
+@pytest.mark.parametrize("failure", ["SafetensorError", "OSError"])
+def test_an_export_onto_a_full_disk_leaves_the_earlier_export_whole(failure, exported, run_dir,
+                                                                    monkeypatch, capsys):
+    import safetensors
+    import safetensors.torch
+
+    def fill_the_disk(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"\0" * 1000)  # part of the file, then no room left
+        if failure == "OSError":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: '
+                                          'StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fill_the_disk)
+    refused(capsys, export.main, ["--checkpoint", run_dir / "gpt_final.pt", "--out", exported],
+            exported.parent, "No space left on device", f"{exported} is as it was")
+
+
+@pytest.mark.parametrize("recipe_text", ["overwrite = true\n", "\ufeffn_layer = 1\n"],
+                         ids=["overwrite", "bom"])
+def test_a_recipe_never_turns_overwrite_on_and_may_start_with_a_bom(recipe_text, run_dir, corpus,
+                                                                    tmp_path, capsys):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(recipe_text, encoding="utf-8")
+    argv = ["--config", recipe, *tiny_argv(run_dir, corpus)]
+    if "overwrite" in recipe_text:
+        refused(capsys, train.train, argv, run_dir, "overwrite = true is refused in a recipe",
+                "--overwrite true")
+        return
+    assert status_of(train.train, *argv, "--print_config") == 0
+    assert tomllib.loads(capsys.readouterr().out)["n_layer"] == 1
+
+
+def test_print_config_never_writes_overwrite_true_into_the_recipe(run_dir, corpus, capsys):
+    argv = [*tiny_argv(run_dir, corpus), "--overwrite", "true", "--print_config"]
+    assert exit_status(train.train, argv) == 0
+    printed = capsys.readouterr().out
+    assert "overwrite" not in tomllib.loads(printed) and "overwrite = true" not in printed
+
+
+def test_plot_replaces_only_its_own_plot_of_the_same_metrics(run_dir, tmp_path, monkeypatch,
+                                                             capsys):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(run_dir, tmp_path / "checkpoints")
+    (tmp_path / "report.pdf").write_bytes(b"%PDF-1.4 the user's own report")
+    refused(capsys, plot.main, ["--out", "report.pdf"], tmp_path, "did not write",
+            "--overwrite true")
+    assert exit_status(plot.main, []) == 0  # a bare plot.py: ./loss.png of ./checkpoints
+    assert exit_status(plot.main, []) == 0  # its own plot, drawn again
+    other = tmp_path / "other" / "metrics.jsonl"
+    other.parent.mkdir()
+    shutil.copy(run_dir / "metrics.jsonl", other)
+    refused(capsys, plot.main, [other], tmp_path, "another metrics file", "--overwrite true")
+    assert status_of(plot.main, other, "--overwrite", "true") == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_sample_into_a_pipe_that_closes_ends_quietly_with_sigpipes_status(run_dir):
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "sample.py"), "--checkpoint", str(run_dir / "gpt_final.pt"),
+         "--max_new_tokens", "100000", "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})  # each token reaches the pipe as it comes
+    assert len(process.stdout.read(100)) == 100  # `| head -c 100`
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=SUBPROCESS_SECONDS)
+    assert (process.returncode, stderr) == (141, b"")
+
+
+def test_plot_into_a_closed_pipe_ends_quietly(run_dir, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    argv = [run_dir / "metrics.jsonl", "--out", tmp_path / "loss.png"]
+    assert status_of(plot.main, *argv) == 141
+    assert capsys.readouterr().err == ""
+
+
+def test_a_token_cache_of_the_right_size_but_garbage_content_is_one_line(corpus, tmp_path, capsys):
+    cache_dir = tmp_path / "cache"
+    cached_tokens(corpus, "char", cache_dir)
+    (cache,) = cache_dir.glob("*.bin")
+    cache.write_bytes(bytes(range(256)) * (cache.stat().st_size // 256) +
+                      b"\xff" * (cache.stat().st_size % 256))
+    argv = tiny_argv(tmp_path / "run", corpus, cache_dir=cache_dir)
+    line = refused(capsys, train.train, argv, tmp_path, "token cache", "delete it")
+    assert str(cache) in line
+
+
+@pytest.fixture
+def lora_run(run_dir, corpus, tmp_path):
+    """A LoRA run from run_dir's model: gpt_step2.pt and gpt_step4.pt hold the adapters apart."""
+    directory = tmp_path / "lora"
+    train.train(tiny_argv(directory, corpus, init_from=run_dir / "gpt_final.pt", lora_rank=2,
+                          lora_alpha=8, max_iters=4, save_iter=2, eval_iter=4))
+    assert any(name.endswith("lora_A") for name in
+               read_checkpoint(directory / "gpt_step4.pt")["model_state_dict"])
+    return directory
+
+
+def test_every_command_reads_a_lora_runs_step_checkpoints(lora_run, corpus, tmp_path, capsys):
+    step4, final = lora_run / "gpt_step4.pt", lora_run / "gpt_final.pt"
+    merged, _, _ = model_from_checkpoint(step4)
+    assert_same_weights(merged.state_dict(), final)  # the adapters merged as training merges them
+    before = snapshot(lora_run)
+    assert status_of(sample.main, "--checkpoint", step4, "--max_new_tokens", 5) == 0
+    assert status_of(evaluate.main, "--checkpoint", step4, "--data", corpus) == 0
+    assert status_of(evaluate.main, "--checkpoint", final, "--data", corpus) == 0
+    scores = [line for line in capsys.readouterr().out.splitlines() if line.startswith("loss ")]
+    assert len(scores) == 2 and scores[0] == scores[1]
+    if importlib.util.find_spec("safetensors"):
+        assert export_into(lora_run / "gpt_step2.pt", tmp_path / "hf") == 0
+    argv = tiny_argv(tmp_path / "tuned", corpus, init_from=lora_run / "gpt_step2.pt", max_iters=2,
+                     eval_iter=2, save_iter=2)
+    assert exit_status(train.train, argv) == 0
+    assert snapshot(lora_run) == before
+
+
+@pytest.mark.parametrize("family", ["LlamaForCausalLM", "Qwen3ForCausalLM"])
+def test_our_llama_and_qwen3_exports_read_back_as_the_model_they_came_from(family, run_dir,
+                                                                          corpus, tmp_path,
+                                                                          capsys):
+    pytest.importorskip("safetensors")
+    saved = read_checkpoint(run_dir / "gpt_final.pt")
+    qwen3 = family == "Qwen3ForCausalLM"
+    gpt_config = GPTConfig(vocab_size=saved["gpt_config"]["vocab_size"], block_size=16, n_layer=1,
+                           n_head=2, n_embd=32, pos="rope", norm="rmsnorm", mlp="swiglu",
+                           qk_norm=qwen3, bias=not qwen3, tie_embeddings=qwen3)
+    torch.manual_seed(0)
+    model = build_model(gpt_config)
+    with torch.no_grad():  # away from the initialisation: norms and biases are not 1 and 0
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    original = tmp_path / "model.pt"
+    save_checkpoint({"model_state_dict": model.state_dict(), "step": 0, "tokenizer":
+                     saved["tokenizer"], "gpt_config": config_to_dict(gpt_config)}, original)
+    assert export_into(original, tmp_path / "hf") == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [family]
+    back, _, _ = model_from_checkpoint(tmp_path / "hf")
+    assert_same_weights(back.state_dict(), original)
+
+    def loss_and_text(checkpoint):
+        capsys.readouterr()
+        assert status_of(evaluate.main, "--checkpoint", checkpoint, "--data", corpus) == 0
+        loss = capsys.readouterr().out.splitlines()[-1]
+        assert status_of(sample.main, "--checkpoint", checkpoint, "--max_new_tokens", 8) == 0
+        return loss, capsys.readouterr().out
+
+    assert loss_and_text(original) == loss_and_text(tmp_path / "hf")
+
+
+def test_a_broken_gpt_best_falls_back_to_gpt_final_in_one_line(run_dir, capsys):
+    final = (run_dir / "gpt_final.pt").read_bytes()
+    (run_dir / "gpt_best.pt").write_bytes(final[:len(final) // 2])  # truncated
+    before = snapshot(run_dir)
+    argv = ["--checkpoint_dir", str(run_dir), "--max_new_tokens", "5"]
+    assert exit_status(sample.main, argv) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "note: gpt_best.pt is unreadable (corrupt or truncated); using gpt_final.pt",
+        f"sampling from {run_dir / 'gpt_final.pt'}"]
+    assert snapshot(run_dir) == before
 
 
 # ------------------------------------------------------------------------- the run directory
