@@ -6,7 +6,11 @@ one of the padded ids, which no tokenizer piece stands for (sample.py passes voc
 
 import io
 import json
+import os
+import select
+import signal
 import sys
+import threading
 
 import pytest
 import torch
@@ -17,8 +21,8 @@ import sample
 import train
 from cli import UserError
 from conftest import TINY_TEXT, exit_status, one_error_line, tiny_argv, write_corpus
-from tokenizer import (BPETokenizer, StreamDecoder, even_sample, split_at_line_starts,
-                       tokenizer_from_state)
+from tokenizer import (BPETokenizer, StreamDecoder, even_sample, off_the_main_thread,
+                       split_at_line_starts, tokenizer_from_state)
 
 pytest.importorskip("tokenizers")
 
@@ -256,3 +260,32 @@ def test_without_the_tokenizers_package_sampling_a_bpe_checkpoint_names_it(bpe_r
                                        "--device", "cpu"])
     assert status == 2
     one_error_line(capsys.readouterr().err, "pip install tokenizers")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_documents_are_encoded_off_the_main_thread_with_the_same_ids_and_errors():
+    """encode_documents runs the library on a helper thread (faster there): the ids are those of
+    encoding each document alone, an error comes back to the caller, and a forked child (a
+    preparation worker) gets a helper thread of its own rather than waiting on its parent's."""
+    tokenizer = BPETokenizer.train([MIXED_CORPUS], 300, end_of_text=True)
+    texts = ["Hello, world!", CHINESE, "", "isn't it?"]
+    expected = []
+    for text in texts:
+        expected += [*tokenizer.encode(text).tolist(), tokenizer.end_of_text]
+    assert tokenizer.encode_documents(texts).tolist() == expected
+    assert off_the_main_thread(lambda: threading.current_thread()) is not threading.main_thread()
+    with pytest.raises(ZeroDivisionError):
+        off_the_main_thread(lambda: 1 / 0)
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child writes what it encoded, then leaves without pytest's cleanup
+        os.write(writer, json.dumps(tokenizer.encode_documents(texts).tolist()).encode())
+        os._exit(0)
+    os.close(writer)
+    ready, _, _ = select.select([reader], [], [], 60)
+    if not ready:  # the child waits on a thread it does not have
+        os.kill(child, signal.SIGKILL)
+    with os.fdopen(reader, "rb") as pipe:
+        written = pipe.read() if ready else b"null"
+    os.waitpid(child, 0)
+    assert json.loads(written) == expected
