@@ -15,6 +15,7 @@ written to a new scratch directory, removed at the end unless --keep is given.
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import shutil
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402  (needs the repository on sys.path)
 from documents import file_pieces, piece_documents  # noqa: E402
 from tokencache import CHUNK_BYTES, cached_tokens  # noqa: E402
-from tokenizer import BPETokenizer  # noqa: E402
+from tokenizer import BPETokenizer, tokenizer_from_state  # noqa: E402
 
 WORDS = ("the of and to in is that for it as with was on be by this are from at or an model "
          "data train token loss step batch layer attention gradient memory corpus sample "
@@ -173,13 +174,23 @@ def cpu_seconds():
 
 def reference_encode(corpus, tokenizer, threads):
     """(wall seconds, CPU seconds, tokens): the `tokenizers` library's own encode_batch over the
-    documents, a piece at a time, counting only the time inside encode_batch."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    documents, a piece at a time, counting only the time inside encode_batch, in a fresh process
+    (the library reads RAYON_NUM_THREADS once per process)."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(reference_in_this_process,
+                          (str(corpus), json.dumps(tokenizer.state_dict()), threads))
+
+
+def reference_in_this_process(corpus, state_json, threads):
+    """The library at its best on `threads` cores: its parallel encoder on that many threads, even
+    for one (its sequential one, TOKENIZERS_PARALLELISM=false, ran 1.3x slower on one thread)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
     os.environ["RAYON_NUM_THREADS"] = str(threads)
-    backend = tokenizer.backend
+    backend = tokenizer_from_state(json.loads(state_json)).backend
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     seconds, cpu, tokens = 0.0, 0.0, 0
-    for piece in file_pieces(0, "jsonl", corpus):
+    for piece in file_pieces(0, "jsonl", Path(corpus)):
         texts = piece_documents(piece, "text")
         clock, cpu_clock = time.perf_counter(), cpu_seconds()
         encodings = encode(texts, add_special_tokens=False)
