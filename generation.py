@@ -47,12 +47,13 @@ def generate_text(model, tokenizer, prompt, max_new_tokens, stream=None,
         tokens = model.generate_stream(encode_prompt(tokenizer, prompt, device), max_new_tokens,
                                        vocab_limit=tokenizer.vocab_size, **sampling)
         for token in tokens:
-            if end_of_text is not None and int(token[0]) == end_of_text:
+            token_id = int(token[0])  # the one read of each drawn id from the device
+            if token_id == end_of_text:
                 if stop_at_end_of_text:
                     break
                 pieces.append(decoder.flush() + END_OF_TEXT)
             else:
-                pieces.append(decoder.push(token[0]))
+                pieces.append(decoder.push(token_id))
             if stream is not None and pieces[-1]:
                 stream.write(pieces[-1])
                 stream.flush()
