@@ -20,7 +20,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 
-from cli import ArgumentParser, UserError, fail, parse_bool
+from gpt_train.cli import ArgumentParser, UserError, fail, parse_bool
 
 
 @dataclass

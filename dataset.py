@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cli import fail
+from gpt_train.cli import fail
 from config import TOKENIZERS
-from documents import document_files
-from pretrained import tokenizer_from_pretrained
-from tokencache import cached_tokens
-from tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
+from gpt_train.documents import document_files
+from gpt_train.pretrained import tokenizer_from_pretrained
+from gpt_train.tokencache import cached_tokens
+from gpt_train.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
 
 def builtin_corpus():
     try:

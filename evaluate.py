@@ -15,7 +15,7 @@ Checkpoint loading is checkpoint.py's job, which file of a run directory to load
 tokenizing dataset.py's and tokenizer.py's.
 """
 
-from cli import exit_on_signals
+from gpt_train.cli import exit_on_signals
 
 if __name__ == "__main__":
     exit_on_signals()  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback
@@ -27,15 +27,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import configs_from_checkpoint, model_from_checkpoint
-from cli import ArgumentParser, fail, run_main
+from gpt_train.checkpoint import configs_from_checkpoint, model_from_checkpoint
+from gpt_train.cli import ArgumentParser, fail, run_main
 from config import DTYPES
 from dataset import check_token_ids, get_dataset, training_and_validation
 from model import IGNORE_INDEX
-from rundir import add_checkpoint_arguments, checkpoint_to_load
-from runtime import autocast_context, check_memory, select_device, select_dtype
-from scoring import piece_lengths, score_batches, summarize
-from tokencache import cached_tokens
+from gpt_train.rundir import add_checkpoint_arguments, checkpoint_to_load
+from gpt_train.runtime import autocast_context, check_memory, select_device, select_dtype
+from gpt_train.scoring import piece_lengths, score_batches, summarize
+from gpt_train.tokencache import cached_tokens
 
 
 def parse_evaluate_args(argv=None):

@@ -42,14 +42,14 @@ from pathlib import Path
 
 import torch
 
-from atomic import TEMPORARY_PREFIX, fsync_directory
-from checkpoint import model_from_checkpoint, saved_step
-from cli import ArgumentParser, fail, parse_bool, run_main
-from generation import encode_prompt
+from gpt_train.atomic import TEMPORARY_PREFIX, fsync_directory
+from gpt_train.checkpoint import model_from_checkpoint, saved_step
+from gpt_train.cli import ArgumentParser, fail, parse_bool, run_main
+from gpt_train.generation import encode_prompt
 from model import RMS_NORM_EPS, ROPE_THETA, mlp_hidden_size
-from rundir import add_checkpoint_arguments, checkpoint_to_load
-from sharded_checkpoint import is_sharded_checkpoint
-from tokenizer import END_OF_TEXT
+from gpt_train.rundir import add_checkpoint_arguments, checkpoint_to_load
+from gpt_train.sharded_checkpoint import is_sharded_checkpoint
+from gpt_train.tokenizer import END_OF_TEXT
 
 SOURCE_NAME = "export_source.json"
 # Every file an export writes. A directory holding only these (with our tokenizer_vocab.json)

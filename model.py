@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from config import GPTConfig
-from fused_loss import linear_cross_entropy
+from gpt_train.fused_loss import linear_cross_entropy
 
 IGNORE_INDEX = -100  # the label of a position that is not scored (cross_entropy's default)
 ROPE_THETA = 10000.0  # the base of the rotary frequencies, as in Llama

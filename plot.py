@@ -18,7 +18,7 @@ own loss.png but never a user's report.pdf nor another run's loss.png; anything 
 --overwrite true. The image is written whole and renamed into place (atomic.py).
 """
 
-from cli import exit_on_signals
+from gpt_train.cli import exit_on_signals
 
 if __name__ == "__main__":
     exit_on_signals()  # Ctrl-C or SIGTERM while the imports load: one line, not a traceback
@@ -29,9 +29,9 @@ import math
 import re
 from pathlib import Path
 
-from atomic import atomic_write
-from cli import ArgumentParser, fail, parse_bool, run_main
-from rundir import metrics_path
+from gpt_train.atomic import atomic_write
+from gpt_train.cli import ArgumentParser, fail, parse_bool, run_main
+from gpt_train.rundir import metrics_path
 
 # the formats whose metadata carries `plot_mark` as plain text, and the key it goes under
 MARK_KEYS = {"png": "Subject", "pdf": "Subject", "svg": "Description"}

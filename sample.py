@@ -9,7 +9,7 @@ model and its key/value cache live in model.py, the generation loop in generatio
 loading in checkpoint.py, the choice of file in rundir.py.
 """
 
-from cli import exit_on_signals
+from gpt_train.cli import exit_on_signals
 
 if __name__ == "__main__":
     exit_on_signals()  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback
@@ -20,12 +20,12 @@ import sys
 
 import torch
 
-from checkpoint import model_from_checkpoint
-from cli import ArgumentParser, UserError, fail, parse_bool, run_main
+from gpt_train.checkpoint import model_from_checkpoint
+from gpt_train.cli import ArgumentParser, UserError, fail, parse_bool, run_main
 from config import MAX_SEED
-from generation import encode_prompt, generate_text
-from rundir import add_checkpoint_arguments, checkpoint_to_load
-from runtime import autocast_context, check_memory, select_device, select_dtype, set_seed
+from gpt_train.generation import encode_prompt, generate_text
+from gpt_train.rundir import add_checkpoint_arguments, checkpoint_to_load
+from gpt_train.runtime import autocast_context, check_memory, select_device, select_dtype, set_seed
 
 # Below this a temperature is greedy decoding in all but name, and the scaled logits overflow.
 SMALLEST_TEMPERATURE = 1e-6

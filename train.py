@@ -29,7 +29,7 @@ files in checkpoint.py, the run directory in rundir.py; how the model is spread 
 sharded_checkpoint.py.
 """
 
-from cli import exit_on_signals
+from gpt_train.cli import exit_on_signals
 
 if __name__ == "__main__":
     exit_on_signals()  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback
@@ -43,29 +43,29 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import (configs_from_checkpoint, load_model_state, plain_weights,
+from gpt_train.checkpoint import (configs_from_checkpoint, load_model_state, plain_weights,
                         save_checkpoint)
-from cli import EXIT_STATUS, UserError, fail, output_that_may_close, run_main
+from gpt_train.cli import EXIT_STATUS, UserError, fail, output_that_may_close, run_main
 from config import config_to_dict
-from configure import configure
+from gpt_train.configure import configure
 from dataset import (RandomWindows, build_dataloader, get_dataset, training_and_validation,
                      validation_batches)
-from generation import generate_text
-from lora import add_lora, merged_state_dict
+from gpt_train.generation import generate_text
+from gpt_train.lora import add_lora, merged_state_dict
 from model import build_model, count_parameters, crop_block_size, flops_per_token
-from optim import (Schedule, configure_optimizer, describe_schedule, learning_rate_scheduler,
+from gpt_train.optim import (Schedule, configure_optimizer, describe_schedule, learning_rate_scheduler,
                    load_optimizer_state, rebase_schedule, schedule_changes)
-from parallel import memory_line, uses_fsdp, wrap_model
-from rundir import (best_path, final_path, hold_run_directory, new_run_id, prepare_run_directory,
+from gpt_train.parallel import memory_line, uses_fsdp, wrap_model
+from gpt_train.rundir import (best_path, final_path, hold_run_directory, new_run_id, prepare_run_directory,
                     sharded_step_path, sharded_temporary_path, step_path)
-from runtime import (check_memory, peak_flops, print0, random_states, restore_random_states,
+from gpt_train.runtime import (check_memory, peak_flops, print0, random_states, restore_random_states,
                      setup_runtime)
-from scoring import piece_lengths, score_batches
-from sharded_checkpoint import (gathered_weights, resharding_note, restore_training_state,
+from gpt_train.scoring import piece_lengths, score_batches
+from gpt_train.sharded_checkpoint import (gathered_weights, resharding_note, restore_training_state,
                                 save_sharded_checkpoint)
-from step import LossMeter, Run, graphed_step_for, optimizer_step, recorder_for
-from tokencache import data_fingerprint
-from tokenizer import tokenizer_from_state
+from gpt_train.step import LossMeter, Run, graphed_step_for, optimizer_step, recorder_for
+from gpt_train.tokencache import data_fingerprint
+from gpt_train.tokenizer import tokenizer_from_state
 
 
 def train(argv=None):

@@ -29,9 +29,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train  # noqa: E402  (needs the repository on sys.path)
-from documents import file_pieces, piece_documents  # noqa: E402
-from tokencache import CHUNK_BYTES, cached_tokens  # noqa: E402
-from tokenizer import BPETokenizer, tokenizer_from_state  # noqa: E402
+from gpt_train.documents import file_pieces, piece_documents  # noqa: E402
+from gpt_train.tokencache import CHUNK_BYTES, cached_tokens  # noqa: E402
+from gpt_train.tokenizer import BPETokenizer, tokenizer_from_state  # noqa: E402
 
 WORDS = ("the of and to in is that for it as with was on be by this are from at or an model "
          "data train token loss step batch layer attention gradient memory corpus sample "

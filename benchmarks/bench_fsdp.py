@@ -142,9 +142,9 @@ def memory_worker(parallel):
     import torch.distributed as dist
     from config import GPTConfig, TrainConfig
     from model import build_model
-    from optim import configure_optimizer
-    from parallel import bytes_per_rank, measured_bytes, wrap_model
-    from runtime import setup_runtime
+    from gpt_train.optim import configure_optimizer
+    from gpt_train.parallel import bytes_per_rank, measured_bytes, wrap_model
+    from gpt_train.runtime import setup_runtime
 
     train_config = TrainConfig(device="cpu", parallel=parallel)
     runtime = setup_runtime(train_config)

@@ -28,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cli import fail, parse_bool, run_main  # noqa: E402
+from gpt_train.cli import fail, parse_bool, run_main  # noqa: E402
 from config import (GPTConfig, TrainConfig, apply_args_to_configs,  # noqa: E402
                     build_parser, parse_args, validate)
 from model import flops_per_token  # noqa: E402
-from runtime import peak_flops, print0, setup_runtime  # noqa: E402
-from tokenizer import CharTokenizer  # noqa: E402
-from step import forward_backward  # noqa: E402
+from gpt_train.runtime import peak_flops, print0, setup_runtime  # noqa: E402
+from gpt_train.tokenizer import CharTokenizer  # noqa: E402
+from gpt_train.step import forward_backward  # noqa: E402
 from train import build_run, run_loop  # noqa: E402
 
 SYNTHETIC_TOKENS = 1 << 20  # long enough that random windows rarely repeat

@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cli import run_main  # noqa: E402  (needs the repository on sys.path)
+from gpt_train.cli import run_main  # noqa: E402  (needs the repository on sys.path)
 from config import GPTConfig  # noqa: E402  (needs the repository on sys.path)
 from model import build_model  # noqa: E402
 

@@ -260,7 +260,7 @@ def main(arguments):
     sys.path.insert(0, str(REPO))
     FAULTS[mode](int(number))
     import train
-    from cli import run_main
+    from gpt_train.cli import run_main
     run_main(train.train, train_argv)
 
 

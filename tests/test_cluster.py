@@ -22,12 +22,12 @@ import sys
 import pytest
 
 import sample
-import tokencache
+from gpt_train import tokencache
 import train
-from checkpoint import load_checkpoint
+from gpt_train.checkpoint import load_checkpoint
 from conftest import (REPO, assert_same_weights, exit_status, metrics_records, one_error_line,
                       snapshot, tiny_argv, write_corpus)
-from rundir import LOCK_NAME, hold_run_directory
+from gpt_train.rundir import LOCK_NAME, hold_run_directory
 
 FLAGS = dict(max_iters=8, save_iter=4, log_iter=2, eval_iter=4, dropout=0.1)
 
@@ -170,7 +170,7 @@ def test_reading_a_directory_a_live_run_holds_is_never_blocked(finished_run, tmp
 def test_a_full_disk_stops_the_run_with_exit_status_1_and_the_room_the_run_needs(
         tmp_path, monkeypatch, capsys):
     """The second checkpoint's write fails partway, as on a disk that fills up mid-run."""
-    import atomic
+    from gpt_train import atomic
     data = write_corpus(tmp_path)
     directory = tmp_path / "run"
     checkpoint_writes = []

@@ -6,7 +6,7 @@ import re
 import pytest
 
 import train
-from cli import UserError
+from gpt_train.cli import UserError
 from config import (GPTConfig, TrainConfig, apply_args_to_configs, config_from_dict,
                     config_to_dict, parse_args, validate)
 from conftest import exit_status, one_error_line

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 import sample
-import tokencache
+from gpt_train import tokencache
 from conftest import (REPO, assert_same_weights, exit_status, one_error_line, read_checkpoint,
                       tiny_argv)
 from dataset import split_tokens
-from tokenizer import (END_OF_TEXT, ByteTokenizer, CharTokenizer, encode_documents,
+from gpt_train.tokenizer import (END_OF_TEXT, ByteTokenizer, CharTokenizer, encode_documents,
                        tokenizer_from_state)
 
 DOCUMENTS = [f"Document {i}: " + "the quick brown fox jumps. " * (i % 5 + 1) + "é中🙂"[: i % 4]
@@ -81,7 +81,7 @@ def test_two_processes_write_the_same_bytes_as_one_and_bpe_learns_an_end_of_text
 KILLED_BUILD = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-import preparation, tokencache
+from gpt_train import preparation, tokencache
 pieces = iter(range(10**6))
 real = preparation.tokenize_piece
 def dying(job):
@@ -162,7 +162,7 @@ def test_the_validation_split_starts_at_a_document_and_plain_text_splits_as_befo
 
 
 def test_sampling_stops_at_the_end_of_text_unless_told_to_go_on():
-    from generation import generate_text
+    from gpt_train.generation import generate_text
 
     class Scripted:  # a model that writes "ab", ends the document, then writes "c"
         def parameters(self):

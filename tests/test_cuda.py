@@ -13,14 +13,14 @@ import math
 import pytest
 import torch
 
-import fused_loss
-import optim
-import step
+from gpt_train import fused_loss
+from gpt_train import optim
+from gpt_train import step
 import train
 from config import TrainConfig
 from conftest import (TINY_VOCAB, assert_equal_nested, assert_same_run_state, logged_steps,
                       read_checkpoint, tiny_argv, tiny_model, write_corpus)
-from runtime import autocast_context
+from gpt_train.runtime import autocast_context
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))]

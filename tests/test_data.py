@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from cli import UserError
+from gpt_train.cli import UserError
 from config import TrainConfig
 from conftest import TINY_TEXT, write_corpus
 from dataset import (RandomWindows, build_dataloader, get_dataset, split_tokens,
                      validation_batches)
-from tokencache import cached_tokens
-from tokenizer import ByteTokenizer, CharTokenizer, StreamDecoder, tokenizer_from_state
+from gpt_train.tokencache import cached_tokens
+from gpt_train.tokenizer import ByteTokenizer, CharTokenizer, StreamDecoder, tokenizer_from_state
 
 ASCII_TEXT = "Hello, world!\n\tdef f(x): return x ** 2  # ~`|{}[]\n"
 EMOJI_TEXT = "snakes 🐍 and rockets 🚀, flags 🇫🇷, family 👩‍👩‍👧 é ß"

@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cli import UserError
+from gpt_train.cli import UserError
 from config import TrainConfig
 from conftest import REPO, TINY_TEXT, write_corpus
 from dataset import RandomWindows, StepSampler, build_dataloader, get_dataset, split_tokens
-from tokencache import cached_tokens, default_cache_dir, iter_text_chunks
-from tokenizer import CharTokenizer
+from gpt_train.tokencache import cached_tokens, default_cache_dir, iter_text_chunks
+from gpt_train.tokenizer import CharTokenizer
 
 # ASCII, 2-byte (é, ß), 3-byte (Chinese) and 4-byte (emoji) characters, mixed on every line
 MIXED_TEXT = "".join(f"line {i}: naïve café Straße 数据训练 {'🙂🚀'[i % 2]} 模型{i % 7}\n"

@@ -77,7 +77,7 @@ def test_two_ranks_building_the_token_cache_at_once_leave_one_cache(runs):
 
 
 def test_checkpoints_of_a_two_process_run_hold_the_unwrapped_models_keys(runs):
-    from checkpoint import model_from_checkpoint
+    from gpt_train.checkpoint import model_from_checkpoint
     final = runs["root"] / "ddp" / "gpt_final.pt"
     model, _, _ = model_from_checkpoint(final)  # a plain GPT, built from the saved configuration
     for name in ("gpt_step4.pt", "gpt_step8.pt", "gpt_final.pt"):

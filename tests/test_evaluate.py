@@ -8,12 +8,12 @@ import torch
 
 import evaluate
 import train
-from checkpoint import model_from_checkpoint
+from gpt_train.checkpoint import model_from_checkpoint
 from conftest import TINY_TEXT, exit_status, one_error_line, tiny_argv, write_corpus
 from dataset import builtin_corpus, split_tokens
 from config import GPTConfig
 from model import build_model
-from tokenizer import CharTokenizer
+from gpt_train.tokenizer import CharTokenizer
 
 SHORT_TEXT = TINY_TEXT[:61]  # 61 tokens: not a multiple of the block size (16)
 

@@ -10,9 +10,9 @@ import torch
 
 import export
 import train
-from checkpoint import model_from_checkpoint
+from gpt_train.checkpoint import model_from_checkpoint
 from conftest import exit_status, snapshot, tiny_argv, write_corpus
-from tokenizer import tokenizer_from_state
+from gpt_train.tokenizer import tokenizer_from_state
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")

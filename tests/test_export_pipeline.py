@@ -10,9 +10,9 @@ import torch
 
 import export
 import train
-from checkpoint import model_from_checkpoint
+from gpt_train.checkpoint import model_from_checkpoint
 from conftest import TINY_TEXT, tiny_argv, write_corpus
-from generation import generate_text
+from gpt_train.generation import generate_text
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")

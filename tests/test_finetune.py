@@ -12,8 +12,8 @@ import train
 from config import ARCHITECTURE_FIELDS
 from conftest import (TINY_TEXT, assert_same_weights, exit_status, one_error_line, read_checkpoint,
                       tiny_argv, write_corpus)
-from runtime import setup_runtime
-from tokenizer import CharTokenizer, tokenizer_from_state
+from gpt_train.runtime import setup_runtime
+from gpt_train.tokenizer import CharTokenizer, tokenizer_from_state
 
 # Corpus B says new things with the characters of corpus A (TINY_TEXT), so a char model reads it.
 CORPUS_B = "".join(f"dog {i % 17}: a lazy fox sleeps in the quiet box then jumps {i * 3 % 11}.\n"

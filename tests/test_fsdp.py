@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train
-from checkpoint import load_checkpoint
+from gpt_train.checkpoint import load_checkpoint
 from conftest import (REPO, assert_same_weights, checkpoint_weights, exit_status,
                       metrics_records, one_error_line, tiny_argv, write_corpus)
 
@@ -35,7 +35,7 @@ def runs(tmp_path_factory):
 
 
 def test_fsdp_step_checkpoints_are_directories_and_final_and_best_are_plain_weight_files(runs):
-    from checkpoint import model_from_checkpoint
+    from gpt_train.checkpoint import model_from_checkpoint
     directory = runs[0] / "fsdp"
     assert sorted(p.name for p in directory.iterdir()) == \
         ["gpt_best.pt", "gpt_final.pt", "gpt_step4", "gpt_step8", "metrics.jsonl"]
@@ -104,7 +104,7 @@ def test_resume_latest_and_keep_last_see_sharded_checkpoints(runs, tmp_path, cap
 
 def test_a_full_disk_during_a_sharded_save_stops_the_run_and_leaves_no_partial_directory(
         runs, tmp_path, monkeypatch, capsys):
-    import sharded_checkpoint
+    from gpt_train import sharded_checkpoint
     from torch.distributed.checkpoint import CheckpointException
     root, data = runs
     directory = tmp_path / "run"
@@ -138,8 +138,8 @@ def test_sharding_keeps_the_tied_head_and_embedding_one_parameter_and_bfloat16_t
 
     from config import TrainConfig
     from conftest import tiny_model
-    from parallel import mixed_precision_policy, shard_model
-    from runtime import Runtime
+    from gpt_train.parallel import mixed_precision_policy, shard_model
+    from gpt_train.runtime import Runtime
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         model = tiny_model()

@@ -12,8 +12,8 @@ import torch
 import train
 from config import GPTConfig, TrainConfig
 from conftest import exit_status, metrics_records, one_error_line, tiny_argv
-from loggers import CHARTS, Loggers
-from runtime import Runtime, setup_runtime
+from gpt_train.loggers import CHARTS, Loggers
+from gpt_train.runtime import Runtime, setup_runtime
 
 
 def records(checkpoint_dir):

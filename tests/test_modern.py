@@ -13,13 +13,13 @@ import torch
 
 import export
 import train
-from checkpoint import model_from_checkpoint
-from cli import UserError
+from gpt_train.checkpoint import model_from_checkpoint
+from gpt_train.cli import UserError
 from config import GPTConfig, TrainConfig
 from conftest import (assert_same_weights, checkpoint_weights, exit_status, metrics_records,
                       one_error_line, read_checkpoint, tiny_argv, write_corpus)
 from model import build_model, count_parameters, flops_per_token
-from optim import (base_learning_rates, configure_optimizer, newton_schulz,
+from gpt_train.optim import (base_learning_rates, configure_optimizer, newton_schulz,
                    newton_schulz_dtype)
 
 OPTIONS = {

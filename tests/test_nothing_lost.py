@@ -29,13 +29,13 @@ import export
 import plot
 import sample
 import train
-from checkpoint import model_from_checkpoint, save_checkpoint
+from gpt_train.checkpoint import model_from_checkpoint, save_checkpoint
 from config import GPTConfig, config_to_dict
 from conftest import (REPO, assert_same_weights, exit_status, metrics_records, one_error_line,
                       read_checkpoint, snapshot, tiny_argv, write_corpus)
 from model import build_model
 from robust_helpers import PAUSED_LINE, poison_training_losses
-from tokencache import cached_tokens
+from gpt_train.tokencache import cached_tokens
 
 SUBPROCESS_SECONDS = 90  # a bound for a hung run; a healthy one takes a few seconds
 
@@ -710,7 +710,7 @@ def test_resume_latest_past_an_unreadable_newest_step_sets_the_later_files_aside
 
 
 def test_a_kill_while_metrics_are_trimmed_leaves_the_old_file(run_dir, monkeypatch, capsys):
-    import loggers
+    from gpt_train import loggers
 
     real_atomic_write = loggers.atomic_write
 
@@ -752,7 +752,7 @@ def test_only_the_tools_own_leftovers_are_removed_and_a_foreign_train_lock_is_re
 
 def test_overwrite_deletes_nothing_when_one_file_cannot_be_deleted(run_dir, corpus, monkeypatch,
                                                                     capsys):
-    import rundir
+    from gpt_train import rundir
 
     real_rename = os.rename
 
@@ -816,8 +816,8 @@ def test_a_resume_names_the_checkpoints_data_when_it_is_missing_or_changed(run_d
 
 def test_a_disk_full_stop_and_the_next_resume_ask_for_the_same_room(run_dir, monkeypatch,
                                                                      capsys):
-    import checkpoint
-    import rundir
+    from gpt_train import checkpoint
+    from gpt_train import rundir
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -15,10 +15,10 @@ import evaluate
 import export
 import sample
 import train
-from checkpoint import load_checkpoint, model_from_checkpoint
+from gpt_train.checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import (TINY_TEXT, assert_same_weights, exit_status, one_error_line, read_checkpoint,
                       tiny_argv, write_corpus)
-from tokenizer import BPETokenizer
+from gpt_train.tokenizer import BPETokenizer
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import train
-from checkpoint import load_checkpoint
+from gpt_train.checkpoint import load_checkpoint
 from conftest import (REPO, assert_same_weights, checkpoint_weights, exit_status, one_error_line,
                       read_checkpoint, snapshot, tiny_argv, write_corpus)
 from robust_helpers import (PAUSED_IN_SAVE_LINE, PAUSED_LINE, SECOND_SIGNAL_LINE, bounded,

@@ -11,7 +11,7 @@ import train
 from config import TrainConfig
 from conftest import (assert_same_weights, exit_status, metrics_records, one_error_line,
                       run_stopped_after, tiny_argv, write_corpus)
-from optim import Schedule, resumed_decay_iters
+from gpt_train.optim import Schedule, resumed_decay_iters
 from robust_helpers import poison_training_losses
 
 PEAK, FLOOR = TrainConfig().learning_rate, TrainConfig().learning_rate * TrainConfig().min_lr_ratio

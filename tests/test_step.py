@@ -12,16 +12,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import fused_loss
-import step
+from gpt_train import fused_loss
+from gpt_train import step
 import train
-from checkpoint import load_checkpoint
+from gpt_train.checkpoint import load_checkpoint
 from config import GPTConfig, TrainConfig
 from conftest import (RUN_STATE_KEYS, assert_equal_nested, assert_same_run_state,
                       checkpoint_weights, logged_steps, read_checkpoint, tiny_argv, tiny_model,
                       write_corpus)
 from model import build_model
-from runtime import setup_runtime
+from gpt_train.runtime import setup_runtime
 
 
 class Recorders(list):

@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-import optim
+from gpt_train import optim
 import train
 from config import GPTConfig, TrainConfig
 from conftest import (assert_same_weights, checkpoint_weights, exit_status, metrics_records,

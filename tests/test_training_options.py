@@ -7,10 +7,10 @@ import torch
 
 import sample
 import train
-from checkpoint import model_from_checkpoint
+from gpt_train.checkpoint import model_from_checkpoint
 from config import GPTConfig, config_from_dict
 from conftest import exit_status, metrics_records, read_checkpoint, tiny_argv, write_corpus
-from generation import generate_text
+from gpt_train.generation import generate_text
 from model import build_model, flops_per_token
 
 

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError, fail
+from gpt_train.cli import UserError, fail
 from config import GPTConfig, config_to_dict
 from model import RMS_NORM_EPS, ROPE_THETA, mlp_hidden_size
-from tokenizer import BPETokenizer, import_tokenizers, tokenizer_from_state
+from gpt_train.tokenizer import BPETokenizer, import_tokenizers, tokenizer_from_state
 
 MODEL_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2",
              "openai-community/gpt2", "openai-community/gpt2-medium",

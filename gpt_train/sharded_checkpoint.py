@@ -34,9 +34,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from atomic import fsync_directory
-from cli import ResourceError, fail
-from optim import load_optimizer_state
+from gpt_train.atomic import fsync_directory
+from gpt_train.cli import ResourceError, fail
+from gpt_train.optim import load_optimizer_state
 
 RUN_STATE_NAME = "run_state.pt"  # rank 0's part: everything but the model's and optimizer's tensors
 INDEX_NAME = ".metadata"  # DCP's index of every rank's slices

@@ -29,7 +29,7 @@ import threading
 
 import numpy as np
 
-from cli import fail
+from gpt_train.cli import fail
 
 
 class CharTokenizer:

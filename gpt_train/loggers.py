@@ -16,10 +16,10 @@ import json
 import os
 from pathlib import Path
 
-from atomic import atomic_write
-from cli import ResourceError, fail
+from gpt_train.atomic import atomic_write
+from gpt_train.cli import ResourceError, fail
 from config import config_to_dict
-from rundir import TENSORBOARD_NAME, WANDB_RUN_ID_NAME, metrics_path
+from gpt_train.rundir import TENSORBOARD_NAME, WANDB_RUN_ID_NAME, metrics_path
 
 # record key -> the chart it is drawn in (TensorBoard tag, W&B key); other numbers keep their key
 CHARTS = {"loss": "train/loss", "lr": "train/lr", "muon_lr": "train/muon_lr",

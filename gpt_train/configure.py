@@ -22,15 +22,15 @@ import glob
 import sys
 from pathlib import Path
 
-from checkpoint import configs_from_checkpoint, load_checkpoint, tokenizer_from_checkpoint
-from cli import UserError, fail
+from gpt_train.checkpoint import configs_from_checkpoint, load_checkpoint, tokenizer_from_checkpoint
+from gpt_train.cli import UserError, fail
 from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, adapt_defaults,
                     apply_args_to_configs, check_configs, configs_to_toml, name_the_recipe,
                     parse_args, validate)
-from optim import resumed_decay_iters
-from rundir import (accept_an_attempt_that_saved_nothing, exit_if_finished, latest_checkpoint,
+from gpt_train.optim import resumed_decay_iters
+from gpt_train.rundir import (accept_an_attempt_that_saved_nothing, exit_if_finished, latest_checkpoint,
                     refuse_to_replace_a_run)
-from runtime import print0
+from gpt_train.runtime import print0
 
 
 def configure(argv=None):

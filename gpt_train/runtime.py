@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import fail
+from gpt_train.cli import fail
 from config import check_device
 
 # Peak dense bf16 FLOP/s (no sparsity) of common accelerators, matched against the device name.

@@ -29,16 +29,16 @@ from pathlib import Path
 
 import torch
 
-from atomic import atomic_write
-from cli import ResourceError, UserError, fail
+from gpt_train.atomic import atomic_write
+from gpt_train.cli import ResourceError, UserError, fail
 from config import GPTConfig, TrainConfig, config_from_dict
 from config import validate as validate_configs
-from lora import merge_adapters
+from gpt_train.lora import merge_adapters
 from model import build_model
-from pretrained import checkpoint_from_pretrained, is_pretrained
-from sharded_checkpoint import (RUN_STATE_NAME, has_index, is_sharded_checkpoint,
+from gpt_train.pretrained import checkpoint_from_pretrained, is_pretrained
+from gpt_train.sharded_checkpoint import (RUN_STATE_NAME, has_index, is_sharded_checkpoint,
                                 read_sharded_weights)
-from tokenizer import tokenizer_from_state
+from gpt_train.tokenizer import tokenizer_from_state
 
 REQUIRED_KEYS = ("model_state_dict", "gpt_config", "tokenizer")
 

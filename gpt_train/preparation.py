@@ -26,8 +26,8 @@ import sys
 
 import numpy as np
 
-from documents import piece_documents
-from tokenizer import encode_documents, tokenizer_from_state
+from gpt_train.documents import piece_documents
+from gpt_train.tokenizer import encode_documents, tokenizer_from_state
 
 PARALLELISM = "TOKENIZERS_PARALLELISM"  # the variable the `tokenizers` library reads
 

@@ -38,12 +38,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from atomic import TEMPORARY_PREFIX, fsync_directory, remove_temporary_files
-from best_model import BestModel
-from checkpoint import is_readable, load_checkpoint, saved_step, saved_value
-from sharded_checkpoint import is_sharded_checkpoint
-from cli import UserError, fail
-from runtime import print0
+from gpt_train.atomic import TEMPORARY_PREFIX, fsync_directory, remove_temporary_files
+from gpt_train.best_model import BestModel
+from gpt_train.checkpoint import is_readable, load_checkpoint, saved_step, saved_value
+from gpt_train.sharded_checkpoint import is_sharded_checkpoint
+from gpt_train.cli import UserError, fail
+from gpt_train.runtime import print0
 
 try:
     import fcntl  # POSIX file locks; where it is missing (Windows), runs are not locked

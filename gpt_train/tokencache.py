@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from atomic import atomic_write, remove_temporary_files
-from cli import UserError, fail
-from documents import PIECE_BYTES, document_files, file_pieces, piece_documents
-from preparation import default_num_proc, piece_characters, prepare_pieces, tokenize_piece
-from tokenizer import (SAMPLE_BYTES, BPETokenizer, ByteTokenizer, CharTokenizer,
+from gpt_train.atomic import atomic_write, remove_temporary_files
+from gpt_train.cli import UserError, fail
+from gpt_train.documents import PIECE_BYTES, document_files, file_pieces, piece_documents
+from gpt_train.preparation import default_num_proc, piece_characters, prepare_pieces, tokenize_piece
+from gpt_train.tokenizer import (SAMPLE_BYTES, BPETokenizer, ByteTokenizer, CharTokenizer,
                        tokenizer_for_documents, tokenizer_from_state)
 
 try:

@@ -35,15 +35,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from best_model import BestModel
-from cli import fail
+from gpt_train.best_model import BestModel
+from gpt_train.cli import fail
 from config import GPTConfig, TrainConfig
-from loggers import Loggers
-from optim import current_learning_rates
-from parallel import clip_gradients, pause_gradient_sync, uses_fsdp
-from rundir import RunDirectory, step_checkpoints, step_of
-from runtime import Runtime, print0
-from tokenizer import Tokenizer
+from gpt_train.loggers import Loggers
+from gpt_train.optim import current_learning_rates
+from gpt_train.parallel import clip_gradients, pause_gradient_sync, uses_fsdp
+from gpt_train.rundir import RunDirectory, step_checkpoints, step_of
+from gpt_train.runtime import Runtime, print0
+from gpt_train.tokenizer import Tokenizer
 
 WARMUP_STEPS = 3  # eager steps before a recording: lazy optimizer state, cuBLAS and autograd set up
 

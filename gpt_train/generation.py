@@ -14,8 +14,8 @@ import contextlib
 
 import torch
 
-from cli import UserError
-from tokenizer import END_OF_TEXT, StreamDecoder
+from gpt_train.cli import UserError
+from gpt_train.tokenizer import END_OF_TEXT, StreamDecoder
 
 
 def encode_prompt(tokenizer, prompt, device):
