@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gpt_train.cli import fail
 from config import TOKENIZERS
-from gpt_train.documents import document_files
+from gpt_train.cachefiles import CacheSettings
+from gpt_train.documents import is_documents
 from gpt_train.pretrained import tokenizer_from_pretrained
 from gpt_train.tokencache import cached_tokens
 from gpt_train.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
@@ -67,8 +68,9 @@ def get_dataset(train_config, tokenizer=None):
 def corpus_tokens(path, train_config, tokenizer=None):
     """(tokenizer, token ids) of a --data or --val_data path, through the token cache."""
     t = train_config
-    return cached_tokens(path, t.tokenizer, t.cache_dir, t.val_fraction, t.bpe_vocab_size,
-                         tokenizer, text_field=t.text_field, num_proc=t.num_proc)
+    settings = CacheSettings(path, t.tokenizer, t.cache_dir, t.val_fraction, t.bpe_vocab_size,
+                             t.text_field, t.num_proc)
+    return cached_tokens(settings, tokenizer)
 
 
 def training_and_validation(tokens, tokenizer, train_config, block_size):
@@ -77,7 +79,7 @@ def training_and_validation(tokens, tokenizer, train_config, block_size):
     (plain text splits where it always did, whatever the tokenizer)."""
     t = train_config
     if not t.val_data:
-        documents = bool(t.data) and document_files(t.data) is not None
+        documents = bool(t.data) and is_documents(t.data)
         return split_tokens(tokens, t.val_fraction, block_size,
                             getattr(tokenizer, "end_of_text", None) if documents else None)
     _, val_tokens = corpus_tokens(t.val_data, t, tokenizer)
