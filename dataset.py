@@ -20,20 +20,24 @@
 Tokenizers live in tokenizer.py; what a batch is used for lives in train.py.
 """
 
+import functools
 import mmap
+import os
 import signal
+import threading
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gpt_train.cli import fail
+from gpt_train.cli import ResourceError, fail
 from config import TOKENIZERS
 from gpt_train.cachefiles import CacheSettings
 from gpt_train.documents import is_documents
 from gpt_train.pretrained import tokenizer_from_pretrained
 from gpt_train.tokencache import cached_tokens
 from gpt_train.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
+from gpt_train.workers import end_with_parent
 
 def builtin_corpus():
     try:
@@ -215,15 +219,53 @@ def build_dataloader(windows, stop, start=0, num_workers=0, pin_memory=False):
     # The loader's own generator: creating an iterator draws a worker seed from it, which must
     # not come from (and shift) the global torch generator that dropout uses.
     generator = torch.Generator().manual_seed(windows.seed)
-    return DataLoader(windows, batch_size=None, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, generator=generator,
-                      worker_init_fn=_leave_interrupts_to_the_main_process)
+    return BatchLoader(windows, batch_size=None, sampler=sampler, num_workers=num_workers,
+                       pin_memory=pin_memory, generator=generator,
+                       worker_init_fn=functools.partial(start_worker, parent=os.getpid()))
 
 
-def _leave_interrupts_to_the_main_process(worker_id):
-    """Ctrl-C reaches every process of the terminal, and `timeout`, schedulers and `kill -- -PGID`
-    send SIGTERM to the whole process group: the main process saves a checkpoint and shuts the
-    workers down, so a worker ignores both rather than die under the loader it feeds."""
+class BatchLoader(DataLoader):
+    """torch's DataLoader, but a worker that dies (the OOM killer, a kill) is one line when the
+    next batch is waited for: a ResourceError (exit status 1) naming the worker, the checkpoints
+    written so far untouched.
+
+    torch's own SIGCHLD handler raises the worker's death wherever the main process happens to
+    be (inside the model, or a checkpoint being written), as a traceback; it is set back to what
+    it was, and the loader's own check (every few seconds while a batch is awaited, that each
+    worker is alive) reports the death instead, at the one place it can be answered.
+    """
+
+    def __iter__(self):
+        settable = hasattr(signal, "SIGCHLD") and \
+            threading.current_thread() is threading.main_thread()  # POSIX, the main thread
+        handler = signal.getsignal(signal.SIGCHLD) if settable else None
+        iterator = super().__iter__()
+        if settable and self.num_workers > 0:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL if handler is None else handler)
+        return batches_until_a_worker_dies(iterator)
+
+
+def batches_until_a_worker_dies(iterator):
+    try:
+        yield from iterator
+        return
+    except RuntimeError as error:
+        if not str(error).startswith("DataLoader worker"):  # torch's words for a dead worker
+            raise
+        death = str(error).strip().splitlines()[0].rstrip(". ")
+    # out of the except block, nothing holds the iterator any more (the error's traceback did):
+    # it shuts the other workers down now, not at the interpreter's exit
+    del iterator
+    raise ResourceError(f"{death} (--num_workers; the out-of-memory killer, or a kill); the "
+                        f"checkpoints written so far are kept: resume with --resume latest")
+
+
+def start_worker(worker_id, parent):
+    """A DataLoader worker ends with the main process `parent` (workers.end_with_parent), and
+    leaves Ctrl-C and SIGTERM to it: Ctrl-C reaches every process of the terminal, and `timeout`,
+    schedulers and `kill -- -PGID` send SIGTERM to the whole process group, while the main
+    process saves a checkpoint and shuts the workers down."""
+    end_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

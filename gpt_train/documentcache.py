@@ -128,7 +128,8 @@ def join_stream(cache_path, settings, source, build, plan, previous):
                 count = sum(copy_file(part, out) for part in plan[index][1]) // itemsize
             segments.append([offset, count])
             offset += count
-        if offset == 0:
+        if offset == 0:  # every piece is empty: nothing worth keeping
+            shutil.rmtree(build.parts, ignore_errors=True)
             fail(f"data {settings.path} holds no documents: every line is blank or its text "
                  f"null (--text_field {settings.text_field})")
     meta = {"format": DOCUMENT_CACHE_FORMAT, "source": settings.source,
@@ -168,6 +169,8 @@ def document_tokenizer(settings, source, parts):
     if settings.kind == "byte":
         tokenizer = ByteTokenizer(end_of_text=True)
     elif settings.kind == "bpe":
+        print(f"token cache: learning a BPE tokenizer of {settings.bpe_vocab_size} tokens from "
+              f"documents spread over {settings.source}")
         tokenizer = BPETokenizer.train(training_sample(settings, source), settings.bpe_vocab_size,
                                        end_of_text=True)
     else:

@@ -41,6 +41,8 @@ from gpt_train.workers import end_with_parent
 
 PARALLELISM = "TOKENIZERS_PARALLELISM"  # the variable the `tokenizers` library reads
 PROGRESS_SECONDS = 5.0  # how often a log gets a progress line
+# tqdm's own, with the unit after the amounts: "19.0MB/100MB" (decimal megabytes, as MB/s)
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}B/{total_fmt}B [{elapsed}<{remaining}, {rate_fmt}]"
 DEAD_WORKER = ("a preparation worker process died (killed by a signal: the out-of-memory killer, "
                "or a kill; a smaller --num_proc needs less memory); run the same command again: "
                "it goes on from the pieces already tokenized")
@@ -99,14 +101,15 @@ def skip_done(jobs, progress):
 
 
 def in_pool(function, jobs, num_proc, progress):
-    """`prepare_pieces` on `num_proc` worker processes. However this ends (a result, an error, a
-    signal), no job is left waiting and no worker outlives it by more than its current job."""
+    """`prepare_pieces` on `num_proc` worker processes. However this ends (the last result, an
+    error, a signal), the jobs not started are dropped and the workers have ended when it
+    returns: a worker that died took the pool down, and the others finish their current piece
+    (which is kept) and stop."""
     previous = os.environ.get(PARALLELISM)
     os.environ[PARALLELISM] = "false"  # in the environment the workers are forked with
     pool = concurrent.futures.ProcessPoolExecutor(num_proc, mp_context=start_method(),
                                                   initializer=start_worker,
                                                   initargs=(os.getpid(),))
-    finished = False
     try:
         running = set()
         for job in jobs:
@@ -115,11 +118,10 @@ def in_pool(function, jobs, num_proc, progress):
                 running = yield from completed(running, progress)
         while running:
             running = yield from completed(running, progress)
-        finished = True
     except BrokenProcessPool:
         raise ResourceError(DEAD_WORKER) from None
     finally:
-        pool.shutdown(wait=finished, cancel_futures=not finished)
+        pool.shutdown(wait=True, cancel_futures=True)
         if previous is None:
             os.environ.pop(PARALLELISM, None)
         else:
@@ -155,15 +157,15 @@ def start_worker(parent):
 
 
 class Progress:
-    """Source bytes done: a bar on a terminal; in a log, a line every `interval` seconds and one
-    at the end. Either says the MB done of all, MB/s and the time left; pieces done by an
-    earlier preparation (`skip`) count as done but not in the rate."""
+    """Source bytes done: a bar on a terminal; in a log, a line every `interval` seconds (and one
+    at the end, after any). Either says the MB done of all, MB/s and the time left; pieces done
+    by an earlier preparation (`skip`) count as done but not in the rate."""
 
     def __init__(self, total, description, stream=None, interval=None):
         self.total, self.description = total, description
         self.stream = stream or sys.stderr
         self.interval = PROGRESS_SECONDS if interval is None else interval
-        self.done = self.skipped = 0
+        self.done = self.skipped = self.lines = 0
         self.started = self.written = time.monotonic()
         self.bar = None
         if is_terminal(self.stream):
@@ -171,7 +173,7 @@ class Progress:
 
             self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000,
                             desc=description, file=self.stream, dynamic_ncols=True,
-                            smoothing=0.1, mininterval=0.5)
+                            smoothing=0.1, mininterval=0.5, bar_format=BAR_FORMAT)
 
     def __enter__(self):
         return self
@@ -179,7 +181,7 @@ class Progress:
     def __exit__(self, kind, *_):
         if self.bar is not None:
             self.bar.close()
-        elif kind is None and self.done > self.skipped:
+        elif kind is None and self.lines:  # a log that was told how it went hears the end
             self.write_line(f"{self.description}: done, {self.figures()}")
 
     def skip(self, size):
@@ -196,8 +198,10 @@ class Progress:
         if self.bar is not None:
             self.bar.refresh()
         elif time.monotonic() - self.written >= self.interval:
-            left = (self.total - self.done) / max(self.rate(), 1e-9)
-            self.write_line(f"{self.description}: {self.figures()}, {clock(left)} left")
+            rate = self.rate()
+            left = f"{clock((self.total - self.done) / rate)} left" if rate > 0 else \
+                "time left not yet known"
+            self.write_line(f"{self.description}: {self.figures()}, {left}")
 
     def rate(self):
         return (self.done - self.skipped) / max(time.monotonic() - self.started, 1e-9)
@@ -208,6 +212,7 @@ class Progress:
                 f"{clock(time.monotonic() - self.started)}, {self.rate() / 1e6:,.2f} MB/s")
 
     def write_line(self, line):
+        self.lines += 1
         self.written = time.monotonic()
         print(line, file=self.stream, flush=True)
 

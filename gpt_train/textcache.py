@@ -1,5 +1,5 @@
 """The text cache: a text file or a directory of *.txt (documents.corpus_files), tokenized into
-one stream of ids as a single text.
+one stream of ids as a single text, its progress shown as a preparation's (preparation.Progress).
 
 - the text is read in chunks that never split a UTF-8 character (`iter_text_chunks`), so no
   whole-corpus string is held in memory, and BPE sees them re-cut after line ends;
@@ -18,29 +18,33 @@ from gpt_train.atomic import atomic_write
 from gpt_train.cachefiles import CACHE_FORMAT, CHUNK_BYTES, token_dtype, write_json
 from gpt_train.cli import fail
 from gpt_train.documents import corpus_files, open_source, unreadable
+from gpt_train.preparation import Progress
 from gpt_train.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
 
 UNICODE_SIZE = 0x110000  # code points 0..U+10FFFF: the size of the char pass's lookup table
 
 
-def iter_text_chunks(path, chunk_bytes=CHUNK_BYTES):
-    """Yield the text of a file or directory in pieces, never splitting a UTF-8 character."""
+def iter_text_chunks(path, chunk_bytes=CHUNK_BYTES, progress=None):
+    """Yield the text of a file or directory in pieces, never splitting a UTF-8 character;
+    `progress` (a preparation.Progress) is told the bytes read."""
     files = corpus_files(path)[1]
     if sum(f.stat().st_size for f in files) == 0:
         fail(f"data {path} is empty")
     for file in files:
         with open_source(file) as handle:
             try:
-                yield from file_chunks(file, handle, chunk_bytes)
+                yield from file_chunks(file, handle, chunk_bytes, progress)
             except OSError as error:
                 unreadable(file, error)
 
 
-def file_chunks(file, handle, chunk_bytes):
+def file_chunks(file, handle, chunk_bytes, progress):
     decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
     offset = 0  # of the first byte of `raw` in the file
     while True:
         raw = handle.read(chunk_bytes)
+        if progress is not None:
+            progress.update(len(raw))
         held_back = len(decoder.getstate()[0])  # a character's first bytes, from the last read
         try:
             text = decoder.decode(raw, final=not raw)
@@ -76,11 +80,17 @@ def build_text_cache(settings, source, tokenizer, cache_path):
 def write_tokens(settings, tokenizer, dtype, handle):
     """Encode the text chunk by chunk with a known tokenizer; return the number of ids written."""
     count = 0
-    for text in whole_lines(iter_text_chunks(settings.path, settings.chunk_bytes)):
-        ids = tokenizer.encode(text)
-        handle.write(ids.astype(dtype))
-        count += len(ids)
+    with source_progress(settings) as progress:
+        for text in whole_lines(iter_text_chunks(settings.path, settings.chunk_bytes, progress)):
+            ids = tokenizer.encode(text)
+            handle.write(ids.astype(dtype))
+            count += len(ids)
     return count
+
+
+def source_progress(settings):
+    """The progress of a pass over the text (a bar on a terminal, lines in a log)."""
+    return Progress(sum(f.stat().st_size for f in corpus_files(settings.path)[1]), "tokenizing")
 
 
 def whole_lines(chunks):
@@ -148,20 +158,21 @@ def write_ids_in_order_of_appearance(settings, handle, dtype):
     id_of = np.full(UNICODE_SIZE, -1, dtype=np.int32)  # code point -> provisional id
     found = []  # arrays of code points, in the order their ids were given
     num_chars = count = 0
-    for text in iter_text_chunks(settings.path, settings.chunk_bytes):
-        code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        ids = id_of[code_points]
-        unseen = ids < 0
-        if unseen.any():
-            new = np.unique(code_points[unseen])
-            if num_chars + len(new) > np.iinfo(dtype).max + 1:
-                raise TooManyCharacters
-            id_of[new] = np.arange(num_chars, num_chars + len(new))
-            found.append(new)
-            num_chars += len(new)
-            ids[unseen] = id_of[code_points[unseen]]
-        handle.write(ids.astype(dtype))
-        count += len(ids)
+    with source_progress(settings) as progress:
+        for text in iter_text_chunks(settings.path, settings.chunk_bytes, progress):
+            code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+            ids = id_of[code_points]
+            unseen = ids < 0
+            if unseen.any():
+                new = np.unique(code_points[unseen])
+                if num_chars + len(new) > np.iinfo(dtype).max + 1:
+                    raise TooManyCharacters
+                id_of[new] = np.arange(num_chars, num_chars + len(new))
+                found.append(new)
+                num_chars += len(new)
+                ids[unseen] = id_of[code_points[unseen]]
+            handle.write(ids.astype(dtype))
+            count += len(ids)
     return np.concatenate(found), count
 
 
