@@ -139,9 +139,10 @@ KILLED_MAIN = """
     from gpt_train.tokencache import cached_tokens
 
     def endless(work):
-        print("worker", os.getpid(), flush=True)
-        if work["piece"].index == 1:  # both workers are busy by now
-            os.kill(os.getppid(), signal.SIGKILL)
+        os.write(1, f"worker {{os.getpid()}}\\n".encode())  # one write: whole lines in the pipe
+        os.close(os.open(os.path.join({run!r}, f"busy-{{os.getpid()}}"), os.O_CREAT))
+        if len([name for name in os.listdir({run!r}) if name.startswith("busy-")]) == 2:
+            os.kill(os.getppid(), signal.SIGKILL)  # the second worker to start: both are busy
         time.sleep(600)
 
     documentcache.tokenize_piece = endless
