@@ -129,7 +129,7 @@ def test_a_preparation_worker_that_dies_ends_the_run_in_one_line_and_the_rerun_g
 
 
 # The main process holds a flock on the run directory's train.lock, as train.py does
-# (rundir.hold_run_directory), and is killed with SIGKILL while its workers are in the middle of
+# (rundir/lock.py), and is killed with SIGKILL while its workers are in the middle of
 # pieces that never end by themselves.
 KILLED_MAIN = """
     import fcntl, os, signal, sys, time
