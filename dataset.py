@@ -13,6 +13,8 @@
   Under data parallelism every rank draws the same global batch and keeps its own slice of it.
   A memory-mapped corpus is read through a fresh map of its file per batch: a worker started by
   pickling the dataset (the spawn start method) reopens the file instead of receiving a copy.
+  A worker (--num_workers) ends with the main process, and one that dies is one line and exit
+  status 1 (`BatchLoader`), never a traceback or a hang.
 - `validation_batches`: a fixed set of evenly spaced windows of the validation split; it uses no
   random state at all, and like the training batches it depends only on the global batch.
 - `check_token_ids`: a mapped token cache holds only ids of its vocabulary (a damaged cache of the

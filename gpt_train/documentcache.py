@@ -82,7 +82,8 @@ def tokenize_pieces(settings, source, build, plan):
     tags = {index: cache_key([json.dumps(source.fingerprint[index], sort_keys=True),
                               tokenizer_tag, settings.text_field, settings.piece_bytes])
             for index in todo}
-    kept = sum(1 for tag in tags.values() for _ in build.parts.glob(f"{tag}-*.bin"))
+    wanted = set(tags.values())  # a piece file is <tag>-<index>.bin
+    kept = sum(1 for part in build.parts.glob("*.bin") if part.name.split("-")[0] in wanted)
     total = sum(source.files[index].stat().st_size for index in todo)
     print(f"token cache: tokenizing {len(todo)} of {len(source.files)} file(s) of "
           f"{settings.source} ({total / 1e6:,.1f} MB) on {settings.processes} process(es)"

@@ -5,7 +5,9 @@ Three kinds share one small interface (`encode`, `decode`, `vocab_size`, `state_
 - `ByteTokenizer`: the 256 UTF-8 byte values; encodes any text.
 - `BPETokenizer`: byte-level BPE trained with the optional `tokenizers` package; any text
   encodes, and a large corpus is sampled evenly so training takes seconds. A pretrained
-  byte-level BPE (GPT-2's `tokenizer.json`, say) is one too.
+  byte-level BPE (GPT-2's `tokenizer.json`, say) is one too; a `tokenizers` file of another kind
+  (WordLevel, WordPiece, Unigram, a BPE over words) is refused naming it, as is one whose ids do
+  not decode to the text they came from (`check_byte_level_bpe`, `ROUND_TRIP`).
 The end-of-text token. A corpus of documents (jsonl, parquet) keeps them apart with an id that no
 text encodes to, `end_of_text`; a tokenizer built from plain text has none (None), so a text run
 and every tokenizer saved before it existed stay exactly as they were. The id comes after the
@@ -226,7 +228,7 @@ def check_byte_level_bpe(backend, tokenizer_json):
         fail(f"the tokenizer is a {model} model, not a byte-level BPE; {NOT_SUPPORTED}")
     pre_tokenizer = json.loads(tokenizer_json).get("pre_tokenizer")
     if "ByteLevel" not in pre_tokenizer_types(pre_tokenizer):
-        kinds = " + ".join(pre_tokenizer_types(pre_tokenizer)) or "none"
+        kinds = " + ".join(map(str, pre_tokenizer_types(pre_tokenizer))) or "none"
         fail(f"the tokenizer is a BPE over words, not bytes (its pre-tokenizer: {kinds}); "
              f"{NOT_SUPPORTED}")
 
