@@ -282,14 +282,10 @@ def generation_config(tokenizer, gpt_config, special_ids):
 
 
 def tokenizer_config(tokenizer_json, block_size, special_ids):
-    """tokenizer_config.json: the fast tokenizer over tokenizer.json, with no special tokens to
-    add, decoding that leaves spaces as they are, and `special_ids`'s tokens named: the bos (the
-    id sample.py starts from, which lm-evaluation-harness puts before an empty context) and the
-    eos where there is one (a model of documents: both are its end-of-text token, as GPT-2's).
-
-    transformers counts a named token as special, and skips it when decoding with
-    `skip_special_tokens=True` (the pipeline's default): for a model of plain text, a lone
-    newline token."""
+    """tokenizer_config.json: the fast tokenizer over tokenizer.json, adding no tokens, decoding
+    spaces as they are, with `special_ids`'s bos (the id sample.py starts from: lm-eval puts it
+    before an empty context) and eos where there is one (a model of documents: both its
+    end-of-text token, as GPT-2's). A bos is special: `skip_special_tokens` drops it."""
     backend = import_tokenizers("exporting the tokenizer").Tokenizer.from_str(tokenizer_json)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
               "clean_up_tokenization_spaces": False,

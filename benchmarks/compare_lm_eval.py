@@ -90,6 +90,12 @@ def lm_eval_verdicts(output_path, names):
     return verdicts
 
 
+def lm_eval_figures(output_path, name):
+    """lm-eval's aggregated figures of one task, from its newest results file."""
+    files = sorted(Path(output_path).rglob("results_*.json"))
+    return json.loads(files[-1].read_text())["results"][f"{name}_jsonl"]
+
+
 def compare(ours, theirs, names):
     """A line per task: both programs' figures and the items where their verdicts differ."""
     print(f"{'task':<16} {'items':>6}  {'acc ours':>9} {'lm-eval':>9}  "
@@ -138,6 +144,11 @@ def main(argv=None):
           f"lm-eval {lm_eval_seconds:.1f} s ({items / lm_eval_seconds:.1f} items/s), whole "
           f"processes; evaluate.py {lm_eval_seconds / ours_seconds:.2f}x lm-eval's items/s")
     compare(ours, lm_eval_verdicts(work / "lm_eval", names), names)
+    for name in names:
+        if "perplexity" in ours["tasks"][name]:
+            theirs = lm_eval_figures(work / "lm_eval", name).get("perplexity,none")
+            print(f"{name} perplexity: ours {ours['tasks'][name]['perplexity']:.6g}, "
+                  f"lm-eval {theirs:.6g}")
 
 
 if __name__ == "__main__":

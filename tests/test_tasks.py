@@ -78,7 +78,8 @@ def candidate_log_likelihoods(suite, model, batch_size):
 
 
 def reference_log_likelihood(hf_tokenizer, hf_model, context, continuation, vocab):
-    """lm-eval's recipe, written out plainly over the Hugging Face export."""
+    """(log-likelihood, whether greedy decoding gives the continuation): lm-eval's recipe,
+    written out plainly over the Hugging Face export."""
     if not context:
         ids = hf_tokenizer.encode(continuation, add_special_tokens=False)
         context_ids, continuation_ids = ([hf_tokenizer.bos_token_id], ids) \
@@ -94,7 +95,8 @@ def reference_log_likelihood(hf_tokenizer, hf_model, context, continuation, voca
     with torch.no_grad():
         logits = hf_model(torch.tensor([window[:-1]])).logits[0, :, :vocab]
     scored = torch.log_softmax(logits.double(), -1)[-len(continuation_ids):]
-    return scored[torch.arange(len(continuation_ids)), continuation_ids].sum().item()
+    greedy = scored.argmax(-1).tolist() == continuation_ids
+    return scored[torch.arange(len(continuation_ids)), continuation_ids].sum().item(), greedy
 
 
 @pytest.mark.slow
@@ -110,13 +112,16 @@ def test_log_likelihoods_and_choices_equal_a_plain_loop_over_the_hugging_face_ex
     first = 0
     for task in suite.tasks:
         for index, item in enumerate(task.items):
-            reference = [reference_log_likelihood(hf_tokenizer, hf_model, context, continuation,
-                                                  tokenizer.vocab_size)
-                         for context, continuation in zip(item.contexts, item.continuations)]
+            reference, greedy = zip(*[
+                reference_log_likelihood(hf_tokenizer, hf_model, context, continuation,
+                                         tokenizer.vocab_size)
+                for context, continuation in zip(item.contexts, item.continuations)])
             mine = ours[first:first + len(reference)]
             first += len(reference)
             assert mine == pytest.approx(reference, abs=1e-4), (task.name, index)
-            if task.kind != "language_modelling":
+            if task.kind == "language_modelling":
+                assert results[task.name]["per_item"]["acc"][index] == int(greedy[0])
+            else:
                 verdict = int(np.argmax(reference) == item.gold)
                 assert results[task.name]["per_item"]["acc"][index] == verdict
             if task.has_acc_norm:
@@ -126,7 +131,7 @@ def test_log_likelihoods_and_choices_equal_a_plain_loop_over_the_hugging_face_ex
     lambada = TASKS["lambada_openai"]
     perplexity = math.exp(-np.mean([reference_log_likelihood(
         hf_tokenizer, hf_model, item["context"], " " + item["continuation"],
-        tokenizer.vocab_size) for item in lambada]))
+        tokenizer.vocab_size)[0] for item in lambada]))
     assert results["lambada_openai"]["perplexity"] == pytest.approx(perplexity, rel=1e-4)
 
 
@@ -275,3 +280,18 @@ def test_the_export_names_the_id_sample_py_starts_from_as_its_bos(bpe_run):
     assert hf_tokenizer.decode([hf_tokenizer.bos_token_id]) == "\n"
     assert hf_tokenizer.eos_token_id is None  # generation still stops only at max_length
     assert hf_tokenizer.encode("a\nb") == tokenizer.encode("a\nb").tolist()  # nothing added
+
+
+def test_the_lm_eval_tasks_of_the_benchmark_read_the_files_evaluate_finds(tmp_path):
+    import sys
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from compare_lm_eval import write_task_yamls
+    from gpt_train.tasks import find_task_file
+    write_tasks(tmp_path / "tasks")
+    write_task_yamls(list(TASKS), tmp_path / "tasks", tmp_path / "yaml")
+    for name in TASKS:
+        text = (tmp_path / "yaml" / f"{name}_jsonl.yaml").read_text()
+        found = find_task_file(name, tmp_path / "tasks").resolve()
+        assert f"    test: {json.dumps(str(found))}\n" in text
+    assert (tmp_path / "yaml" / "hellaswag_docs.py").is_file()
