@@ -225,10 +225,7 @@ class TaskSuite:
                 score_batch(model, batch, totals, autocast)
                 bar.update(batch.items)
         if lockstep:
-            passes = max(self.forward_passes(r, world_size, budget) for r in range(world_size))
-            for _ in range(passes - sum(1 + (b.prefix is not None) for b in batches)):
-                with autocast():
-                    model(torch.zeros(1, 1, dtype=torch.long, device=device))
+            self.match_forward_passes(model, batches, world_size, budget, autocast)
         outcomes = list(self.outcomes(mine, totals))
         sums = self.task_sums(outcomes, device)
         if world_size > 1:
@@ -236,12 +233,19 @@ class TaskSuite:
         results = self.results(sums.tolist())
         if world_size == 1:
             for index, task in enumerate(self.tasks):
-                mine = [outcome for outcome in outcomes if outcome[0] == index]
-                results[task.name]["per_item"] = {
-                    "line": [item.line for _, item, *_ in mine],
-                    "acc": [int(right) for _, _, right, _, _ in mine],
-                    "acc_norm": [int(right_norm) for _, _, _, right_norm, _ in mine]}
+                results[task.name]["per_item"] = per_item_verdicts(
+                    [outcome for outcome in outcomes if outcome[0] == index])
         return results
+
+    @torch.no_grad()
+    def match_forward_passes(self, model, batches, world_size, budget, autocast):
+        """As many forward passes as the rank with the most (under FSDP each pass gathers the
+        weights from every rank): the missing ones on a single id, their output unused."""
+        device = next(model.parameters()).device
+        passes = max(self.forward_passes(rank, world_size, budget) for rank in range(world_size))
+        for _ in range(passes - sum(1 + (batch.prefix is not None) for batch in batches)):
+            with autocast():
+                model(torch.zeros(1, 1, dtype=torch.long, device=device))
 
     def batches_of(self, pairs, budget):
         """The batches of these (task, item) pairs and the number of their candidates."""
@@ -295,6 +299,13 @@ class TaskSuite:
             result.update(left_out=self.left_out(index), baseline=self.baselines[index])
             results[task.name] = result
         return results
+
+
+def per_item_verdicts(outcomes):
+    """Each item's line in its file and whether acc and acc_norm count it right (0 or 1)."""
+    return {"line": [item.line for _, item, *_ in outcomes],
+            "acc": [int(right) for _, _, right, _, _ in outcomes],
+            "acc_norm": [int(right_norm) for _, _, _, right_norm, _ in outcomes]}
 
 
 def summary_accuracy(result):
