@@ -317,7 +317,8 @@ POSITIVE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_si
             "bpe_vocab_size", "learning_rate", "muon_learning_rate", "lora_alpha")
 NOT_NEGATIVE = ("warmup_iters", "num_workers", "num_proc", "keep_last", "skip_nonfinite",
                 "sample_tokens", "lora_rank", "early_stop_patience", "weight_decay", "grad_clip",
-                "peak_flops", "eval_tasks_limit", "muon_weight_decay", "early_stop_min_delta", "lr_decay_iters")
+                "peak_flops", "muon_weight_decay", "early_stop_min_delta", "lr_decay_iters",
+                "eval_tasks_limit")
 # name -> (low, high, whether low is allowed, whether high is allowed)
 INTERVALS = {"dropout": (0, 1, True, False), "muon_momentum": (0, 1, True, False),
              "lora_dropout": (0, 1, True, False), "betas": (0, 1, True, False),
