@@ -126,6 +126,7 @@ def assert_one_clear_line(status, stdout, stderr, phrase):
     assert lines[0].startswith("error: ") and phrase in lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CLI_CASES)
 def test_bad_input_ends_in_one_line_exit_status_2_and_no_checkpoint_overwritten(
         cases, cli_outcomes, case):

@@ -282,6 +282,7 @@ def torchrun(script_and_argv, cwd, max_restarts=0):
                           timeout=240)
 
 
+@pytest.mark.slow
 def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_ends_with_the_uninterrupted_weights(
         tmp_path):
     data = write_corpus(tmp_path)

@@ -194,6 +194,7 @@ def write_pretrained_tokenizer(path):
     return path
 
 
+@pytest.mark.slow
 def test_a_pretrained_tokenizer_trains_resumes_samples_and_exports_with_its_end_of_text(tmp_path):
     pytest.importorskip("tokenizers")
     pytest.importorskip("safetensors")

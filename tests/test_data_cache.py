@@ -232,6 +232,7 @@ def test_a_dataset_over_the_validation_split_reads_from_the_right_offset(tmp_pat
         assert torch.equal(x, in_memory[0]) and torch.equal(y, in_memory[1])
 
 
+@pytest.mark.slow
 def test_a_spawned_worker_yields_the_same_batches_as_the_main_process(tmp_path):
     train_tokens = memmapped_train_split(tmp_path)
     loader = build_dataloader(RandomWindows(train_tokens, 16, 4, seed=5), stop=6)
@@ -246,6 +247,7 @@ def test_a_spawned_worker_yields_the_same_batches_as_the_main_process(tmp_path):
 
 # ------------------------------------------------------------------------------------ benchmark
 
+@pytest.mark.slow
 def test_the_data_benchmark_prints_tokenize_throughput_and_peak_memory(tmp_path, capsys):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:

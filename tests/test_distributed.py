@@ -18,6 +18,7 @@ from conftest import (REPO, assert_same_weights, checkpoint_weights, metrics_rec
                       write_corpus)
 from dataset import RandomWindows, validation_batches
 
+pytestmark = pytest.mark.slow  # every test here starts processes
 BATCH = 4  # per process; the single-process run uses 2 * BATCH
 STEPS = 8
 FLAGS = dict(dropout=0.0, batch_size=BATCH, grad_accum_steps=2, max_iters=STEPS, log_iter=1,

@@ -178,6 +178,7 @@ def test_what_fsdp_cannot_do_is_one_line_before_anything_is_written(tmp_path, fl
 
 # ------------------------------------------------------------------ two processes (torchrun)
 
+@pytest.mark.slow
 def test_two_process_fsdp_trains_like_one_process_with_the_same_global_batch(runs, tmp_path,
                                                                              capsys):
     """Each rank holds half of every tensor, yet the losses and the weights are one process's

@@ -38,6 +38,7 @@ def train_and_resume(checkpoint_dir, data, log_to, **flags):
     train.train([*argv, "--resume", str(checkpoint_dir / "gpt_step4.pt"), "--overwrite", "true"])
 
 
+@pytest.mark.slow
 def test_tensorboard_shows_the_metrics_at_their_steps_once_across_a_resume(tmp_path, corpus_file):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -91,6 +92,7 @@ def wandb_run(run_directory):
     return run_file.stem.removeprefix("run-"), config, series, samples
 
 
+@pytest.mark.slow
 def test_an_offline_wandb_run_holds_the_config_metrics_and_samples_and_resumes_by_id(
         tmp_path, corpus_file, monkeypatch, capsys):
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):

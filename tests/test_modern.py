@@ -340,6 +340,7 @@ def test_the_float16_gradient_scaler_skips_an_overflowing_muon_step_and_takes_th
     assert scaler.get_scale() == 2.0 ** 15  # halved once, by the overflow
 
 
+@pytest.mark.slow
 def test_two_muon_processes_end_with_the_weights_of_one_with_the_same_global_batch(tmp_path):
     from test_distributed import torchrun
     data = write_corpus(tmp_path)

@@ -298,6 +298,7 @@ def run_readme(text, directory, monkeypatch):
 
 # ----------------------------------------------------------------------- the tests
 
+@pytest.mark.slow
 def test_every_command_of_the_readme_runs_in_order_on_a_fresh_copy(tmp_path, monkeypatch):
     copy = fresh_copy(tmp_path / "repository")
     walk = run_readme((copy / "README.md").read_text(encoding="utf-8"), copy, monkeypatch)
