@@ -595,6 +595,7 @@ def test_plot_names_the_argument_that_is_wrong(run_dir, tmp_path, metrics, out, 
 
 
 def test_plot_tolerates_a_torn_last_line_and_names_the_file_it_wrote(run_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     with open(run_dir / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 9, "lo')
     assert exit_status(plot.main, [str(run_dir / "metrics.jsonl"), "--out",
