@@ -21,8 +21,8 @@ import sys
 import torch
 
 from gpt_train.checkpoint import model_from_checkpoint
-from gpt_train.cli import ArgumentParser, UserError, fail, parse_bool, run_main
-from config import MAX_SEED
+from gpt_train.cli import run_main
+from config import ArgumentParser, MAX_SEED, UserError, fail, parse_bool
 from gpt_train.generation import encode_prompt, generate_text
 from gpt_train.rundir import add_checkpoint_arguments, checkpoint_to_load
 from gpt_train.runtime import autocast_context, check_memory, select_device, select_dtype, set_seed

@@ -45,8 +45,8 @@ from tqdm import tqdm
 
 from gpt_train.checkpoint import (configs_from_checkpoint, load_model_state, plain_weights,
                         save_checkpoint)
-from gpt_train.cli import EXIT_STATUS, UserError, fail, output_that_may_close, run_main
-from config import config_to_dict
+from gpt_train.cli import EXIT_STATUS, NothingToTrain, output_that_may_close, run_main
+from config import UserError, config_to_dict, fail
 from gpt_train.configure import configure
 from dataset import (RandomWindows, build_dataloader, get_dataset, training_and_validation,
                      validation_batches)
@@ -72,7 +72,10 @@ def train(argv=None):
     """The eight stages, in order; returns the last record logged."""
     # `python train.py | head`, a closed terminal: the output is dropped, the training goes on
     with output_that_may_close():
-        gpt_config, train_config, checkpoint = configure(argv)  # 1: every refusal happens here
+        try:
+            gpt_config, train_config, checkpoint = configure(argv)  # 1: every refusal happens here
+        except NothingToTrain:  # --print_config, or --resume auto on a finished run
+            return None
         runtime = setup_runtime(train_config)  # 2: seeds every random source, picks the device
         try:
             # one run per directory: rank 0 writes the files, so rank 0 holds the directory

@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from gpt_train.cli import fail, parse_bool, run_main  # noqa: E402
-from config import (GPTConfig, TrainConfig, apply_args_to_configs,  # noqa: E402
-                    build_parser, parse_args, validate)
+from gpt_train.cli import run_main  # noqa: E402
+from config import (GPTConfig, TrainConfig, apply_args_to_configs, build_parser, fail, parse_args,
+                    parse_bool, validate)
 from model import flops_per_token  # noqa: E402
 from gpt_train.runtime import peak_flops, print0, setup_runtime  # noqa: E402
 from gpt_train.tokenizer import CharTokenizer  # noqa: E402

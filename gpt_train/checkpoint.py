@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from gpt_train.atomic import atomic_write
-from gpt_train.cli import ResourceError, UserError, fail
-from config import GPTConfig, TrainConfig, config_from_dict
+from gpt_train.cli import ResourceError
+from config import GPTConfig, TrainConfig, UserError, config_from_dict, fail
 from config import validate as validate_configs
 from gpt_train.lora import merge_adapters
 from model import build_model

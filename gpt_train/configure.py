@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 
 from gpt_train.checkpoint import configs_from_checkpoint, load_checkpoint, tokenizer_from_checkpoint
-from gpt_train.cli import UserError, fail
-from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, adapt_defaults,
-                    apply_args_to_configs, check_configs, configs_to_toml, name_the_recipe,
+from gpt_train.cli import NothingToTrain
+from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, UserError, adapt_defaults,
+                    apply_args_to_configs, check_configs, configs_to_toml, fail, name_the_recipe,
                     parse_args, validate)
 from gpt_train.optim import resumed_decay_iters
 from gpt_train.rundir import (accept_an_attempt_that_saved_nothing, exit_if_finished, latest_checkpoint,
@@ -35,10 +35,10 @@ from gpt_train.runtime import print0
 
 def configure(argv=None):
     """Flags (over a --config recipe) over the defaults; on --resume or --init_from, over the
-    checkpoint's configs. --print_config prints the result as a recipe and exits.
+    checkpoint's configs. --print_config prints the result as a recipe, and nothing is trained.
 
     Returns (gpt_config, train_config, checkpoint), checkpoint being the loaded file or None.
-    A finished run under --resume auto exits at once. Every refusal happens here, before any
+    --print_config, and a finished run under --resume auto, raise NothingToTrain. Every refusal happens here, before any
     file is touched.
     """
     args = parse_args(argv)
@@ -65,7 +65,7 @@ def configure(argv=None):
     check_configs(args, gpt_config, train_config)
     if given.get("print_config"):
         print0(configs_to_toml(gpt_config, train_config), end="")
-        raise SystemExit(0)
+        raise NothingToTrain
     refuse_to_replace_a_run(train_config, attempt_accepted=attempt)
     return gpt_config, train_config, checkpoint
 
@@ -74,7 +74,7 @@ def configure_resume(args, train_config, automatic):
     """--resume: the checkpoint's configs with the flags given laid over its training settings.
 
     `train_config` holds the flags over the defaults; with `automatic` (--resume auto), its
-    resume is the newest readable step checkpoint, and a finished run exits at once.
+    resume is the newest readable step checkpoint, and a finished run trains nothing.
     """
     given = vars(args)
     path, directory = train_config.resume, train_config.checkpoint_dir

@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 
 from gpt_train.atomic import atomic_write
-from gpt_train.cli import ResourceError, fail
-from config import config_to_dict
+from gpt_train.cli import ResourceError
+from config import config_to_dict, fail
 from gpt_train.rundir import TENSORBOARD_NAME, WANDB_RUN_ID_NAME, metrics_path
 
 # record key -> the chart it is drawn in (TensorBoard tag, W&B key); other numbers keep their key

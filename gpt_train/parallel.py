@@ -25,7 +25,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from gpt_train.cli import fail
+from config import fail
 from gpt_train.runtime import format_bytes
 
 ADAMW_MOMENTS = 2  # float32 tensors AdamW keeps per parameter: the mean and the mean square

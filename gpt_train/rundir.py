@@ -42,7 +42,8 @@ from gpt_train.atomic import TEMPORARY_PREFIX, fsync_directory, remove_temporary
 from gpt_train.best_model import BestModel
 from gpt_train.checkpoint import is_readable, load_checkpoint, saved_step, saved_value
 from gpt_train.sharded_checkpoint import is_sharded_checkpoint
-from gpt_train.cli import UserError, fail
+from gpt_train.cli import NothingToTrain, ResourceError, raise_os_failure
+from config import UserError, fail
 from gpt_train.runtime import print0
 
 try:
@@ -245,7 +246,8 @@ def refuse_to_replace_a_run(train_config, attempt_accepted=False):
 
 def exit_if_finished(path, checkpoint, train_config):
     """--resume auto on a finished run: a gpt_final.pt written after the newest step checkpoint,
-    which is at max_iters or an early stop. A requeued job must not train it again (exit status 0)."""
+    which is at max_iters or an early stop. A requeued job must not train it again: NothingToTrain
+    (exit status 0)."""
     t, step, final = train_config, checkpoint.get("step"), final_path(path.parent)
     if not (isinstance(step, int) and final.is_file()
             and final.stat().st_mtime_ns >= path.stat().st_mtime_ns):
@@ -261,7 +263,7 @@ def exit_if_finished(path, checkpoint, train_config):
         return
     print0(f"the run in {path.parent} is finished: {final.name} follows {ending}; nothing to "
            f"train ({flag} continues it)")
-    raise SystemExit(0)
+    raise NothingToTrain
 
 
 def accept_an_attempt_that_saved_nothing(train_config):
@@ -429,7 +431,8 @@ def make_directory(directory):
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        fail(f"checkpoint directory {directory} is not writable: {error.strerror or error}")
+        raise_os_failure(f"checkpoint directory {directory} is not writable: "
+                         f"{error.strerror or error}", error)
 
 
 def check_room_for_checkpoints(directory, bytes_per_checkpoint):
@@ -441,11 +444,13 @@ def check_room_for_checkpoints(directory, bytes_per_checkpoint):
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        fail(f"checkpoint directory {directory} is not writable: {error.strerror or error}")
+        raise_os_failure(f"checkpoint directory {directory} is not writable: "
+                         f"{error.strerror or error}", error)
     free = shutil.disk_usage(directory).free
     if free < 2 * bytes_per_checkpoint:
-        fail(f"checkpoint directory {directory} has {free / 2**20:.1f} MiB free but two checkpoints "
-             f"of this model need about {2 * bytes_per_checkpoint / 2**20:.1f} MiB")
+        raise ResourceError(f"checkpoint directory {directory} has {free / 2**20:.1f} MiB free but "
+                            f"two checkpoints of this model need about "
+                            f"{2 * bytes_per_checkpoint / 2**20:.1f} MiB")
 
 
 def is_own_name(name):
@@ -504,8 +509,8 @@ def delete_files(directory, paths):
     except OSError as error:
         with contextlib.suppress(OSError):
             folder.rmdir()
-        fail(f"--overwrite true could not delete {error.filename or directory} "
-             f"({error.strerror or error}); no file of the old run was deleted")
+        raise_os_failure(f"--overwrite true could not delete {error.filename or directory} "
+                         f"({error.strerror or error}); no file of the old run was deleted", error)
     shutil.rmtree(folder, ignore_errors=True)
     fsync_directory(directory)
 
@@ -524,8 +529,8 @@ def set_aside(directory, paths, label):
         move_files(paths, folder)
     except OSError as error:
         shutil.rmtree(folder, ignore_errors=True)  # only links and copies of files still in place
-        fail(f"could not move {error.filename or list_names(paths)} aside to {folder} "
-             f"({error.strerror or error}); nothing was moved")
+        raise_os_failure(f"could not move {error.filename or list_names(paths)} aside to "
+                         f"{folder} ({error.strerror or error}); nothing was moved", error)
     fsync_directory(directory)
     return folder
 
@@ -542,8 +547,8 @@ def new_folder(parent, label):
         except FileExistsError:
             continue
         except OSError as error:
-            fail(f"could not create {folder} to set the later files aside "
-                 f"({error.strerror or error}); nothing was moved")
+            raise_os_failure(f"could not create {folder} to set the later files aside "
+                             f"({error.strerror or error}); nothing was moved", error)
 
 
 def keep_a_copy(source, folder):
@@ -581,7 +586,8 @@ def hold_run_directory(directory, enabled=True):
     try:
         handle = lock_file(path)
     except OSError as error:
-        fail(f"checkpoint directory {directory} is not writable: {error.strerror or error}")
+        raise_os_failure(f"checkpoint directory {directory} is not writable: "
+                         f"{error.strerror or error}", error)
     try:
         handle.truncate(0)
         handle.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from gpt_train.cli import fail
-from config import check_device
+from config import check_device, fail
+from gpt_train.cli import ResourceError
 
 # Peak dense bf16 FLOP/s (no sparsity) of common accelerators, matched against the device name.
 PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("A10G", 125e12),
@@ -111,7 +111,7 @@ def available_memory(device):
 
 
 def check_memory(needs):
-    """Fail, naming the flags, if any need does not fit where it is allocated.
+    """A ResourceError naming the flags if any need does not fit where it is allocated.
 
     `needs` holds (what, the flags that set it, bytes, device) lower bounds: a need that exceeds
     the memory there is cannot fit, whatever else happens.
@@ -121,8 +121,9 @@ def check_memory(needs):
         if where not in free:
             free[where] = available_memory(where)
         if free[where] is not None and size > free[where]:
-            fail(f"{what} ({flags}) needs at least {format_bytes(size)} but {where} has "
-                 f"{format_bytes(free[where])} available; use smaller sizes")
+            raise ResourceError(f"{what} ({flags}) needs at least {format_bytes(size)} but "
+                                f"{where} has {format_bytes(free[where])} available; use smaller "
+                                f"sizes")
 
 
 def format_bytes(size):

@@ -35,7 +35,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from gpt_train.atomic import fsync_directory
-from gpt_train.cli import ResourceError, fail
+from gpt_train.cli import ResourceError
+from config import fail
 from gpt_train.optim import load_optimizer_state
 
 RUN_STATE_NAME = "run_state.pt"  # rank 0's part: everything but the model's and optimizer's tensors

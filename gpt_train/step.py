@@ -36,8 +36,7 @@ import torch
 import torch.distributed as dist
 
 from gpt_train.best_model import BestModel
-from gpt_train.cli import fail
-from config import GPTConfig, TrainConfig
+from config import GPTConfig, TrainConfig, fail
 from gpt_train.loggers import Loggers
 from gpt_train.optim import current_learning_rates
 from gpt_train.parallel import clip_gradients, pause_gradient_sync, uses_fsdp

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from gpt_train import fused_loss
+import model as model_module
 from gpt_train import optim
 from gpt_train import step
 import train
@@ -142,7 +142,7 @@ def test_a_cuda_graph_run_resumes_bit_for_bit(tmp_path, monkeypatch, dropout):
 
 @needs_cuda
 def test_the_fused_loss_matches_the_plain_loss_on_cuda_in_bfloat16(monkeypatch):
-    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 512 * 64)  # 4 chunks of 64 rows
+    monkeypatch.setattr(model_module, "CHUNK_ELEMENTS", 512 * 64)  # 4 chunks of 64 rows
     model = tiny_model(vocab_size=512, block_size=64, n_layer=1, n_embd=64).cuda().train()
     x, y = torch.randint(0, 512, (2, 4, 64), device="cuda")
     y[0, :10] = -100

@@ -51,10 +51,11 @@ def corpus(trained_run):
     return trained_run.parent / "corpus.txt"
 
 
-def refused(capsys, main, argv, directory, *fragments):
-    """Run `main(argv)`: exit status 2, one error line holding `fragments`, `directory` unchanged."""
+def refused(capsys, main, argv, directory, *fragments, status=2):
+    """Run `main(argv)`: exit status 2 (the user's input; 1: the machine), one error line holding
+    `fragments`, `directory` unchanged."""
     before = snapshot(directory)
-    assert exit_status(main, [str(arg) for arg in argv]) == 2
+    assert exit_status(main, [str(arg) for arg in argv]) == status
     line = one_error_line(capsys.readouterr().err, *fragments)
     assert snapshot(directory) == before
     return line
@@ -122,7 +123,7 @@ def test_an_export_onto_a_full_disk_leaves_the_earlier_export_whole(failure, exp
 
     monkeypatch.setattr(safetensors.torch, "save_file", fill_the_disk)
     refused(capsys, export.main, ["--checkpoint", run_dir / "gpt_final.pt", "--out", exported],
-            exported.parent, "No space left on device", f"{exported} is as it was")
+            exported.parent, "No space left on device", f"{exported} is as it was", status=1)
 
 
 @pytest.mark.parametrize("recipe_text", ["overwrite = true\n", "\ufeffn_layer = 1\n"],
@@ -455,7 +456,7 @@ SIZES = [
 def test_a_size_that_cannot_fit_is_one_line_before_anything_is_allocated(
         run_dir, corpus, flags, named, capsys):
     argv = tiny_argv(run_dir, corpus, overwrite="true") + flags
-    refused(capsys, train.train, argv, run_dir, named, "available")
+    refused(capsys, train.train, argv, run_dir, named, "available", status=1)
 
 
 @pytest.mark.parametrize("error", [MemoryError(), torch.OutOfMemoryError("CUDA out of memory."),
@@ -467,7 +468,7 @@ def test_an_allocation_failure_is_one_line(run_dir, corpus, error, monkeypatch, 
 
     monkeypatch.setattr(train, "build_model", build_model_that_does_not_fit)
     refused(capsys, train.train, tiny_argv(run_dir, corpus, overwrite="true"), run_dir,
-            "out of memory")
+            "out of memory", status=1)
 
 
 SAMPLE_FLAGS = [
@@ -829,7 +830,7 @@ def test_a_disk_full_stop_and_the_next_resume_ask_for_the_same_room(run_dir, mon
     stop = one_error_line(capsys.readouterr().err, "No space left on device")
     free = shutil.disk_usage(run_dir)._replace(free=1)
     monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: free)
-    assert exit_status(train.train, argv) == 2
+    assert exit_status(train.train, argv) == 1
     start = one_error_line(capsys.readouterr().err, "MiB free")
     needed = [re.search(r"two checkpoints of this model need about ([\d.]+) MiB", line).group(1)
               for line in (stop, start)]

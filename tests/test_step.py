@@ -1,4 +1,4 @@
-"""The training step recorded and replayed (step.py) and the fused loss (fused_loss.py), on a CPU.
+"""The training step recorded and replayed (step.py) and the fused loss (model.py), on a CPU.
 
 CUDA graphs need a GPU. Here `CallRecorder`, whose replay calls the recorded step again, stands in
 for them, so these tests run the logic a GPU run runs: static input buffers, eager warm-up steps,
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gpt_train import fused_loss
+import model as model_module
 from gpt_train import step
 import train
 from gpt_train.checkpoint import load_checkpoint
@@ -180,7 +180,8 @@ def loss_and_gradients(model, x, y, dtype, return_logits, forward=None):
     (torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-3, 2e-2)])
 def test_the_fused_loss_matches_the_plain_loss_and_its_gradients(
         monkeypatch, dtype, loss_tolerance, gradient_tolerance):
-    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 64 * 16)  # 4 chunks of 13 rows, and one of 12
+    # 4 chunks of 13 rows, and one of 12
+    monkeypatch.setattr(model_module, "CHUNK_ELEMENTS", 64 * 16)
     model = tiny_model(vocab_size=64, n_layer=1).train()
     x, y = torch.randint(0, 64, (2, 4, 16))
     y[0, :5] = -100  # positions that are not scored
@@ -211,14 +212,14 @@ def test_the_fused_loss_leaves_padded_ids_out_as_the_plain_loss_does():
 
 def test_the_fused_loss_traces_into_one_compiled_graph(monkeypatch):
     # "aot_eager" runs Dynamo and AOTAutograd for real and skips code generation: fast on a CPU
-    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 64 * 32)  # two chunks
+    monkeypatch.setattr(model_module, "CHUNK_ELEMENTS", 64 * 32)  # two chunks
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(64, 32, generator=generator, requires_grad=True)
     weight = torch.randn(64, 32, generator=generator, requires_grad=True)
     labels = torch.randint(0, 64, (64,), generator=generator)
-    compiled = torch.compile(fused_loss.linear_cross_entropy, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(model_module.linear_cross_entropy, backend="aot_eager", fullgraph=True)
     results = []
-    for function in (fused_loss.linear_cross_entropy, compiled):  # fullgraph: no graph breaks
+    for function in (model_module.linear_cross_entropy, compiled):  # fullgraph: no graph breaks
         loss = function(hidden, weight, labels, torch.float32)
         results.append((loss, *torch.autograd.grad(loss, (hidden, weight))))
     torch.testing.assert_close(results[1], results[0])
