@@ -480,14 +480,16 @@ SAMPLE_FLAGS = [
     (["--prompt", "caf\udce9"], "--prompt"),  # how Python receives the bytes caf\xe9
     (["--seed", "-1"], "--seed"),
     (["--device", "cpu:abc"], "--device"),
-    (["--max_new_tokens", str(10**14)], "--max_new_tokens"),
+    (["--max_new_tokens", str(10**14)], "--max_new_tokens"),  # more than the machine holds: 1
 ]
 
 
 @pytest.mark.parametrize("flags, named", SAMPLE_FLAGS, ids=lambda v: v[0] if isinstance(v, list)
                          else None)
 def test_a_bad_sample_flag_is_one_line_naming_it_alone(run_dir, flags, named, capsys):
-    line = refused(capsys, sample.main, ["--checkpoint_dir", run_dir] + flags, run_dir, named)
+    status = 1 if flags[1] == str(10**14) else 2
+    line = refused(capsys, sample.main, ["--checkpoint_dir", run_dir] + flags, run_dir, named,
+                   status=status)
     others = {"--max_new_tokens", "--top_k", "--num_samples"} - {named}
     assert not [flag for flag in others if flag in line]
 
