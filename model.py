@@ -178,17 +178,15 @@ class Block(nn.Module):
 # the plain loss within float rounding (the chunks are summed in another order); it is plain
 # tensor code inside one `autograd.Function`, so `torch.compile` traces it like any other.
 
-def linear_cross_entropy(hidden, weight, labels, dtype, ignore_index=IGNORE_INDEX):
+def linear_cross_entropy(hidden, weight, labels, dtype):
     """Mean cross-entropy of `hidden @ weight.T` against `labels`, in chunks of rows.
 
     hidden: (tokens, width); weight: (vocabulary, width), a tied one included; labels: (tokens,),
-    `ignore_index` where a position is not scored. The logits are computed in `dtype`.
+    IGNORE_INDEX where a position is not scored. The logits are computed in `dtype`.
     """
     grad_enabled = torch.is_grad_enabled()
-    rows = chunk_rows(hidden.size(0), weight.size(0))
-    return LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, dtype, rows,
-                                    grad_enabled and hidden.requires_grad,
-                                    grad_enabled and weight.requires_grad)
+    wanted = (grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad)
+    return LinearCrossEntropy.apply(hidden, weight, labels, dtype, wanted)
 
 
 def chunk_rows(tokens, vocab_size):
@@ -199,9 +197,11 @@ def chunk_rows(tokens, vocab_size):
 
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, dtype, rows, hidden_grad, weight_grad):
+    def forward(ctx, hidden, weight, labels, dtype, wanted):
+        hidden_grad, weight_grad = wanted  # which of hidden and weight need a gradient
+        rows = chunk_rows(hidden.size(0), weight.size(0))
         matrix = weight.to(dtype)
-        scored = labels != ignore_index
+        scored = labels != IGNORE_INDEX
         count = scored.sum()
         # a scored position's gradient weighs 1/count, as in the mean; nothing scored gives 0/0,
         # as in F.cross_entropy
@@ -240,7 +240,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         hidden_grad, weight_grad = ctx.needs_input_grad[:2]
         return (grad_hidden * grad_loss if hidden_grad else None,
                 (grad_weight * grad_loss).to(ctx.weight_dtype) if weight_grad else None,
-                None, None, None, None, None, None)
+                None, None, None)
 
 
 class GPT(nn.Module):
@@ -307,7 +307,7 @@ class GPT(nn.Module):
             if self.vocab_limit < head.size(0):  # the padded rows take no probability mass
                 head = head[:self.vocab_limit]
             loss = linear_cross_entropy(x.flatten(0, 1), head, labels.flatten(),
-                                        _activation_dtype(x.device, head), IGNORE_INDEX)
+                                        _activation_dtype(x.device, head))
             return GPTOutput(logits=None, loss=loss)
         logits = self.lm_head(x)
         loss = None

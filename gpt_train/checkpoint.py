@@ -18,7 +18,7 @@ and what counts as a readable one:
 - `is_readable`: a cheap look (a memory map, no tensor read) for choosing among a run's files.
 A sharded step checkpoint (--parallel fsdp, a directory) is written and read by
 sharded_checkpoint.py; `load_checkpoint` reads it as it reads a file.
-What goes *into* a training checkpoint is train.py's business; the names of the files in a run
+What a step checkpoint holds beyond this is step_checkpoint.py's; the names of the files in a run
 directory, and which of them to load, are rundir.py's.
 """
 

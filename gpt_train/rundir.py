@@ -39,12 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpt_train.atomic import TEMPORARY_PREFIX, fsync_directory, remove_temporary_files
-from gpt_train.best_model import BestModel
-from gpt_train.checkpoint import is_readable, load_checkpoint, saved_step, saved_value
+from gpt_train.checkpoint import is_readable, load_checkpoint, saved_step
 from gpt_train.sharded_checkpoint import is_sharded_checkpoint
 from gpt_train.cli import NothingToTrain, ResourceError, raise_os_failure
 from config import UserError, fail
 from gpt_train.runtime import print0
+from gpt_train.step_checkpoint import resumable_step, run_id_of, saved_best_model
 
 try:
     import fcntl  # POSIX file locks; where it is missing (Windows), runs are not locked
@@ -248,13 +248,10 @@ def exit_if_finished(path, checkpoint, train_config):
     """--resume auto on a finished run: a gpt_final.pt written after the newest step checkpoint,
     which is at max_iters or an early stop. A requeued job must not train it again: NothingToTrain
     (exit status 0)."""
-    t, step, final = train_config, checkpoint.get("step"), final_path(path.parent)
-    if not (isinstance(step, int) and final.is_file()
-            and final.stat().st_mtime_ns >= path.stat().st_mtime_ns):
+    t, step, final = train_config, resumable_step(checkpoint, path), final_path(path.parent)
+    if not (final.is_file() and final.stat().st_mtime_ns >= path.stat().st_mtime_ns):
         return
-    best = BestModel(t.early_stop_patience, t.early_stop_min_delta)
-    with contextlib.suppress(KeyError, TypeError, ValueError):  # a resume would report damage
-        best.load_state_dict(checkpoint["early_stopping"])
+    best = saved_best_model(checkpoint, t)
     if step >= t.max_iters:
         ending, flag = f"step {step} of --max_iters {t.max_iters}", "a larger --max_iters"
     elif best.should_stop:
@@ -374,7 +371,7 @@ class RunDirectory:
         if keep_last <= 0:
             return
         own = [path for path in step_checkpoints(self.path) if step_of(path) <= up_to_step
-               and saved_value(path, "run_id") == self.run_id]
+               and run_id_of(path) == self.run_id]
         for path in own[:-keep_last]:
             try:
                 remove_step_checkpoint(path)

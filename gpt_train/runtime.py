@@ -149,12 +149,10 @@ def setup_runtime(train_config):
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = select_device(train_config.device, local_rank)
-    # --parallel fsdp shards through a process group even in one process (issue 26)
-    fsdp = train_config.parallel == "fsdp"
-    if (world_size > 1 or fsdp) and not dist.is_initialized():
+    if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        store = restarted_attempt_store(world_size) if world_size > 1 else dist.HashStore()
+        store = restarted_attempt_store(world_size)
         own_store = {"store": store, "rank": rank, "world_size": world_size} if store else {}
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None, **own_store)

@@ -14,10 +14,9 @@ import pytest
 import torch
 
 import model as model_module
-from gpt_train import optim
-from gpt_train import step
 import train
 from config import TrainConfig
+from gpt_train import cuda_graphs, optim
 from conftest import (TINY_VOCAB, assert_equal_nested, assert_same_run_state, logged_steps,
                       read_checkpoint, tiny_argv, tiny_model, write_corpus)
 from gpt_train.runtime import autocast_context
@@ -99,7 +98,7 @@ def watch_recorders(monkeypatch):
     made = []
 
     def recorder_for(device):
-        made.append(step.recorder_for(device))
+        made.append(cuda_graphs.recorder_for(device))
         return made[-1]
 
     monkeypatch.setattr(train, "recorder_for", recorder_for)
@@ -116,7 +115,7 @@ def test_a_cuda_graph_step_matches_the_eager_step_bit_for_bit(tmp_path, monkeypa
     train.train(tiny_argv(tmp_path / "graphed", data, **flags))
     train.train(tiny_argv(tmp_path / "eager", data, cuda_graphs="false", **flags))
 
-    assert isinstance(recorders[0], step.CUDAGraphRecorder)
+    assert isinstance(recorders[0], cuda_graphs.CUDAGraphRecorder)
     assert recorders[0].recordings == 1, "the step was not recorded (see the note in the output)"
     assert logged_steps(tmp_path / "graphed") == logged_steps(tmp_path / "eager")
     assert_same_run_state(tmp_path / "graphed" / "gpt_step10.pt",

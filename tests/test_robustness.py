@@ -143,9 +143,7 @@ def test_a_signal_saves_the_step_prints_the_resume_command_and_the_resumed_run_m
     assert load_checkpoint(stop_checkpoint)["step"] == stop_step
     assert not (checkpoint_dir / "gpt_final.pt").exists()
 
-    commands = [line.split(": ", 1)[1] for line in output if line.startswith("resume with: ")]
-    assert commands, output
-    command = shlex.split(commands[0])
+    command = shlex.split(stopped[0].split("; resume with: ", 1)[1])  # one line says it all
     assert command[:2] == ["python", "train.py"] and Path(command[-1]) == stop_checkpoint
     assert exit_status(train.train, command[2:]) == 0
     assert_same_weights(checkpoint_dir / "gpt_final.pt", reference_dir / "gpt_final.pt")
