@@ -394,7 +394,7 @@ def validate(gpt_config, train_config):
         fail("--text_field must not be empty: name the key or column that holds the text")
     if t.resume and t.init_from:
         fail("--resume continues a run and --init_from starts a new one: give only one")
-    # --parallel fsdp (issue 26): what a sharded model cannot do yet
+    # what a sharded model (--parallel fsdp) cannot do
     if t.parallel == "fsdp" and t.optimizer == "muon":
         fail("--optimizer muon cannot run with --parallel fsdp: its Newton-Schulz step needs each "
              "whole matrix, and FSDP gives every rank a slice of it; use --optimizer adamw, or "

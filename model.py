@@ -168,7 +168,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-# ------------------------------------------------------------------------ the head and its loss, fused
+# --------------------------------------------------------------------- the head and its loss, fused
 # The plain loss (`F.cross_entropy` of `lm_head(hidden)`) keeps the whole (tokens x vocabulary)
 # logits, their float32 copy and its gradient alive: for GPT-2 124M at batch 16 x 1024, 3.3 GB
 # each in float32. `linear_cross_entropy` takes the rows in chunks instead: a chunk's logits are

@@ -53,7 +53,7 @@ from gpt_train.optim import (Schedule, configure_optimizer, current_learning_rat
 from gpt_train.parallel import Parallel, make_parallel
 from gpt_train.rundir import (RunDirectory, best_path, final_path, hold_run_directory, new_run_id,
                               prepare_run_directory)
-from gpt_train.runtime import Runtime, check_memory, peak_flops, print0, setup_runtime
+from gpt_train.runtime import Runtime, check_memory, note, peak_flops, print0, setup_runtime
 from gpt_train.scoring import piece_lengths, score_batches
 from gpt_train.stopping import StopRequest, divergence_line, early_stop_line, stop_line
 from gpt_train.tokencache import data_fingerprint
@@ -274,8 +274,8 @@ def run_loop(run):
                 if skipped > t.skip_nonfinite:
                     fail(divergence_line(run, run.step, f"more than {t.skip_nonfinite} skipped "
                                                         f"batches"))
-                print0(f"step {run.step}: non-finite loss or gradient, batch skipped ({skipped} "
-                       f"of at most {t.skip_nonfinite})")
+                note(f"step {run.step}: non-finite loss or gradient, batch skipped ({skipped} of "
+                     f"at most {t.skip_nonfinite})")
             else:
                 meter.add(run.step, loss, grad_norm, bad)
             finished = run.step == t.max_iters
@@ -342,7 +342,7 @@ def graphed_step_for(run, recorder):
     reason = graph_fallback(run.train_config, run.runtime, run.parallel)
     if reason:
         if run.train_config.cuda_graphs:
-            print0(f"note: the training step runs without CUDA graphs: {reason}")
+            note(f"the training step runs without CUDA graphs: {reason}")
         return None
 
     def step(micro_batches, autocast):

@@ -20,7 +20,6 @@ config.py's.
 
 import copy
 import glob
-import sys
 from pathlib import Path
 
 from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, UserError, adapt_defaults,
@@ -31,7 +30,7 @@ from gpt_train.cli import NothingToTrain
 from gpt_train.optim import describe_schedule, resumed_decay_iters, schedule_changes
 from gpt_train.rundir import (accept_an_attempt_that_saved_nothing, exit_if_finished,
                               latest_checkpoint, refuse_to_replace_a_run)
-from gpt_train.runtime import print0
+from gpt_train.runtime import note, print0
 from gpt_train.step_checkpoint import resumable_step
 
 
@@ -49,7 +48,7 @@ def configure(argv=None):
     checkpoint, attempt, schedule_line = None, False, None
     automatic = train_config.resume == "auto"
     if automatic:
-        latest = latest_checkpoint(train_config.checkpoint_dir, require_readable=True, report=print0)
+        latest = latest_checkpoint(train_config.checkpoint_dir, require_readable=True, report=note)
         train_config.resume = str(latest or "")
         train_config.init_from = "" if latest else train_config.init_from
     if train_config.resume and train_config.init_from:
@@ -60,9 +59,8 @@ def configure(argv=None):
     else:
         if train_config.init_from:
             gpt_config, checkpoint = configure_init_from(given, train_config)
-        for note in adapt_defaults(gpt_config, train_config, given):
-            # under --print_config, stdout is the recipe: a note there would break it
-            print0(f"note: {note}", file=sys.stderr if given.get("print_config") else None)
+        for adapted in adapt_defaults(gpt_config, train_config, given):
+            note(adapted)  # on stderr: under --print_config, stdout is the recipe alone
         if automatic:
             attempt = accept_an_attempt_that_saved_nothing(train_config)
     check_configs(args, gpt_config, train_config)
@@ -86,7 +84,7 @@ def configure_resume(args, train_config, automatic):
     given = vars(args)
     path, directory = train_config.resume, train_config.checkpoint_dir
     if path == "latest":
-        path = latest_checkpoint(directory, require_readable=True, report=print0)
+        path = latest_checkpoint(directory, require_readable=True, report=note)
         if path is None:
             fail(f"--resume latest: no readable gpt_step*.pt in {directory}")
     checkpoint = load_checkpoint(path, weights=False)  # a sharded one: weights come in resume()

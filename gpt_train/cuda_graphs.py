@@ -19,7 +19,7 @@ runs then. What one step computes is train.py's.
 
 import torch
 
-from gpt_train.runtime import print0
+from gpt_train.runtime import note
 
 WARMUP_STEPS = 3  # eager steps before a recording: lazy optimizer state, cuBLAS and autograd set up
 
@@ -108,8 +108,8 @@ class GraphedStep:
         except Exception as error:  # torch raises many kinds; each means: not recordable
             self.optimizer.zero_grad(set_to_none=True)
             reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-            print0(f"note: the training step could not be recorded as a CUDA graph "
-                   f"({type(error).__name__}: {reason}); it runs eagerly from here on")
+            note(f"the training step could not be recorded as a CUDA graph "
+                 f"({type(error).__name__}: {reason}); it runs eagerly from here on")
             self.recorder = CallRecorder()
             self.replay = self.recorder.record(self._step)
         self.held = self._held_objects()

@@ -43,7 +43,7 @@ from gpt_train.checkpoint import is_readable, load_checkpoint, saved_step
 from gpt_train.sharded_checkpoint import is_sharded_checkpoint
 from gpt_train.cli import NothingToTrain, ResourceError, raise_os_failure
 from config import UserError, fail
-from gpt_train.runtime import print0
+from gpt_train.runtime import note, print0
 from gpt_train.step_checkpoint import resumable_step, run_id_of, saved_best_model
 
 try:
@@ -282,7 +282,7 @@ def accept_an_attempt_that_saved_nothing(train_config):
              f"({list_names(unreadable)}); nothing was changed. Look at them (written by another "
              f"version? a damaged disk?), then move them out of {directory}, train into another "
              f"--checkpoint_dir, or replace them with --overwrite true")
-    print0(f"note: --resume auto: {directory} holds no checkpoint to resume, only "
+    note(f"--resume auto: {directory} holds no checkpoint to resume, only "
            f"{list_names(existing)} of an attempt that saved none; this run sets them aside in "
            f"{Path(directory) / SUPERSEDED_NAME} once its first steps are done")
     return True
@@ -378,7 +378,7 @@ class RunDirectory:
             except OSError as error:
                 if path not in self.kept:
                     self.kept.add(path)
-                    print0(f"note: --keep_last {keep_last} could not delete {path} "
+                    note(f"--keep_last {keep_last} could not delete {path} "
                            f"({error.strerror or error}); it is kept and training goes on")
 
 

@@ -3,13 +3,15 @@
 Shared by train.py, sample.py, evaluate.py and the benchmarks, so that every entry point picks
 devices the same way ('auto' = cuda, then mps, then cpu) and rejects a device the machine lacks
 with the same message. Under torchrun, `setup_runtime` joins the process group (NCCL on CUDA, gloo
-on the CPU) and `print0` prints on rank 0 only. `check_memory` compares what a command is about
-to allocate with the memory there is, so a size that cannot fit is one line, not a traceback or
-the kernel's OOM killer. What to do on the device is left to the callers.
+on the CPU). What a command says goes out on rank 0 only: results on stdout (`print0`), notes on
+stderr (`note`); errors are cli.py's. `check_memory` compares what a command is about to allocate
+with the memory there is, so a size that cannot fit is one line, not a traceback or the kernel's
+OOM killer. What to do on the device is left to the callers.
 """
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,9 +53,16 @@ def autocast_context(device, dtype):
 
 
 def print0(*args, **kwargs):
-    """Print on rank 0 only (every process is rank 0 outside torchrun)."""
+    """Print a result on rank 0 only (every process is rank 0 outside torchrun): what the run is
+    and does, its records, samples and final figures, on stdout. Notes go through `note`."""
     if int(os.environ.get("RANK", "0")) == 0:
         tqdm.write(" ".join(str(a) for a in args), **kwargs)
+
+
+def note(message):
+    """A note for the user on rank 0: "note: MESSAGE" on stderr, where warnings and the progress
+    bar go (a fallback taken, a setting adapted, a file skipped), so stdout holds results only."""
+    print0(f"note: {message}", file=sys.stderr)
 
 
 def set_seed(seed):
@@ -135,7 +144,7 @@ def format_bytes(size):
 
 def select_dtype(name, device):
     """The autocast dtype. auto: bfloat16 on CUDA GPUs that have it, float16 on older ones,
-    float32 on the CPU (bfloat16 autocast was slower for small models on the CPUs we measured)."""
+    float32 on the CPU, where bfloat16 autocast makes small models slower (docs/performance.md)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

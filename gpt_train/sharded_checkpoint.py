@@ -179,7 +179,7 @@ def resharding_note(saved_world_size, saved_sharded, world_size, parallel):
         return None
     changes = ("random states restart from the seed and the data order changes"
                if saved_world_size != world_size else "gradients are summed in another order")
-    return (f"note: the checkpoint was written by {saved_world_size} process(es) with --parallel "
+    return (f"the checkpoint was written by {saved_world_size} process(es) with --parallel "
             f"{saved_parallel} and this run has {world_size} with --parallel {parallel}: its "
             f"weights and optimizer state are resharded, {changes}; the run continues, but not "
             f"bit-exactly")

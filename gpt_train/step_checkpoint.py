@@ -24,9 +24,9 @@ plain weights (gpt_best.pt adds val_loss). The compatibility rule: keys are neve
 given another meaning, and a key added later is read with a default where an older checkpoint
 lacks it (early_stopping, run_id, data_fingerprint, world_size, sharded), so every step
 checkpoint ever written resumes. Everything that reads one of these keys asks here
-(`resumable_step`, `saved_run_id`, `run_id_of`, `saved_best_model`, `data_change`). How a checkpoint file is
-written and read is checkpoint.py's; where it lies, rundir.py's; whether it is one file or every
-rank's slices, the run's `parallel` object's (parallel.py).
+(`resumable_step`, `saved_run_id`, `run_id_of`, `saved_best_model`, `data_change`). How a
+checkpoint file is written and read is checkpoint.py's; where it lies, rundir.py's; whether it is
+one file or every rank's slices, the run's `parallel` object's (parallel.py).
 """
 
 import torch.distributed as dist
@@ -35,7 +35,7 @@ from config import config_to_dict, fail
 from gpt_train.best_model import BestModel
 from gpt_train.checkpoint import load_model_state, saved_value
 from gpt_train.optim import load_optimizer_state, rebase_schedule
-from gpt_train.runtime import print0, random_states, restore_random_states
+from gpt_train.runtime import note, random_states, restore_random_states
 from gpt_train.sharded_checkpoint import (load_full_training_state, load_sharded_training_state,
                                           optimizer_settings, resharding_note)
 
@@ -142,17 +142,17 @@ def restore_rank_states(run, checkpoint, saved_world_size, rank_states):
     """This rank's random states, where the checkpoint has this run's number of ranks; otherwise
     they restart from the seed, and a note says so (once for FSDP on either side)."""
     runtime, path = run.runtime, run.train_config.resume
-    note = resharding_note(saved_world_size, checkpoint.get("sharded", False), runtime.world_size,
-                           run.train_config.parallel)
+    resharding = resharding_note(saved_world_size, checkpoint.get("sharded", False),
+                                 runtime.world_size, run.train_config.parallel)
     try:
         if saved_world_size == runtime.world_size:
             restore_random_states(rank_states[runtime.rank], runtime.device)
-        elif note is None:
-            print0(f"note: the checkpoint was written by {saved_world_size} process(es) and this "
-                   f"run has {runtime.world_size}: random states restart from the seed and the "
-                   f"data order changes")
-        if note:
-            print0(note)
+        elif resharding is None:
+            note(f"the checkpoint was written by {saved_world_size} process(es) and this run "
+                 f"has {runtime.world_size}: random states restart from the seed and the data "
+                 f"order changes")
+        if resharding:
+            note(resharding)
     except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as error:
         fail(f"checkpoint {path} has damaged random states: {type(error).__name__}: {error}")
 
@@ -201,6 +201,6 @@ def data_change(train_config, checkpoint, fingerprint):
         change = f"--data {data} changed since the checkpoint {path} was written"
     else:
         change = f"--data {data} is not the data the checkpoint {path} was trained on ({saved_data})"
-    print0(f"note: {change}; the run goes on with this text, so its batches differ from the "
-           f"original run's")
+    note(f"{change}; the run goes on with this text, so its batches differ from the original "
+         f"run's")
     return change

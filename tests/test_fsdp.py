@@ -82,7 +82,7 @@ def test_a_checkpoint_resumes_across_ddp_and_fsdp_saying_it_is_not_bit_exact(
     root, _ = runs
     train.train(["--resume", str(root / source), "--parallel", parallel,
                  "--checkpoint_dir", str(tmp_path / "resumed")])
-    notes = [line for line in capsys.readouterr().out.splitlines() if "bit-exactly" in line]
+    notes = [line for line in capsys.readouterr().err.splitlines() if "bit-exactly" in line]
     assert len(notes) == 1 and f"this run has 1 with --parallel {parallel}" in notes[0]
     # the same weights and optimizer state continue: the end is the uninterrupted run's, rounded
     ours = checkpoint_weights(tmp_path / "resumed" / "gpt_final.pt")
@@ -210,4 +210,4 @@ def test_two_process_fsdp_trains_like_one_process_with_the_same_global_batch(run
     train.train(["--resume", str(tmp_path / "two" / "gpt_step4"),
                  "--checkpoint_dir", str(tmp_path / "resharded")])
     assert "written by 2 process(es) with --parallel fsdp and this run has 1 with --parallel " \
-           "fsdp" in capsys.readouterr().out
+           "fsdp" in capsys.readouterr().err

@@ -306,7 +306,7 @@ def test_resume_auto_sets_aside_an_attempt_that_saved_nothing_but_never_replaces
     before = snapshot(attempt)
     argv = tiny_argv(attempt, corpus, resume="auto", max_iters=4, save_iter=4)
     assert exit_status(train.train, argv) == 0
-    assert "sets them aside" in capsys.readouterr().out
+    assert "sets them aside" in capsys.readouterr().err
     assert [r["step"] for r in metrics_records(attempt)] == [2, 4]
     assert metrics_records(attempt)[0]["loss"] != 9.0
     [aside] = (attempt / "superseded").iterdir()  # byte for byte, under their own names
@@ -357,9 +357,9 @@ def test_keep_last_prunes_only_the_runs_own_step_files(run_dir, monkeypatch, cap
     argv = ["--resume", "latest", "--checkpoint_dir", run_dir, "--max_iters", 10,
             "--save_iter", 1, "--keep_last", 1]
     assert exit_status(train.train, [str(arg) for arg in argv]) == 0
-    out = capsys.readouterr().out
-    assert "skipping gpt_step100.pt" in out
-    assert out.count("--keep_last 1 could not delete") == 1  # one line, and training went on
+    notes = capsys.readouterr().err
+    assert "skipping gpt_step100.pt" in notes
+    assert notes.count("--keep_last 1 could not delete") == 1  # one line, and training went on
     assert sorted(p.name for p in run_dir.glob("gpt_step*.pt")) == ["gpt_step10.pt",
                                                                      "gpt_step2.pt",
                                                                      "gpt_step4.pt"]
@@ -515,7 +515,7 @@ def test_a_default_that_conflicts_with_a_flag_given_adapts_and_says_so(flags, fi
     gpt_config, train_config, _ = train.configure(flags + ["--checkpoint_dir", str(tmp_path)])
     config = gpt_config if hasattr(gpt_config, field) else train_config
     assert getattr(config, field) == value
-    assert f"note: --{field}" in capsys.readouterr().out
+    assert f"note: --{field}" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------- files that are not right

@@ -195,9 +195,9 @@ def test_resume_latest_skips_a_newest_checkpoint_that_would_run_code(run_copy, t
     forge_checkpoint(directory / "gpt_step6.pt", directory / "gpt_step8.pt", marker)
     argv = ["--resume", "latest", "--checkpoint_dir", str(directory), "--max_iters", "7"]
     assert exit_status(train.train, argv) == 0
-    output = capsys.readouterr().out
-    assert "skipping gpt_step8.pt" in output and "unsafe" in output
-    assert f"resumed from {directory / 'gpt_step6.pt'} after step 6" in output
+    output = capsys.readouterr()
+    assert "skipping gpt_step8.pt" in output.err and "unsafe" in output.err
+    assert f"resumed from {directory / 'gpt_step6.pt'} after step 6" in output.out
     assert not marker.exists()
 
 
@@ -299,7 +299,7 @@ def test_skip_nonfinite_skips_a_bad_batch_without_updating_the_weights(
     poison_training_losses(monkeypatch, {3})
     argv = run_flags(checkpoint_dir, data, save_iter=1, skip_nonfinite=1)
     assert exit_status(train.train, argv) == 0
-    assert "step 3: non-finite loss or gradient, batch skipped" in capsys.readouterr().out
+    assert "note: step 3: non-finite loss or gradient, batch skipped" in capsys.readouterr().err
     assert_same_weights(checkpoint_dir / "gpt_step3.pt", checkpoint_dir / "gpt_step2.pt")
     final = checkpoint_weights(checkpoint_dir / "gpt_final.pt")
     assert all(torch.isfinite(tensor).all() for tensor in final.values())
@@ -382,7 +382,7 @@ def test_resume_latest_skips_a_truncated_newest_checkpoint_and_resumes_from_the_
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     argv = ["--resume", "latest", "--checkpoint_dir", str(directory)]
     assert exit_status(train.train, argv) == 0
-    output = capsys.readouterr().out
-    assert "skipping gpt_step6.pt" in output
-    assert f"resumed from {directory / 'gpt_step4.pt'} after step 4" in output
+    output = capsys.readouterr()
+    assert "skipping gpt_step6.pt" in output.err
+    assert f"resumed from {directory / 'gpt_step4.pt'} after step 4" in output.out
     assert_same_weights(directory / "gpt_final.pt", finished_run[0] / "gpt_final.pt")

@@ -133,7 +133,7 @@ def test_a_step_that_cannot_be_recorded_runs_eagerly_with_a_note(tmp_path, monke
     data = write_corpus(tmp_path)
     monkeypatch.setattr(train, "recorder_for", lambda device: FailingRecorder())
     train.train(tiny_argv(tmp_path / "unrecordable", data))
-    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert notes == ["note: the training step could not be recorded as a CUDA graph (RuntimeError: "
                      "operation not permitted when stream is capturing); it runs eagerly from "
                      "here on"]
