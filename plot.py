@@ -32,7 +32,7 @@ from pathlib import Path
 from gpt_train.atomic import atomic_write
 from gpt_train.cli import raise_os_failure, run_main
 from config import ArgumentParser, fail, parse_bool
-from gpt_train.rundir import metrics_path
+from gpt_train.rundir.names import metrics_path
 
 # the formats whose metadata carries `plot_mark` as plain text, and the key it goes under
 MARK_KEYS = {"png": "Subject", "pdf": "Subject", "svg": "Description"}

@@ -11,9 +11,13 @@ batches, an early stop, a signal. Notable details:
 - the loop makes no host-device synchronisation except at log time, where it checks the loss is
   finite before anything is written;
 - Ctrl-C, SIGTERM or SIGHUP finishes the current step, saves a checkpoint and prints how to
-  resume; an output whose reader went away (`python train.py | head`) is dropped from then on,
-  and training goes on;
-- nothing in --checkpoint_dir is replaced unless a flag says so (rundir.py's rules, asked in
+  resume; an output whose reader went away (`python train.py | head`, a closed terminal) is
+  dropped from then on, and training goes on;
+- every evaluation with the lowest validation loss so far writes gpt_best.pt, and
+  --early_stop_patience ends the run once evaluations stop improving (best_model.py);
+- --init_from also takes a Hugging Face GPT-2 (pretrained.py, through checkpoint.py) and evaluates
+  it before the first step; --lora_rank trains low-rank adapters only (lora.py);
+- nothing in --checkpoint_dir is replaced unless a flag says so (rundir/rules.py, asked in
   configure.py before any file is touched); what a run replaces goes in its own stage,
   `replace_earlier_files`, once its first steps have passed the finite-loss check;
 - under torchrun every rank trains on its slice of the same global batch, and only rank 0 prints
@@ -39,20 +43,14 @@ from config import GPTConfig, TrainConfig, UserError, fail
 from dataset import (RandomWindows, build_dataloader, get_dataset, training_and_validation,
                      validation_batches)
 from model import build_model, count_parameters, crop_block_size, flops_per_token
-from gpt_train import step_checkpoint
-from gpt_train.best_model import BestModel
-from gpt_train.checkpoint import load_model_state, plain_weights, save_checkpoint
-from gpt_train.cli import NothingToTrain, output_that_may_close, run_main
-from gpt_train.configure import configure
-from gpt_train.cuda_graphs import GraphedStep, graph_fallback, recorder_for
-from gpt_train.generation import generate_text
 from gpt_train.lora import add_lora
 from gpt_train.loggers import Loggers, LossMeter, format_record
 from gpt_train.optim import (Schedule, configure_optimizer, current_learning_rates,
                              learning_rate_scheduler)
 from gpt_train.parallel import Parallel, make_parallel
-from gpt_train.rundir import (RunDirectory, best_path, final_path, hold_run_directory, new_run_id,
-                              prepare_run_directory)
+from gpt_train.rundir.lock import hold_run_directory
+from gpt_train.rundir.names import best_path, final_path
+from gpt_train.rundir.rules import RunDirectory, new_run_id, prepare_run_directory
 from gpt_train.runtime import Runtime, check_memory, note, peak_flops, print0, setup_runtime
 from gpt_train.scoring import piece_lengths, score_batches
 from gpt_train.stopping import StopRequest, divergence_line, early_stop_line, stop_line
@@ -226,7 +224,7 @@ def prepare_model(gpt_config, train_config, checkpoint=None, vocab_limit=None):
 
 def prepare_checkpoint_dir(train_config, runtime, model, checkpoint=None):
     """Before the first step, on the rank that writes: room for two checkpoints of this model, and
-    what the run replaces (--overwrite) or sets aside, noted, not yet touched (rundir.py)."""
+    what the run replaces (--overwrite) or sets aside, noted, not yet touched (rundir/rules.py)."""
     if not runtime.is_main:
         return RunDirectory(Path(train_config.checkpoint_dir))
     weights = sum(p.numel() for p in model.parameters())

@@ -13,8 +13,8 @@ training settings; for --init_from, the checkpoint's architecture and tokenizer.
   and one line says how the rate goes on (`describe_schedule`);
 - `--resume auto` resumes the newest readable step checkpoint if there is one, else starts a new
   run (from --init_from if given), so a requeued job can repeat its command.
-Whether the run may write into its --checkpoint_dir is rundir.py's rule, asked from here, so that
-every refusal happens before any file is touched. The dataclasses and their validation are
+Whether the run may write into its --checkpoint_dir is rundir/rules.py's rule, asked from here,
+so that every refusal happens before any file is touched. The dataclasses and their validation are
 config.py's.
 """
 
@@ -28,8 +28,9 @@ from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, UserError, adap
 from gpt_train.checkpoint import configs_from_checkpoint, load_checkpoint, tokenizer_from_checkpoint
 from gpt_train.cli import NothingToTrain
 from gpt_train.optim import describe_schedule, resumed_decay_iters, schedule_changes
-from gpt_train.rundir import (accept_an_attempt_that_saved_nothing, exit_if_finished,
-                              latest_checkpoint, refuse_to_replace_a_run)
+from gpt_train.rundir.reading import latest_checkpoint
+from gpt_train.rundir.rules import (accept_an_attempt_that_saved_nothing, exit_if_finished,
+                                    refuse_to_replace_a_run)
 from gpt_train.runtime import note, print0
 from gpt_train.step_checkpoint import resumable_step
 
@@ -113,7 +114,7 @@ def configure_resume(args, train_config, automatic):
     schedule_line = None  # how the rate goes on, where the flags changed the saved schedule
     if schedule_changes(saved_train, train_config) and step < train_config.max_iters:
         schedule_line = describe_schedule(train_config, step, saved_train)
-    return gpt_config, train_config, checkpoint, schedule_line  # later files are set aside
+    return gpt_config, train_config, checkpoint, schedule_line  # later files: rundir/rules.py
 
 
 # The training settings whose saved state a resume loads as it is: a flag that differs cannot apply.

@@ -9,7 +9,7 @@
   records after the resumed step (at its first record, so a resume that fails before then
   changes nothing; the file is rewritten whole and renamed into place, so a kill then leaves the
   old file or the new), TensorBoard purges its points after it (`purge_step`), and W&B resumes
-  the same run, whose id is kept in the checkpoint directory (rundir.py names the files). A
+  the same run, whose id is kept in the checkpoint directory (rundir/names.py names the files). A
   destination that cannot be written (a metrics.jsonl that is a directory or read-only, a
   `tensorboard` that is a file) is one line before the first step.
 What goes into a record, and when one is logged, is train.py's business.
@@ -28,7 +28,7 @@ import torch.distributed as dist
 from config import config_to_dict, fail
 from gpt_train.atomic import atomic_write
 from gpt_train.cli import ResourceError
-from gpt_train.rundir import TENSORBOARD_NAME, WANDB_RUN_ID_NAME, metrics_path
+from gpt_train.rundir.names import TENSORBOARD_NAME, WANDB_RUN_ID_NAME, metrics_path
 
 class LossMeter:
     """The training loss and gradient norm summed on the device between logs, and the first

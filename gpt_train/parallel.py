@@ -24,7 +24,7 @@ it; an optimizer that works on slices, such as a distributed Muon, asks it):
   gathered for gpt_final.pt (`final_weights`), and the memory a rank holds is its share
   (`held_per_rank`, `memory_line`);
 - `graph_fallback`: why its step cannot be recorded as a CUDA graph, or "".
-What a step checkpoint holds is step_checkpoint.py's; the file names are rundir.py's.
+What a step checkpoint holds is step_checkpoint.py's; the file names are rundir/names.py's.
 """
 
 import contextlib
@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from config import fail
 from gpt_train.checkpoint import save_checkpoint
 from gpt_train.lora import merged_state_dict
-from gpt_train.rundir import sharded_step_path, sharded_temporary_path, step_path
+from gpt_train.rundir.names import sharded_step_path, sharded_temporary_path, step_path
 from gpt_train.runtime import format_bytes
 from gpt_train.sharded_checkpoint import gathered_weights, save_sharded_checkpoint
 

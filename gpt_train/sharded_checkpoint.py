@@ -15,7 +15,7 @@ rank's random states, the optimizer's settings) as a plain torch.save file. Nota
   or not, and `load_full_training_state` a DDP run's gpt_step{N}.pt into a sharded model;
   `resharding_note` is the line that says such a resume is not bit-exact.
 What the run state holds, and which of these a resume calls, is step_checkpoint.py's; where the
-directory lives and what it is called, rundir.py's.
+directory lives and what it is called, rundir/names.py's.
 """
 
 import os

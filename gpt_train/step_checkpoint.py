@@ -25,7 +25,7 @@ given another meaning, and a key added later is read with a default where an old
 lacks it (early_stopping, run_id, data_fingerprint, world_size, sharded), so every step
 checkpoint ever written resumes. Everything that reads one of these keys asks here
 (`resumable_step`, `saved_run_id`, `run_id_of`, `saved_best_model`, `data_change`). How a
-checkpoint file is written and read is checkpoint.py's; where it lies, rundir.py's; whether it is
+checkpoint file is written and read is checkpoint.py's; where it lies, rundir/names.py's; whether it is
 one file or every rank's slices, the run's `parallel` object's (parallel.py).
 """
 

@@ -8,7 +8,7 @@ ending prints. Whether to end is decided in train.py's loop, where every way out
 - `divergence_line`: a non-finite loss, or more than --skip_nonfinite skipped batches: what was
   kept, and the flags worth changing;
 - `early_stop_line`: --early_stop_patience evaluations without improvement.
-Exit statuses are cli.py's; the files named are rundir.py's.
+Exit statuses are cli.py's; the files named are rundir/names.py's.
 """
 
 import os
@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from config import TrainConfig
 from gpt_train.cli import EXIT_STATUS
-from gpt_train.rundir import step_checkpoints, step_of
+from gpt_train.rundir.names import step_checkpoints, step_of
 
 
 class StopRequest:
