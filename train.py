@@ -43,6 +43,13 @@ from config import GPTConfig, TrainConfig, UserError, fail
 from dataset import (RandomWindows, build_dataloader, get_dataset, training_and_validation,
                      validation_batches)
 from model import build_model, count_parameters, crop_block_size, flops_per_token
+from gpt_train import step_checkpoint
+from gpt_train.best_model import BestModel
+from gpt_train.checkpoint import load_model_state, plain_weights, save_checkpoint
+from gpt_train.cli import NothingToTrain, output_that_may_close, run_main
+from gpt_train.configure import configure
+from gpt_train.cuda_graphs import GraphedStep, graph_fallback, recorder_for
+from gpt_train.generation import generate_text
 from gpt_train.lora import add_lora
 from gpt_train.loggers import Loggers, LossMeter, format_record
 from gpt_train.optim import (Schedule, configure_optimizer, current_learning_rates,
