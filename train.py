@@ -279,8 +279,8 @@ def run_loop(run):
                 if skipped > t.skip_nonfinite:
                     fail(divergence_line(run, run.step, f"more than {t.skip_nonfinite} skipped "
                                                         f"batches"))
-                note(f"step {run.step}: non-finite loss or gradient, batch skipped ({skipped} of "
-                     f"at most {t.skip_nonfinite})")
+                print0(f"step {run.step}: non-finite loss or gradient, batch skipped ({skipped} "
+                       f"of at most {t.skip_nonfinite})")  # a step's log line, as the others
             else:
                 meter.add(run.step, loss, grad_norm, bad)
             finished = run.step == t.max_iters

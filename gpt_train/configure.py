@@ -46,7 +46,7 @@ def configure(argv=None):
     args = parse_args(argv)
     gpt_config, train_config = apply_args_to_configs(args, GPTConfig(), TrainConfig())
     given = vars(args)
-    checkpoint, attempt, schedule_line = None, False, None
+    checkpoint, attempt, schedule_line, adapted = None, False, None, []
     automatic = train_config.resume == "auto"
     if automatic:
         latest = latest_checkpoint(train_config.checkpoint_dir, require_readable=True, report=note)
@@ -60,11 +60,12 @@ def configure(argv=None):
     else:
         if train_config.init_from:
             gpt_config, checkpoint = configure_init_from(given, train_config)
-        for adapted in adapt_defaults(gpt_config, train_config, given):
-            note(adapted)  # on stderr: under --print_config, stdout is the recipe alone
+        adapted = adapt_defaults(gpt_config, train_config, given)
         if automatic:
             attempt = accept_an_attempt_that_saved_nothing(train_config)
     check_configs(args, gpt_config, train_config)
+    for line in adapted:  # once the configs are valid; a refusal is one line alone
+        note(line)  # on stderr: under --print_config, stdout is the recipe alone
     if given.get("print_config"):
         print0(configs_to_toml(gpt_config, train_config), end="")
         raise NothingToTrain

@@ -302,7 +302,7 @@ def test_skip_nonfinite_skips_a_bad_batch_without_updating_the_weights(
     poison_training_losses(monkeypatch, {3})
     argv = run_flags(checkpoint_dir, data, save_iter=1, skip_nonfinite=1)
     assert exit_status(train.train, argv) == 0
-    assert "note: step 3: non-finite loss or gradient, batch skipped" in capsys.readouterr().err
+    assert "step 3: non-finite loss or gradient, batch skipped" in capsys.readouterr().out
     assert_same_weights(checkpoint_dir / "gpt_step3.pt", checkpoint_dir / "gpt_step2.pt")
     final = checkpoint_weights(checkpoint_dir / "gpt_final.pt")
     assert all(torch.isfinite(tensor).all() for tensor in final.values())
