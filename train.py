@@ -61,6 +61,7 @@ from gpt_train.rundir.rules import RunDirectory, new_run_id, prepare_run_directo
 from gpt_train.runtime import Runtime, check_memory, note, peak_flops, print0, setup_runtime
 from gpt_train.scoring import piece_lengths, score_batches
 from gpt_train.stopping import StopRequest, divergence_line, early_stop_line, stop_line
+from gpt_train.task_scoring import TaskSuite, task_metrics, training_tasks
 from gpt_train.tokencache import data_fingerprint
 from gpt_train.tokenizer import Tokenizer, tokenizer_from_state
 
@@ -105,6 +106,7 @@ class Run:
     scaler: torch.amp.GradScaler
     directory: RunDirectory  # --checkpoint_dir, and what the run replaces there
     data_fingerprint: str | None = None  # of --data, kept in step checkpoints
+    tasks: TaskSuite | None = None  # --eval_tasks, scored at each evaluation (task_scoring.py)
     recorder: InitVar[object] = None  # what records the step as a CUDA graph, or None
     step: int = 0  # optimizer steps completed
     graphed_step: GraphedStep | None = field(init=False)  # the step as a CUDA graph replay
@@ -144,6 +146,7 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
                               num_workers=t.num_workers, pin_memory=runtime.device.type == "cuda")
     val_set = validation_batches(val_tokens, gpt_config.block_size, t.batch_size, t.eval_batches,
                                  runtime.rank, runtime.world_size)
+    tasks = training_tasks(t, tokenizer, gpt_config.block_size)  # --eval_tasks, read once
     model = prepare_model(gpt_config, t, checkpoint, tokenizer.vocab_size)
     wrapped_model = parallel.wrap(model)  # on its device: compiled, DDP-wrapped or sharded
     if (line := parallel.memory_line(model)) is not None:
@@ -158,7 +161,7 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
     return Run(gpt_config=gpt_config, train_config=t, runtime=runtime, parallel=parallel,
                tokenizer=tokenizer, loader=loader, val_set=val_set, model=model,
                wrapped_model=wrapped_model, optimizer=optimizer, scheduler=scheduler,
-               scaler=scaler, directory=directory, data_fingerprint=fingerprint,
+               scaler=scaler, directory=directory, data_fingerprint=fingerprint, tasks=tasks,
                recorder=recorder)
 
 
@@ -380,6 +383,7 @@ def log_step(run, meter, step_rates, progress, evaluate):
         record["mfu"] = round(flops_per_token(run.model) * tokens_per_second / peak, 4)
     if evaluate:
         record.update(estimate_loss(run))
+        record.update(task_metrics(run))  # --eval_tasks: hellaswag/acc_norm, ...
         keep_if_best(run, record)
     run.loggers.write(record)
     postfix = {"loss": f"{loss:.4f}", **{name: f"{rate:.2e}" for name, rate in step_rates.items()},
