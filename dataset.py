@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gpt_train.cli import ResourceError, fail
-from config import TOKENIZERS
+from config import TOKENIZERS, fail
+from gpt_train.cli import ResourceError
 from gpt_train.cachefiles import CacheSettings
 from gpt_train.documents import is_documents
 from gpt_train.pretrained import tokenizer_from_pretrained

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt_train.atomic import atomic_write
-from gpt_train.cli import UserError
+from config import UserError
 from gpt_train.documents import PIECE_BYTES, TEXT, open_source, unreadable
 from gpt_train.tokenizer import tokenizer_from_state
 from gpt_train.workers import default_num_proc

@@ -15,6 +15,7 @@ tokencache.py's.
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,7 +24,7 @@ import numpy as np
 from gpt_train.atomic import atomic_write
 from gpt_train.cachefiles import (CHUNK_BYTES, DOCUMENT_CACHE_FORMAT, cache_key, same_file,
                                   token_dtype, write_json)
-from gpt_train.cli import fail
+from config import fail
 from gpt_train.documents import file_pieces, piece_documents
 from gpt_train.preparation import piece_characters, prepare_pieces, tokenize_piece
 from gpt_train.tokenizer import (SAMPLE_BYTES, BPETokenizer, ByteTokenizer, CharTokenizer,
@@ -95,7 +96,7 @@ def tokenize_pieces(settings, source, build, plan):
     if surrogates:
         print(f"note: {surrogates:,} lone surrogate escape(s) in the text of {settings.source} "
               f"(\\ud800 to \\udfff: half of a UTF-16 pair, not a character) were replaced by "
-              f"U+FFFD; the first in {first}")
+              f"U+FFFD; the first in {first}", file=sys.stderr)  # notes go to stderr
 
 
 def piece_jobs(settings, source, build, tags, plan):

@@ -16,7 +16,6 @@ cannot be read is one line naming it (`open_source`). How the tokens are cached 
 cache's business (tokencache.py); which tokenizer encodes them, tokenizer.py's.
 """
 
-import errno
 import glob
 import gzip
 import json
@@ -26,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from gpt_train.cli import ResourceError, fail
+from config import fail
+from gpt_train.cli import raise_os_failure
 
 DOCUMENT_KINDS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl.gz", ".parquet": "parquet"}
 PIECE_BYTES = 8 << 20  # the source text a piece holds: a few seconds of one core's work
@@ -126,10 +126,7 @@ def open_source(path):
 
 
 def unreadable(path, error):
-    message = f"cannot read {path}: {error.strerror or first_line(error)}"
-    if error.errno == errno.EIO:
-        raise ResourceError(message) from None
-    fail(message)
+    raise_os_failure(f"cannot read {path}: {error.strerror or first_line(error)}", error)
 
 
 def import_parquet():

@@ -16,7 +16,7 @@ import numpy as np
 
 from gpt_train.atomic import atomic_write
 from gpt_train.cachefiles import CACHE_FORMAT, CHUNK_BYTES, token_dtype, write_json
-from gpt_train.cli import fail
+from config import fail
 from gpt_train.documents import corpus_files, open_source, unreadable
 from gpt_train.preparation import Progress
 from gpt_train.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer

@@ -17,7 +17,6 @@ the tokens are used for (splits, batches) is dataset.py's business.
 """
 
 import contextlib
-import errno
 import hashlib
 from pathlib import Path
 from typing import NamedTuple
@@ -28,7 +27,7 @@ from gpt_train.atomic import remove_temporary_files
 from gpt_train.cachefiles import (CACHE_FORMAT, DOCUMENT_CACHE_FORMAT, SAMPLE_BYTES, SAMPLES,
                                   exclusive_lock, read_cache, same_source, sample_offsets,
                                   source_fingerprint)
-from gpt_train.cli import ResourceError, fail
+from gpt_train.cli import raise_os_failure
 from gpt_train.documentcache import build_document_cache
 from gpt_train.documents import TEXT, corpus_files, open_source, unreadable
 from gpt_train.textcache import build_text_cache
@@ -116,10 +115,8 @@ def cache_failure(directory, error):
     named = Path(error.filename).resolve() if error.filename else None
     if named is not None and directory.resolve() not in (named, *named.parents):
         unreadable(named, error)
-    message = f"cannot build the token cache in {directory} (--cache_dir): {error.strerror or error}"
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise ResourceError(f"{message}; free some room, or give another --cache_dir") from None
-    fail(message)
+    raise_os_failure(f"cannot build the token cache in {directory} (--cache_dir): "
+                     f"{error.strerror or error}", error)
 
 
 def data_fingerprint(path, samples=SAMPLES, sample_bytes=SAMPLE_BYTES):

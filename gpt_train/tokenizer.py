@@ -31,7 +31,7 @@ import threading
 
 import numpy as np
 
-from gpt_train.cli import fail
+from config import fail
 
 
 class CharTokenizer:

@@ -252,7 +252,7 @@ def test_lone_surrogates_in_jsonl_are_replaced_and_counted_in_one_note(tmp_path,
         tokenizer, ids = cached_tokens(CacheSettings(str(path), kind, tmp_path / kind,
                                                      bpe_vocab_size=300))
         assert np.array_equal(ids, encode_documents(tokenizer, replaced))
-        notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note")]
+        notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note")]
         assert len(notes) == 1 and "3 lone surrogate" in notes[0], notes
         assert f"{path}, the line at byte " in notes[0]
 
