@@ -131,7 +131,7 @@ def in_pool(function, jobs, num_proc, progress):
 def completed(running, progress):
     """Yield the results of the jobs that complete within a progress interval; return the jobs
     still running."""
-    done, running = concurrent.futures.wait(running, timeout=max(progress.interval, 0.1),
+    done, running = concurrent.futures.wait(running, timeout=progress.seconds_to_next_line(),
                                             return_when=concurrent.futures.FIRST_COMPLETED)
     progress.tick()
     for future in done:
@@ -202,6 +202,10 @@ class Progress:
             left = f"{clock((self.total - self.done) / rate)} left" if rate > 0 else \
                 "time left not yet known"
             self.write_line(f"{self.description}: {self.figures()}, {left}")
+
+    def seconds_to_next_line(self):
+        """How long until a line is due (at least a tenth of a second: no busy wait)."""
+        return max(self.interval - (time.monotonic() - self.written), 0.1)
 
     def rate(self):
         return (self.done - self.skipped) / max(time.monotonic() - self.started, 1e-9)
