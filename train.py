@@ -445,7 +445,6 @@ def checkpoint_state(run, loss):
         "data_state": {"position": run.step * run.train_config.grad_accum_steps},
         "world_size": run.runtime.world_size,
         "early_stopping": run.best.state_dict(),  # the key it has always had
-        "run_id": run.directory.run_id,  # --keep_last deletes only the run's own step files
     })
     if run.data_fingerprint:  # a resume on other data says so
         state["data_fingerprint"] = run.data_fingerprint
@@ -467,10 +466,12 @@ def weights_state(run, loss):
 
 
 def run_summary(run, loss):
-    """The step, loss, configs and tokenizer: what every checkpoint says about its run."""
+    """The step, loss, configs, tokenizer and run id: what every checkpoint says about its run
+    (by the id, --keep_last deletes only the run's own step checkpoints, and export.py knows an
+    earlier export of the same run)."""
     return {"step": run.step, "loss": loss, "gpt_config": config_to_dict(run.gpt_config),
             "train_config": config_to_dict(run.train_config),
-            "tokenizer": run.tokenizer.state_dict()}
+            "tokenizer": run.tokenizer.state_dict(), "run_id": run.directory.run_id}
 
 
 def save_step_checkpoint(run, loss):
