@@ -49,8 +49,8 @@ def refuse_to_replace_a_run(train_config, attempt_accepted=False):
              f"writes its own checkpoints: the model being fine-tuned would be replaced; give "
              f"another --checkpoint_dir")
     check_directory(t.checkpoint_dir)
-    if not (t.overwrite or attempt_accepted or (t.resume and same_directory(t.resume,
-                                                                            t.checkpoint_dir))):
+    resumes_in_place = bool(t.resume) and same_directory(t.resume, t.checkpoint_dir)
+    if not (t.overwrite or attempt_accepted or resumes_in_place):
         refuse_a_directory_holding_a_run(t.checkpoint_dir)
     check_place_to_set_aside(t)
 
