@@ -36,8 +36,8 @@ from config import validate as validate_configs
 from gpt_train.lora import merge_adapters
 from model import build_model
 from gpt_train.pretrained import checkpoint_from_pretrained, is_pretrained
-from gpt_train.sharded_checkpoint import (RUN_STATE_NAME, damage, is_sharded_checkpoint,
-                                          read_sharded_weights)
+from gpt_train.sharded_checkpoint import (INDEX_NAME, RUN_STATE_NAME, damage,
+                                          is_sharded_checkpoint, read_sharded_weights)
 from gpt_train.tokenizer import tokenizer_from_state
 
 REQUIRED_KEYS = ("model_state_dict", "gpt_config", "tokenizer")
@@ -102,9 +102,9 @@ def load_checkpoint(path, map_location="cpu", weights=True):
     if is_sharded_checkpoint(path):
         return load_sharded_checkpoint(Path(path), weights)
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
-        fail(f"checkpoint {path} is a directory; give a file in it, such as "
-             f"{Path(path) / 'gpt_final.pt'} (a directory is read only as a Hugging Face model, "
-             f"with its config.json)")
+        fail(f"checkpoint {path} is a directory that holds no checkpoint: neither an FSDP run's "
+             f"step (run_state.pt, {INDEX_NAME}) nor a Hugging Face model (config.json); give one "
+             f"of those, or a checkpoint file such as {Path(path) / 'gpt_final.pt'}")
     if is_pretrained(path):
         return checkpoint_from_pretrained(path)
     path = Path(path)

@@ -7,7 +7,8 @@ rank's random states, the optimizer's settings) as a plain torch.save file. Nota
 - no rank ever holds the whole model to save it; a load reshards, so a checkpoint resumes with
   any number of ranks, or into an unsharded (DDP or single-process) model;
 - the ranks write into rank 0's temporary directory (.tmp-gpt_step{N}.PID), which rank 0 renames
-  to gpt_step{N} only once every rank has finished: the directory appears complete or not at all;
+  to gpt_step{N} only once every rank has finished: the directory appears complete or not at all,
+  and never in place of one already there (the run set its later steps aside when it started);
 - `damage` is the cheap look a reader takes before choosing one: the run state, the index, and
   every file of slices the index names at the length it says (a truncated slice does not read);
 - only tensors go through DCP, which would unpickle anything else without `weights_only`;
@@ -16,7 +17,7 @@ rank's random states, the optimizer's settings) as a plain torch.save file. Nota
 - `restore_training_state` resumes a sharded checkpoint into any number of ranks, sharded or
   not, and a DDP run's gpt_step{N}.pt into a sharded model; `resharding_note` is the line that
   says such a resume is not bit-exact.
-Where the directory lives and what it is called is checkpoint.py's business; what goes into the
+Where the directory lives and what it is called is rundir/names.py's business; what goes into the
 run state is train.py's.
 """
 
@@ -36,10 +37,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from gpt_train.atomic import fsync_directory, temporary_path
+from gpt_train.atomic import fsync_directory
 from gpt_train.cli import ResourceError, fail
 from gpt_train.optim import load_optimizer_state
-from gpt_train.rundir.names import REPLACED_NAME, is_step_directory_name
 
 RUN_STATE_NAME = "run_state.pt"  # rank 0's part: everything but the model's and optimizer's tensors
 INDEX_NAME = ".metadata"  # DCP's index of every rank's slices
@@ -48,10 +48,9 @@ MODEL_PREFIX = "model."  # DCP flattens nested keys with dots: model.<name>, opt
 
 def is_sharded_checkpoint(path):
     """Whether `path` is a step checkpoint directory of an FSDP run, whole or damaged: a directory
-    named gpt_step{N}, or one holding either half (the run state, the index of the slices)."""
+    holding either half (the run state, the index of the slices)."""
     path = Path(path)
-    return path.is_dir() and (is_step_directory_name(path.name) or (path / RUN_STATE_NAME).is_file()
-                              or (path / INDEX_NAME).is_file())
+    return path.is_dir() and ((path / RUN_STATE_NAME).is_file() or (path / INDEX_NAME).is_file())
 
 
 def save_sharded_checkpoint(state, model, optimizer, path, temporary):
@@ -92,13 +91,9 @@ def _finish_on_rank_0(state, path, temporary):
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        if path.exists():  # the same step written again (a rewound run): the new one replaces it
-            replaced = temporary_path(path.with_name(REPLACED_NAME))
-            os.replace(path, replaced)
-            os.replace(temporary, path)
-            shutil.rmtree(replaced, ignore_errors=True)
-        else:
-            os.replace(temporary, path)
+        if path.exists() or path.is_symlink():  # the run set its later steps aside at its start
+            return f"a {path.name} this run did not write is in the way (it is kept as it is)"
+        os.replace(temporary, path)
         fsync_directory(path.parent)
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
         return _reason(error)
