@@ -48,7 +48,8 @@ import torch
 
 from gpt_train.atomic import fsync_directory, temporary_path
 from gpt_train.checkpoint import model_from_checkpoint
-from gpt_train.cli import ArgumentParser, fail, parse_bool, run_main
+from gpt_train.cli import raise_os_failure, run_main
+from config import ArgumentParser, fail, parse_bool
 from gpt_train.export_directory import (SOURCE_NAME, check_out_dir, earlier_export_source,
                                         export_source, remove_leftovers)
 from gpt_train.generation import encode_prompt
@@ -403,7 +404,7 @@ def export(checkpoint_path, out_dir, overwrite=False):
         if reason is None:
             raise
         kept = f"{out} is as it was" if existed else "nothing was written"
-        fail(f"could not write the export to {out}: {reason}; {kept}")
+        raise_os_failure(f"could not write the export to {out}: {reason}; {kept}", error)
     return out
 
 

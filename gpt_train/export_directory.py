@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gpt_train.atomic import temporary_parts
 from gpt_train.checkpoint import saved_step, saved_value
-from gpt_train.cli import fail
+from config import fail
 from gpt_train.sharded_checkpoint import is_sharded_checkpoint
 
 SOURCE_NAME = "export_source.json"

@@ -17,9 +17,11 @@ from pathlib import Path
 
 from gpt_train.atomic import (TEMPORARY_PREFIX, fsync_directory, remove_temporary_files,
                               temporary_parts, temporary_path)
-from gpt_train.cli import fail
+from config import fail
+from gpt_train.cli import raise_os_failure
 from gpt_train.rundir.names import (REPLACED_NAME, SUPERSEDED_NAME, TENSORBOARD_NAME, is_own_name,
                                     is_step_directory_name, list_names, metrics_path)
+
 
 def check_directory(directory):
     """--checkpoint_dir names a directory, or nothing yet (it is created)."""
@@ -35,7 +37,8 @@ def make_directory(directory):
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        fail(f"checkpoint directory {directory} is not writable: {error.strerror or error}")
+        raise_os_failure(f"checkpoint directory {directory} is not writable: "
+                         f"{error.strerror or error}", error)
 
 
 def remove_step_checkpoint(path):
@@ -91,8 +94,8 @@ def delete_files(directory, paths):
     except OSError as error:
         with contextlib.suppress(OSError):
             folder.rmdir()
-        fail(f"--overwrite true could not delete {error.filename or directory} "
-             f"({error.strerror or error}); no file of the old run was deleted")
+        raise_os_failure(f"--overwrite true could not delete {error.filename or directory} "
+                         f"({error.strerror or error}); no file of the old run was deleted", error)
     shutil.rmtree(folder, ignore_errors=True)
     fsync_directory(directory)
 
@@ -111,8 +114,8 @@ def set_aside(directory, paths, label):
         move_files(paths, folder)
     except OSError as error:
         shutil.rmtree(folder, ignore_errors=True)  # only links and copies of files still in place
-        fail(f"could not move {error.filename or list_names(paths)} aside to {folder} "
-             f"({error.strerror or error}); nothing was moved")
+        raise_os_failure(f"could not move {error.filename or list_names(paths)} aside to "
+                         f"{folder} ({error.strerror or error}); nothing was moved", error)
     fsync_directory(directory)
     return folder
 
@@ -124,7 +127,8 @@ def new_folder(parent, label):
         parent.mkdir(exist_ok=True)
     except OSError as error:  # a file of that name (rules.py refuses one before training)
         reason = "a file is in the way" if parent.exists() else error.strerror or error
-        fail(f"could not create {parent} to set files aside ({reason}); nothing was moved")
+        raise_os_failure(f"could not create {parent} to set files aside ({reason}); nothing was "
+                         f"moved", error)
     for suffix in itertools.count(1):
         folder = parent / (stem if suffix == 1 else f"{stem}-{suffix}")
         try:
@@ -133,8 +137,8 @@ def new_folder(parent, label):
         except FileExistsError:
             continue
         except OSError as error:
-            fail(f"could not create {folder} to set files aside "
-                 f"({error.strerror or error}); nothing was moved")
+            raise_os_failure(f"could not create {folder} to set files aside "
+                             f"({error.strerror or error}); nothing was moved", error)
 
 
 def keep_a_copy(source, folder):

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from gpt_train.checkpoint import is_readable, load_checkpoint
-from gpt_train.cli import UserError, fail
+from config import UserError, fail
 from gpt_train.rundir.names import best_path, final_path, list_names, step_checkpoints
 
 
