@@ -50,7 +50,8 @@ def test_a_damaged_sharded_step_is_skipped_said_and_set_aside_never_deleted(shar
     damage(directory / "gpt_step8", how)
     evidence = snapshot(directory / "gpt_step8")
     train.train(tiny_argv(directory, data, resume="latest", **SHARDED))
-    out = capsys.readouterr().out
+    said = capsys.readouterr()
+    out = said.out + said.err  # notes go to stderr, results to stdout
     assert "skipping gpt_step8" in out and f"resumed from {directory / 'gpt_step4'}" in out
     [aside] = (directory / "superseded").iterdir()
     assert f"moved aside to {aside}/" in out
