@@ -51,6 +51,7 @@ from gpt_train.configure import configure
 from dataset import (RandomWindows, build_dataloader, get_dataset, training_and_validation,
                      validation_batches)
 from gpt_train.generation import generate_text
+from gpt_train.muon import work_line
 from gpt_train.lora import add_lora, merged_state_dict
 from model import build_model, count_parameters, crop_block_size, flops_per_token
 from gpt_train.optim import (Schedule, configure_optimizer, describe_schedule, learning_rate_scheduler,
@@ -111,6 +112,8 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
     recorder = recorder_for(runtime.device)
     # FSDP's steps are never recorded as CUDA graphs (step.graph_fallback)
     optimizer = configure_optimizer(model, t, capturable=recorder is not None and not uses_fsdp(t))
+    if t.optimizer == "muon":
+        print0(work_line(optimizer, t.parallel, runtime.world_size))
     scheduler = learning_rate_scheduler(optimizer, Schedule.from_config(t))
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
     run = Run(gpt_config, t, runtime, tokenizer, loader, val_set, model, wrapped_model, optimizer,

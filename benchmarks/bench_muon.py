@@ -20,7 +20,8 @@ from gpt_train.cli import fail, run_main  # noqa: E402
 from config import (GPTConfig, TrainConfig, apply_args_to_configs, build_parser,  # noqa: E402
                     parse_args)
 from model import build_model  # noqa: E402
-from gpt_train.optim import configure_optimizer, newton_schulz_dtype  # noqa: E402
+from gpt_train.muon import newton_schulz_dtype  # noqa: E402
+from gpt_train.optim import configure_optimizer  # noqa: E402
 
 SPEEDRUN_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "cpu_speedrun.toml"
 
