@@ -177,7 +177,7 @@ def orthogonalise(matrices, steps):
 
 def newton_schulz_flops(shape, steps):
     """The FLOPs of `steps` iterations on one matrix of `shape` (a multiply-add counts 2): with
-    m <= n its sides, each iterations multiplies an m x n matrix by its transpose (2 m^2 n), the
+    m <= n its sides, each iteration multiplies an m x n matrix by its transpose (2 m^2 n), the
     m x m result by itself (2 m^3), and the matrix by an m x m polynomial of it (2 m^2 n)."""
     m, n = sorted(shape)
     return steps * (4 * m * m * n + 2 * m ** 3)
@@ -195,8 +195,9 @@ class NewtonSchulzWork:
     @classmethod
     def balanced(cls, shapes, world_size, steps):
         """The largest matrix first, each to the rank with the fewest FLOPs so far (the lowest
-        rank among equals): within a few percent of even whenever there are several matrices
-        per rank, and the same on every rank, since it depends on the shapes alone."""
+        rank among equals): Graham's longest-processing-time rule, never a third above the
+        best split there is, and even when each shape's matrices divide among the ranks. It
+        depends on the shapes alone, so every rank computes the same."""
         loads, owners = [0] * world_size, [0] * len(shapes)
         for index in sorted(range(len(shapes)),
                             key=lambda i: -newton_schulz_flops(shapes[i], steps)):
