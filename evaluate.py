@@ -11,7 +11,7 @@ text; bits per byte does not, so it is the figure that compares runs with differ
   with at least block_size - S tokens of context (except near the start).
 - The first token of the text is never scored (nothing precedes it), so it is left out of the
   byte count too.
-Checkpoint loading is checkpoint.py's job, which file of a run directory to load rundir.py's,
+Checkpoint loading is checkpoint.py's job, which file of a run directory to load rundir/reading.py's,
 tokenizing dataset.py's and tokenizer.py's.
 """
 
@@ -32,7 +32,8 @@ from gpt_train.cli import ArgumentParser, fail, run_main
 from config import DTYPES
 from dataset import check_token_ids, get_dataset, training_and_validation
 from model import IGNORE_INDEX
-from gpt_train.rundir import add_checkpoint_arguments, checkpoint_to_load
+from gpt_train.rundir.names import add_checkpoint_arguments
+from gpt_train.rundir.reading import checkpoint_to_load
 from gpt_train.runtime import autocast_context, check_memory, select_device, select_dtype
 from gpt_train.scoring import piece_lengths, score_batches, summarize
 from gpt_train.tokencache import cached_tokens

@@ -31,7 +31,7 @@ No file a user has is overwritten, and no export is lost (`check_out_dir`, `inst
 
 Exporting needs the `safetensors` and `tokenizers` packages; loading the result needs
 `transformers`. None is needed to train. Checkpoint loading is checkpoint.py's job, the choice of
-file rundir.py's.
+file rundir/reading.py's.
 """
 
 import json
@@ -47,7 +47,8 @@ from gpt_train.checkpoint import model_from_checkpoint, saved_step
 from gpt_train.cli import ArgumentParser, fail, parse_bool, run_main
 from gpt_train.generation import encode_prompt
 from model import RMS_NORM_EPS, ROPE_THETA, mlp_hidden_size
-from gpt_train.rundir import add_checkpoint_arguments, checkpoint_to_load
+from gpt_train.rundir.names import add_checkpoint_arguments
+from gpt_train.rundir.reading import checkpoint_to_load
 from gpt_train.sharded_checkpoint import is_sharded_checkpoint
 from gpt_train.tokenizer import END_OF_TEXT
 
