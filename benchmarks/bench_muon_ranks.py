@@ -101,11 +101,10 @@ def main():
     parser.add_argument("--kill_processes", type=int, default=2)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temporary:
-        root = Path(temporary)
-        corpus = root / "corpus.txt"
+        corpus = Path(temporary) / "corpus.txt"
         corpus.write_text(TINY_TEXT, encoding="utf-8")
-        equal_training(root, corpus, args)
-        exact_resume(root, corpus, args)
+        for table in (equal_training, exact_resume):
+            table(corpus.parent, corpus, args)
 
 
 if __name__ == "__main__":
