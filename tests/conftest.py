@@ -26,8 +26,10 @@ from config import GPTConfig  # noqa: E402  (needs the repository on sys.path)
 from model import build_model  # noqa: E402
 
 # The models here are so small that a second intra-op thread only adds synchronisation, which
-# costs seconds when other processes share the 2 cores.
+# costs seconds when other processes share the 2 cores; the commands the tests start run on one
+# thread too (torch reads OMP_NUM_THREADS as it starts).
 torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 # A small corpus with a few dozen distinct characters; about 12 KB, so every split is long enough.
 TINY_TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}.\n"
@@ -132,6 +134,35 @@ def trained_run(tmp_path_factory):
     import train
     train.train(tiny_argv(checkpoint_dir, data, seed=1))
     return checkpoint_dir
+
+
+def torchrun(script_and_argv, cwd, max_restarts=0):
+    """`torchrun --standalone --nproc_per_node=2 [--max-restarts=N] SCRIPT ARGV` on the CPU
+    (gloo, one thread per process); the finished process."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               f"--max-restarts={max_restarts}", *map(str, script_and_argv)]
+    environment = {**os.environ, "XDG_CACHE_HOME": str(cwd / "xdg-cache"), "OMP_NUM_THREADS": "1"}
+    environment.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # torchrun's default store
+    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True,
+                          timeout=240)
+
+
+# With dropout every rank draws its own masks: what a resume of a 2-process run must restore.
+TWO_PROCESS_FLAGS = dict(dropout=0.2, batch_size=4, grad_accum_steps=2, max_iters=8, log_iter=1,
+                         eval_iter=4, save_iter=4)
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tmp_path_factory):
+    """A finished 2-process torchrun run (TWO_PROCESS_FLAGS, checkpoints at steps 4 and 8): the
+    uninterrupted run that the resumed and the restarted 2-process runs must match. Each torchrun
+    start costs seconds, so it is made once. Returns (its directory, the corpus, the process)."""
+    root = tmp_path_factory.mktemp("two-process")
+    data = write_corpus(root)
+    finished = torchrun([REPO / "train.py", *tiny_argv(root / "run", data, **TWO_PROCESS_FLAGS)],
+                        root)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return root / "run", data, finished
 
 
 # ----------------------------------------------------------------- what a run leaves behind

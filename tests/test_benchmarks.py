@@ -22,6 +22,7 @@ from model import flops_per_token
 
 TINY_MODEL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16",
               "--batch_size", "4", "--device", "cpu"]
+pytestmark = pytest.mark.slow  # every test here starts processes
 NUMBER = r"([\d,]+(?:\.\d+)?)"
 
 

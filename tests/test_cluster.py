@@ -16,8 +16,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -25,8 +23,8 @@ import sample
 from gpt_train import tokencache
 import train
 from gpt_train.checkpoint import load_checkpoint
-from conftest import (REPO, assert_same_weights, exit_status, metrics_records, one_error_line,
-                      snapshot, tiny_argv, write_corpus)
+from conftest import (REPO, TWO_PROCESS_FLAGS, assert_same_weights, exit_status, metrics_records,
+                      one_error_line, snapshot, tiny_argv, torchrun, write_corpus)
 from gpt_train.rundir.lock import hold_run_directory
 from gpt_train.rundir.names import LOCK_NAME
 
@@ -274,27 +272,15 @@ def test_a_token_cache_build_killed_midway_is_never_taken_for_a_complete_cache(t
 
 # ------------------------------------------------------------------------------ torchrun restarts
 
-def torchrun(script_and_argv, cwd, max_restarts=0):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", f"--max-restarts={max_restarts}", *map(str, script_and_argv)]
-    environment = {**os.environ, "XDG_CACHE_HOME": str(cwd / "xdg-cache"), "OMP_NUM_THREADS": "1"}
-    environment.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # torchrun's default store
-    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True,
-                          timeout=240)
-
-
+@pytest.mark.slow
 def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_ends_with_the_uninterrupted_weights(
-        tmp_path):
-    data = write_corpus(tmp_path)
-    flags = dict(FLAGS, batch_size=4, resume="auto")
-    uninterrupted = torchrun([REPO / "train.py", *tiny_argv(tmp_path / "whole", data, **flags)],
-                             tmp_path)
-    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+        tmp_path, two_process_run):
+    uninterrupted, data, _ = two_process_run  # conftest's: the same flags, never killed
     # rank 0 of the first attempt SIGKILLs itself after step 6; the last checkpoint is step 4
     restarted = torchrun([REPO / "tests" / "robust_helpers.py", "rank0-dies-after-step", 6,
-                          *tiny_argv(tmp_path / "restarted", data, **flags)], tmp_path,
-                         max_restarts=1)
+                          *tiny_argv(tmp_path / "restarted", data, **TWO_PROCESS_FLAGS,
+                                     resume="auto")], tmp_path, max_restarts=1)
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert f"resumed from {tmp_path / 'restarted' / 'gpt_step4.pt'} after step 4" in \
         restarted.stdout
-    assert_same_weights(tmp_path / "restarted" / "gpt_final.pt", tmp_path / "whole" / "gpt_final.pt")
+    assert_same_weights(tmp_path / "restarted" / "gpt_final.pt", uninterrupted / "gpt_final.pt")

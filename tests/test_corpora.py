@@ -194,6 +194,7 @@ def write_pretrained_tokenizer(path):
     return path
 
 
+@pytest.mark.slow
 def test_a_pretrained_tokenizer_trains_resumes_samples_and_exports_with_its_end_of_text(tmp_path):
     pytest.importorskip("tokenizers")
     pytest.importorskip("safetensors")
@@ -225,10 +226,11 @@ def test_a_pretrained_tokenizer_trains_resumes_samples_and_exports_with_its_end_
 
 
 def test_an_exported_byte_tokenizer_has_the_end_of_text_at_our_id():
-    from transformers import PreTrainedTokenizerFast
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
     tokenizer = ByteTokenizer(end_of_text=True)
-    fast = PreTrainedTokenizerFast(tokenizer_object=__import__("tokenizers").Tokenizer.from_str(
-        tokenizer.hugging_face_json()))
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer.from_str(tokenizer.hugging_face_json()))
     assert fast.convert_tokens_to_ids(END_OF_TEXT) == 256
     assert fast.encode("é a", add_special_tokens=False) == tokenizer.encode("é a").tolist()
 
@@ -268,6 +270,7 @@ def test_a_corpus_mistake_is_one_line_and_exit_status_2(tmp_path, monkeypatch, c
         monkeypatch.setitem(sys.modules, "pyarrow", None)
         monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     elif case == "unknown tokenizer":
+        pytest.importorskip("huggingface_hub")  # without it, the line names that package instead
         write_jsonl(data)
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         flags["tokenizer"] = "no-such-tokenizer"

@@ -65,6 +65,8 @@ def test_a_bad_utf8_byte_is_reported_at_its_offset_in_the_file(tmp_path):
 @pytest.mark.parametrize("kind", ["char", "byte", "bpe"])
 @pytest.mark.parametrize("chunk_bytes", [3, 7])
 def test_a_corpus_cached_in_many_small_chunks_round_trips_exactly(tmp_path, kind, chunk_bytes):
+    if kind == "bpe":
+        pytest.importorskip("tokenizers")
     path = write_corpus(tmp_path, MIXED_TEXT)
     assert cut_characters(MIXED_TEXT, chunk_bytes) > 100
     tokenizer, ids = cached_tokens(str(path), kind, tmp_path / "cache", bpe_vocab_size=300,
@@ -232,6 +234,7 @@ def test_a_dataset_over_the_validation_split_reads_from_the_right_offset(tmp_pat
         assert torch.equal(x, in_memory[0]) and torch.equal(y, in_memory[1])
 
 
+@pytest.mark.slow
 def test_a_spawned_worker_yields_the_same_batches_as_the_main_process(tmp_path):
     train_tokens = memmapped_train_split(tmp_path)
     loader = build_dataloader(RandomWindows(train_tokens, 16, 4, seed=5), stop=6)
@@ -246,6 +249,7 @@ def test_a_spawned_worker_yields_the_same_batches_as_the_main_process(tmp_path):
 
 # ------------------------------------------------------------------------------------ benchmark
 
+@pytest.mark.slow
 def test_the_data_benchmark_prints_tokenize_throughput_and_peak_memory(tmp_path, capsys):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:

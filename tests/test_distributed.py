@@ -6,47 +6,37 @@ start costs seconds, so the runs are made once per module and shared between the
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import (REPO, assert_same_weights, checkpoint_weights, metrics_records, tiny_argv,
-                      write_corpus)
+                      torchrun, write_corpus)
 from dataset import RandomWindows, validation_batches
 
+pytestmark = pytest.mark.slow  # every test here starts processes
 BATCH = 4  # per process; the single-process run uses 2 * BATCH
 STEPS = 8
 FLAGS = dict(dropout=0.0, batch_size=BATCH, grad_accum_steps=2, max_iters=STEPS, log_iter=1,
              eval_iter=4, save_iter=4)
 
 
-def torchrun(argv, cwd):
-    """`torchrun --standalone --nproc_per_node=2 train.py argv` on the CPU; the finished process."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(REPO / "train.py"), *argv]
-    environment = {**os.environ, "XDG_CACHE_HOME": str(cwd / "xdg-cache"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True,
-                          timeout=120)
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Three torchrun launches and one in-process run, shared by every test of this module."""
+def runs(tmp_path_factory, two_process_run):
+    """Two torchrun launches and one in-process run, shared by every test of this module, beside
+    the suite's 2-process run with dropout (conftest's `two_process_run`)."""
     root = tmp_path_factory.mktemp("distributed")
     data = write_corpus(root)
     results = {"root": root}
     # 2 processes x batch B, and 1 process x batch 2B: the same global batch
-    results["ddp"] = torchrun(tiny_argv(root / "ddp", data, **FLAGS), root)
+    results["ddp"] = torchrun([REPO / "train.py", *tiny_argv(root / "ddp", data, **FLAGS)], root)
     import train
     results["single"] = train.train(tiny_argv(root / "single", data, **{**FLAGS,
                                                                         "batch_size": 2 * BATCH}))
-    # with dropout every rank draws its own masks: a resume must restore each rank's random state
-    results["dropout"] = torchrun(tiny_argv(root / "dropout", data, **{**FLAGS, "dropout": 0.2}), root)
-    results["resumed"] = torchrun(["--resume", str(root / "dropout" / "gpt_step4.pt"),
+    results["dropout"], _, _ = two_process_run
+    results["resumed"] = torchrun([REPO / "train.py", "--resume",
+                                   str(results["dropout"] / "gpt_step4.pt"),
                                    "--checkpoint_dir", str(root / "resumed")], root)
     return results
 
@@ -111,19 +101,18 @@ def test_two_processes_log_the_training_loss_curve_of_one_process_with_the_same_
 
 def test_a_two_process_run_resumed_with_two_processes_ends_with_the_uninterrupted_weights(runs):
     resumed = runs["resumed"]
-    assert runs["dropout"].returncode == 0, runs["dropout"].stderr[-3000:]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "data order changes" not in resumed.stdout
     assert_same_weights(runs["root"] / "resumed" / "gpt_final.pt",
-                        runs["root"] / "dropout" / "gpt_final.pt")
-    later = [r for r in metrics_records(runs["root"] / "dropout") if r["step"] > 4]
+                        runs["dropout"] / "gpt_final.pt")
+    later = [r for r in metrics_records(runs["dropout"]) if r["step"] > 4]
     continued = metrics_records(runs["root"] / "resumed")
     assert [r["loss"] for r in continued] == [r["loss"] for r in later]
 
 
 def test_a_two_process_checkpoint_resumed_in_one_process_says_the_data_order_changed(runs, capsys):
     import train
-    record = train.train(["--resume", str(runs["root"] / "dropout" / "gpt_step4.pt"),
+    record = train.train(["--resume", str(runs["dropout"] / "gpt_step4.pt"),
                           "--checkpoint_dir", str(runs["root"] / "one-process")])
     assert record["step"] == STEPS
     out = capsys.readouterr().out

@@ -38,7 +38,9 @@ def train_and_resume(checkpoint_dir, data, log_to, **flags):
     train.train([*argv, "--resume", str(checkpoint_dir / "gpt_step4.pt"), "--overwrite", "true"])
 
 
+@pytest.mark.slow
 def test_tensorboard_shows_the_metrics_at_their_steps_once_across_a_resume(tmp_path, corpus_file):
+    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     checkpoint_dir = tmp_path / "run"
@@ -91,8 +93,10 @@ def wandb_run(run_directory):
     return run_file.stem.removeprefix("run-"), config, series, samples
 
 
+@pytest.mark.slow
 def test_an_offline_wandb_run_holds_the_config_metrics_and_samples_and_resumes_by_id(
         tmp_path, corpus_file, monkeypatch, capsys):
+    pytest.importorskip("wandb")
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(name, str(tmp_path / name.lower()))
     monkeypatch.setenv("WANDB_MODE", "offline")

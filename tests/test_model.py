@@ -77,7 +77,8 @@ def test_parameter_count_matches_the_gpt2_formula_counting_tied_weights_once():
 def test_flops_per_token_of_gpt2_124m_is_the_hand_counted_nanogpt_convention():
     """6 x (the 124M parameters less the 1024 x 768 position table) + 12 x 12 x 768 x 1024."""
     config = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
-    model = build_model(config)
+    with torch.device("meta"):  # the shapes alone: no memory, no initialisation
+        model = build_model(config)
     embedding = 50304 * 768
     per_layer = 2 * 768 * 2 + (768 * 3 * 768 + 3 * 768) + (768 * 768 + 768) \
         + (768 * 4 * 768 + 4 * 768) + (4 * 768 * 768 + 768)  # 2 LayerNorms, qkv, proj, fc, proj

@@ -147,6 +147,7 @@ def test_print_config_never_writes_overwrite_true_into_the_recipe(run_dir, corpu
     assert "overwrite" not in tomllib.loads(printed) and "overwrite = true" not in printed
 
 
+@pytest.mark.slow
 def test_plot_replaces_only_its_own_plot_of_the_same_metrics(run_dir, tmp_path, monkeypatch,
                                                              capsys):
     pytest.importorskip("matplotlib")
@@ -165,6 +166,7 @@ def test_plot_replaces_only_its_own_plot_of_the_same_metrics(run_dir, tmp_path, 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
+@pytest.mark.slow
 def test_sample_into_a_pipe_that_closes_ends_quietly_with_sigpipes_status(run_dir):
     process = subprocess.Popen(
         [sys.executable, str(REPO / "sample.py"), "--checkpoint", str(run_dir / "gpt_final.pt"),
@@ -593,6 +595,7 @@ def test_plot_names_the_argument_that_is_wrong(run_dir, tmp_path, metrics, out, 
 
 
 def test_plot_tolerates_a_torn_last_line_and_names_the_file_it_wrote(run_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     with open(run_dir / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 9, "lo')
     assert exit_status(plot.main, [str(run_dir / "metrics.jsonl"), "--out",
@@ -647,6 +650,7 @@ def test_a_signal_while_torch_is_imported_is_one_line_not_a_traceback(number, st
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_whole_process_group_with_a_worker_saves_and_exits_143(tmp_path):
     data = write_corpus(tmp_path)
     checkpoint_dir = tmp_path / "checkpoints"

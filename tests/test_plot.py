@@ -32,6 +32,7 @@ def test_a_resumed_runs_metrics_give_every_series_and_the_resume_step(resumed_ru
 
 
 def test_plot_writes_a_png_that_decodes(resumed_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     out = tmp_path / "loss.png"
     plot.main([str(resumed_run / "metrics.jsonl"), "--out", str(out)])
     data = out.read_bytes()

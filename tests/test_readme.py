@@ -24,6 +24,7 @@ README shows fails. The rules it follows (the README's last section says the sam
 import contextlib
 import dataclasses
 import importlib
+import importlib.util
 import os
 import re
 import shlex
@@ -45,6 +46,8 @@ ENTRY_POINTS = {"train.py": ("train", "train"), "sample.py": ("sample", "main"),
 SKIPPED_PROGRAMS = {"pip": "installs packages", "curl": "downloads", "wget": "downloads",
                     "torchrun": "starts several processes, on GPUs or machines",
                     "tensorboard": "starts a server", "wandb": "uploads to W&B"}
+# The optional packages (requirements-dev.txt) a command needs: without one, it is skipped.
+OPTIONAL_PACKAGES = {"export.py": ("safetensors", "tokenizers"), "plot.py": ("matplotlib",)}
 
 # A training command's model and batch, whatever the README gives (the model's shape is not
 # set with --resume or --init_from: it comes from the checkpoint).
@@ -143,6 +146,14 @@ def with_flag(argv, name, value):
     return result + [f"--{name}", str(value)]
 
 
+def optional_packages(argv):
+    """The optional packages a command needs: its script's, and --log_to's destinations'."""
+    script = Path(argv[1]).name if argv[0] == "python" and len(argv) > 1 else ""
+    destinations = (flag_value(argv, "log_to") or "").split(",")
+    return [*OPTIONAL_PACKAGES.get(script, ()),
+            *[name for name in ("tensorboard", "wandb") if name in destinations]]
+
+
 def effective_value(argv, name):
     """train.py's value of a field: the flag, else its --config recipe's, else its default."""
     given = flag_value(argv, name)
@@ -204,6 +215,10 @@ class ReadmeRun:
             return "downloads"
         if any("wandb" in word for word in argv):
             return "W&B starts a service process"
+        missing = [package for package in optional_packages(argv)
+                   if importlib.util.find_spec(package) is None]
+        if missing:
+            return f"needs {', '.join(missing)}, which is not installed"
         for word in argv:
             for output in self.skipped_outputs:
                 if word == output or word.startswith(output.rstrip("/") + "/"):
@@ -298,6 +313,7 @@ def run_readme(text, directory, monkeypatch):
 
 # ----------------------------------------------------------------------- the tests
 
+@pytest.mark.slow
 def test_every_command_of_the_readme_runs_in_order_on_a_fresh_copy(tmp_path, monkeypatch):
     copy = fresh_copy(tmp_path / "repository")
     walk = run_readme((copy / "README.md").read_text(encoding="utf-8"), copy, monkeypatch)
@@ -306,7 +322,7 @@ def test_every_command_of_the_readme_runs_in_order_on_a_fresh_copy(tmp_path, mon
             "--max_new_tokens 200") in walk.ran
     skipped = dict(walk.skipped)
     assert all(not text.startswith("python train.py") or "download" in text or "wandb" in text
-               for text in skipped), skipped
+               or reason.startswith("needs ") for text, reason in skipped.items()), skipped
 
 
 def test_a_command_that_fails_fails_the_readme_test(tmp_path, monkeypatch):

@@ -66,6 +66,7 @@ def run_copy(finished_run, tmp_path):
 
 # ------------------------------------------------------------------------------ SIGKILL at any time
 
+@pytest.mark.slow
 def test_runs_killed_at_any_moment_leave_only_loadable_checkpoints_and_resume_to_the_same_weights(
         tmp_path):
     data = write_corpus(tmp_path)
@@ -121,6 +122,7 @@ def test_runs_killed_at_any_moment_leave_only_loadable_checkpoints_and_resume_to
 
 @pytest.mark.parametrize("signal_number, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
                          ids=["SIGINT", "SIGTERM"])
+@pytest.mark.slow
 def test_a_signal_saves_the_step_prints_the_resume_command_and_the_resumed_run_matches(
         signal_number, status, finished_run, tmp_path):
     reference_dir, data = finished_run
@@ -164,6 +166,7 @@ def entry_point_argv(entry_point, checkpoint, tmp_path, data):
         pytest.skip(f"{entry_point}.py does not exist")
     module = importlib.import_module(entry_point)
     if entry_point == "export":
+        pytest.importorskip("safetensors")  # export.py names it before reading the checkpoint
         return module.main, ["--checkpoint", checkpoint, "--out", tmp_path / "exported"]
     return module.main, ["--checkpoint", checkpoint]
 

@@ -3,6 +3,7 @@
 import io
 import shutil
 
+import pytest
 import torch
 
 from gpt_train import generation
@@ -17,6 +18,7 @@ def sampled_text(capsys, *argv):
     return capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sample_py_prints_the_prompt_and_max_new_tokens_characters(trained_run):
     final = trained_run / "gpt_final.pt"
     result = run_cli("sample.py", "--checkpoint", final, "--max_new_tokens", 20)
@@ -86,6 +88,7 @@ def test_sample_uses_the_final_checkpoint_of_a_directory(trained_run, tmp_path, 
     assert sampled_text(capsys, "--checkpoint_dir", str(directory), *argv) == from_final
 
 
+@pytest.mark.slow
 def test_without_any_checkpoint_sample_py_says_to_train_first(tmp_path):
     result = run_cli("sample.py", cwd=tmp_path)  # `python sample.py` in a fresh directory
     assert result.returncode == 2

@@ -209,6 +209,7 @@ def test_the_fused_loss_leaves_padded_ids_out_as_the_plain_loss_does():
     torch.testing.assert_close(fused_gradients, plain_gradients)
 
 
+@pytest.mark.slow
 def test_the_fused_loss_traces_into_one_compiled_graph(monkeypatch):
     # "aot_eager" runs Dynamo and AOTAutograd for real and skips code generation: fast on a CPU
     monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 64 * 32)  # two chunks

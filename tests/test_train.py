@@ -133,7 +133,8 @@ def resume_argv(checkpoint_dir, data, num_workers):
                      log_iter=2, dropout=0.1, num_workers=num_workers)
 
 
-@pytest.fixture(scope="module", params=[0, 2], ids=["workers0", "workers2"])
+@pytest.fixture(scope="module", params=[0, pytest.param(2, marks=pytest.mark.slow)],
+                ids=["workers0", "workers2"])
 def uninterrupted(request, tmp_path_factory):
     """A MAX_STEPS run with dropout, never stopped: the reference a resumed run must match."""
     root = tmp_path_factory.mktemp("uninterrupted")
@@ -163,6 +164,7 @@ def test_a_resumed_run_matches_the_uninterrupted_run_bit_for_bit(uninterrupted, 
     assert loss_history(checkpoint_dir) == loss_history(reference_dir)
 
 
+@pytest.mark.slow
 def test_a_run_ended_by_an_exception_leaves_no_data_loader_workers_behind(tmp_path, monkeypatch):
     data = write_corpus(tmp_path)
     workers_before = set(multiprocessing.active_children())

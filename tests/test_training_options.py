@@ -3,6 +3,7 @@
 import functools
 import re
 
+import pytest
 import torch
 
 import sample
@@ -14,6 +15,7 @@ from gpt_train.generation import generate_text
 from model import build_model, flops_per_token
 
 
+@pytest.mark.slow
 def test_a_compiled_run_saves_plain_keys_that_sample_and_an_uncompiled_resume_load(
         tmp_path, monkeypatch, capsys):
     # Dynamo's tracing and the compiled wrapper are real; only code generation is skipped

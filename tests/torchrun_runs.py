@@ -8,23 +8,17 @@ fails ends the launch with its exit status.
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def launch(argvs, cwd, processes=2, timeout=300):
-    """Run train.py with each of `argvs` in one torchrun launch of `processes` CPU processes."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={processes}", __file__, json.dumps([list(map(str, argv))
-                                                                      for argv in argvs])]
-    environment = {**os.environ, "XDG_CACHE_HOME": str(Path(cwd) / "xdg-cache"),
-                   "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True,
-                          timeout=timeout)
+def launch(argvs, cwd):
+    """Run train.py with each of `argvs` in one torchrun launch of 2 CPU processes; the finished
+    launch."""
+    from conftest import torchrun
+    return torchrun([__file__, json.dumps([list(map(str, argv)) for argv in argvs])], cwd)
 
 
 def main(argvs):
