@@ -35,8 +35,8 @@ import torch
 from tqdm import tqdm
 
 from gpt_train.checkpoint import configs_from_checkpoint, model_from_checkpoint
-from gpt_train.cli import ArgumentParser, fail, run_main
-from config import DTYPES
+from gpt_train.cli import run_main
+from config import ArgumentParser, DTYPES, fail
 from dataset import check_token_ids, get_dataset, training_and_validation
 from model import IGNORE_INDEX
 from gpt_train.atomic import atomic_write

@@ -44,7 +44,8 @@ import torch
 
 from gpt_train.atomic import TEMPORARY_PREFIX, fsync_directory
 from gpt_train.checkpoint import model_from_checkpoint, saved_step
-from gpt_train.cli import ArgumentParser, fail, parse_bool, run_main
+from gpt_train.cli import raise_os_failure, run_main
+from config import ArgumentParser, fail, parse_bool
 from gpt_train.generation import encode_prompt
 from model import RMS_NORM_EPS, ROPE_THETA, mlp_hidden_size
 from gpt_train.rundir.names import add_checkpoint_arguments
@@ -482,7 +483,7 @@ def export(checkpoint_path, out_dir, overwrite=False):
         if reason is None:
             raise
         kept = f"{out} is as it was" if existed else "nothing was written"
-        fail(f"could not write the export to {out}: {reason}; {kept}")
+        raise_os_failure(f"could not write the export to {out}: {reason}; {kept}", error)
     return out
 
 

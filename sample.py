@@ -21,8 +21,8 @@ import sys
 import torch
 
 from gpt_train.checkpoint import model_from_checkpoint
-from gpt_train.cli import ArgumentParser, UserError, fail, parse_bool, run_main
-from config import MAX_SEED
+from gpt_train.cli import run_main
+from config import ArgumentParser, MAX_SEED, UserError, fail, parse_bool
 from gpt_train.generation import encode_prompt, generate_text
 from gpt_train.rundir.names import add_checkpoint_arguments
 from gpt_train.rundir.reading import checkpoint_to_load

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 import torch  # noqa: E402
 
-from gpt_train.cli import fail, run_main  # noqa: E402
+from gpt_train.cli import run_main  # noqa: E402
 from config import (GPTConfig, TrainConfig, apply_args_to_configs, build_parser,  # noqa: E402
-                    parse_args)
+                    fail, parse_args)
 from model import build_model  # noqa: E402
 from gpt_train.muon import (MuonWithAdamW, NewtonSchulzWork, format_flops,  # noqa: E402
                             newton_schulz_dtype, row_range)
@@ -175,7 +175,7 @@ def time_on_ranks(args):
                           "threads": threads, "all_flops": work.flops(0) if world_size == 1
                           else sum(work.flops(rank) for rank in range(world_size)),
                           "shared_flops": max(work.flops(rank) for rank in range(world_size)),
-                          "line": work.describe("ddp")}))
+                          "line": work.describe()}))
     dist.destroy_process_group()
 
 

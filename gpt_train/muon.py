@@ -214,15 +214,16 @@ class NewtonSchulzWork:
         return sum(newton_schulz_flops(self.shapes[index], self.steps)
                    for index in self.owned_by(rank))
 
-    def describe(self, parallel):
-        """The start line: how many matrices and FLOPs each rank orthogonalises per step."""
+    def describe(self, sharded=False):
+        """The start line: how many matrices and FLOPs each rank orthogonalises per step;
+        `sharded`: the ranks hold slices of the matrices (FSDP), not whole ones (DDP)."""
         total = sum(newton_schulz_flops(shape, self.steps) for shape in self.shapes)
         line = (f"Newton-Schulz (Muon): {len(self.shapes)} matrices, "
                 f"{format_flops(total)} per step")
         if self.world_size == 1:
             return f"{line}, all in this process"
-        how = {"ddp": "the updates are all-gathered",
-               "fsdp": "each matrix's rows go to its owner and back, all-to-all"}[parallel]
+        how = ("each matrix's rows go to its owner and back, all-to-all" if sharded else
+               "the updates are all-gathered")
         counts = sorted(len(self.owned_by(rank)) for rank in range(self.world_size))
         flops = sorted(self.flops(rank) for rank in range(self.world_size))
         imbalance = flops[-1] / (total / self.world_size) - 1
@@ -250,13 +251,15 @@ def format_flops(flops):
         flops /= 1000
 
 
-def work_line(optimizer, parallel, world_size):
-    """The start line of a Muon run: where its Newton-Schulz work goes (`NewtonSchulzWork`)."""
+def work_line(optimizer, parallel):
+    """The start line of a Muon run: where its Newton-Schulz work goes (`NewtonSchulzWork`)
+    among the ranks of `parallel` (parallel.py's object)."""
     for group in optimizer.param_groups:
         if group.get("muon"):
             shapes = [tuple(p.shape) for p in group["params"]]
-            work = NewtonSchulzWork.balanced(shapes, world_size, group["newton_schulz_steps"])
-            return work.describe(parallel)
+            work = NewtonSchulzWork.balanced(shapes, parallel.runtime.world_size,
+                                             group["newton_schulz_steps"])
+            return work.describe(parallel.sharded)
     return None
 
 

@@ -14,10 +14,9 @@ import torch
 import export
 import train
 from gpt_train.checkpoint import model_from_checkpoint
-from gpt_train.cli import UserError
-from config import GPTConfig, TrainConfig
-from conftest import (assert_same_weights, exit_status, metrics_records, one_error_line,
-                      read_checkpoint, tiny_argv, write_corpus)
+from config import GPTConfig, TrainConfig, UserError
+from conftest import (assert_same_weights, exit_status, metrics_records,
+                      one_error_line, read_checkpoint, tiny_argv, write_corpus)
 from model import build_model, count_parameters, flops_per_token
 from gpt_train.muon import newton_schulz, newton_schulz_dtype
 from gpt_train.optim import base_learning_rates, configure_optimizer
