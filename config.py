@@ -401,10 +401,6 @@ def validate(gpt_config, train_config):
     if t.resume and t.init_from:
         fail("--resume continues a run and --init_from starts a new one: give only one")
     # what a sharded model (--parallel fsdp) cannot do
-    if t.parallel == "fsdp" and t.optimizer == "muon":
-        fail("--optimizer muon cannot run with --parallel fsdp: its Newton-Schulz step needs each "
-             "whole matrix, and FSDP gives every rank a slice of it; use --optimizer adamw, or "
-             "--parallel ddp")
     if t.parallel == "fsdp" and t.dtype == "float16":
         fail("--dtype float16 cannot run with --parallel fsdp: its gradient scaler does not "
              "work on sharded gradients; use --dtype bfloat16, which needs no scaler")

@@ -51,6 +51,7 @@ from gpt_train.configure import configure
 from gpt_train.cuda_graphs import GraphedStep, graph_fallback, recorder_for
 from gpt_train.generation import generate_text
 from gpt_train.lora import add_lora
+from gpt_train.muon import work_line
 from gpt_train.loggers import Loggers, LossMeter, format_record
 from gpt_train.optim import (Schedule, configure_optimizer, current_learning_rates,
                              learning_rate_scheduler)
@@ -155,6 +156,8 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
     # a recorded step needs the learning rate as a tensor (FSDP's steps are never recorded)
     optimizer = configure_optimizer(model, t, capturable=recorder is not None and
                                     not parallel.sharded)
+    if t.optimizer == "muon":
+        print0(work_line(optimizer, parallel))
     scheduler = learning_rate_scheduler(optimizer, Schedule.from_config(t))
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
     directory = prepare_checkpoint_dir(t, runtime, model, checkpoint)

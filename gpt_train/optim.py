@@ -2,8 +2,9 @@
 
 - `--optimizer adamw` (the default): AdamW on every parameter, betas 0.9, 0.95 by default;
 - `--optimizer muon`: Muon on the 2-D matrices inside the blocks, AdamW on everything else
-  (embeddings, the head, norm gains, biases), in one `MuonWithAdamW` optimizer, so the loop, the
-  gradient scaler and a checkpoint see one optimizer with one state_dict.
+  (embeddings, the head, norm gains, biases), in one `MuonWithAdamW` optimizer (muon.py, which
+  also shares its work among the ranks), so the loop, the gradient scaler and a checkpoint see
+  one optimizer with one state_dict.
 Weight decay applies to matrices and embeddings only. The schedule (`Schedule`: a linear warmup,
 then a cosine decay, or with --lr_schedule wsd the peak held and a decay at the end, as a
 `LambdaLR`) is a multiplier of each group's base rate, so every group follows the same warmup and
@@ -22,9 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-# The quintic Newton-Schulz coefficients of Keller Jordan's Muon, chosen for the steepest slope at
-# zero: five steps bring every singular value into about [0.7, 1.2], which is as good as exactly 1.
-NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+from gpt_train.muon import MuonWithAdamW
 
 
 def configure_optimizer(model, train_config, capturable=False):
@@ -66,126 +65,6 @@ def base_learning_rates(optimizer, train_config):
     """Each group's peak learning rate under this run's flags: what the schedule multiplies."""
     return [train_config.muon_learning_rate if group.get("muon") else train_config.learning_rate
             for group in optimizer.param_groups]
-
-
-class MuonWithAdamW(torch.optim.Optimizer):
-    """Muon for the groups marked `"muon": True`, AdamW for the others.
-
-    Muon (Keller Jordan, 2024) keeps SGD's Nesterov momentum of each matrix's gradient, then
-    replaces that update by the nearest semi-orthogonal matrix, so every direction the matrix can
-    learn moves at the same rate instead of the few that dominate the gradient. It is meant for
-    hidden matrices; embeddings, the head and vectors keep AdamW.
-
-    Written here rather than taken from `torch.optim.Muon`, which runs the Newton-Schulz
-    iteration one matrix at a time and in bfloat16 on every device: on a CPU without bfloat16
-    units that was about ten times slower than float32. Here the matrices of one shape go through
-    together (a tall one as its transpose), in bfloat16 only where that is faster
-    (`newton_schulz_dtype`). One step over the CPU speedrun model's 16 matrices, on a 2-core CPU
-    with AVX512-BF16: 12.6 ms here, 16.3 ms with torch.optim.Muon (benchmarks/bench_muon.py).
-    """
-
-    def __init__(self, param_groups, lr, betas=(0.9, 0.95), eps=1e-8, momentum=0.95,
-                 newton_schulz_steps=5):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, momentum=momentum,
-                        newton_schulz_steps=newton_schulz_steps, muon=False)
-        super().__init__(param_groups, defaults)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            parameters = [p for p in group["params"] if p.grad is not None]
-            if parameters:
-                (self._muon_step if group["muon"] else self._adamw_step)(group, parameters)
-        return loss
-
-    def _state(self, parameters, *names):
-        """Each parameter's state tensors `names`, created as zeros on first use."""
-        for p in parameters:
-            for name in names:
-                if name not in self.state[p]:
-                    self.state[p][name] = torch.zeros_like(p)
-        return [[self.state[p][name] for p in parameters] for name in names]
-
-    def _muon_step(self, group, parameters):
-        momentum, lr = group["momentum"], group["lr"]
-        grads = [p.grad for p in parameters]
-        (buffers,) = self._state(parameters, "momentum_buffer")
-        torch._foreach_lerp_(buffers, grads, 1 - momentum)
-        updates = torch._foreach_lerp(grads, buffers, momentum)  # Nesterov: look one step ahead
-        if group["weight_decay"]:
-            torch._foreach_mul_(parameters, 1 - lr * group["weight_decay"])
-        # one batched iteration per shape; a tall matrix joins the wide ones as its transpose
-        by_shape = {}
-        for p, update in zip(parameters, updates):
-            tall = p.size(0) > p.size(1)
-            by_shape.setdefault(tuple(sorted(p.shape)), []).append(
-                (p, update.mT if tall else update, tall))
-        for triples in by_shape.values():
-            stacked = newton_schulz(torch.stack([update for _, update, _ in triples]),
-                                    group["newton_schulz_steps"])
-            matrices, orthogonal, rates = [], [], []
-            for (p, _, tall), update in zip(triples, stacked.unbind(0)):
-                matrices.append(p)
-                orthogonal.append(update.mT if tall else update)
-                # a tall matrix's orthogonal update has a smaller RMS per entry: scale it back up
-                rates.append(-lr * (p.size(0) / p.size(1)) ** 0.5 if tall else -lr)
-            torch._foreach_add_(matrices, torch._foreach_mul(orthogonal, rates))
-
-    def _adamw_step(self, group, parameters):
-        beta1, beta2 = group["betas"]
-        lr = group["lr"]
-        grads = [p.grad for p in parameters]
-        exp_avgs, exp_avg_sqs = self._state(parameters, "exp_avg", "exp_avg_sq")
-        step = self.state[parameters[0]].get("step", 0) + 1
-        for p in parameters:
-            self.state[p]["step"] = step
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-        if group["weight_decay"]:
-            torch._foreach_mul_(parameters, 1 - lr * group["weight_decay"])
-        denominators = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denominators, math.sqrt(1 - beta2 ** step))
-        torch._foreach_add_(denominators, group["eps"])
-        torch._foreach_addcdiv_(parameters, exp_avgs, denominators,
-                                value=-lr / (1 - beta1 ** step))
-
-
-def newton_schulz(matrices, steps, dtype=None):
-    """An approximately semi-orthogonal matrix for each of `matrices` (batch, rows, columns):
-    the same singular vectors, every singular value near 1. Computed in `dtype`, by default the
-    faster one for these matrices (`newton_schulz_dtype`)."""
-    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
-    x = matrices.to(dtype or newton_schulz_dtype(matrices))
-    tall = x.size(-2) > x.size(-1)
-    if tall:  # iterate on the wide orientation: the Gram matrix x @ x.T is the smaller one
-        x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
-        # x <- a x + (b G + c G^2) x with G = x x^T; baddbmm folds each sum into its product,
-        # a third less time than separate multiplies and adds on a CPU, and fewer launches
-        gram = x @ x.mT
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x.mT if tall else x).to(matrices.dtype)
-
-
-def newton_schulz_dtype(matrices):
-    """bfloat16 where it is the faster: on CUDA, and on a CPU that multiplies bfloat16 natively
-    (AVX512-BF16 or AMX) when the matrices' smaller side is at least 64. Measured on such a CPU,
-    five iterations on 128 x 512 matrices take half the time of float32, and on 32 x 96 three
-    times as long; without those units bfloat16 is emulated, several times slower everywhere."""
-    if matrices.is_cuda:
-        return torch.bfloat16
-    if matrices.device.type == "cpu" and min(matrices.shape[-2:]) >= 64:
-        native = (getattr(torch.cpu, name, lambda: False)()
-                  for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-        if any(native):
-            return torch.bfloat16
-    return torch.float32
 
 
 @dataclass(frozen=True)

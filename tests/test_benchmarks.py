@@ -183,7 +183,7 @@ def test_bench_muon_times_each_round_and_reports_the_fastest():
     assert ("Muon's step over 4 matrices, 3 rounds of 2 steps" in result.stdout
             and "float32 for 32 x 32, float32 for 32 x 96, float32 for 96 x 32, float32 for "
                 "192 x 32" in result.stdout), result.stdout
-    names = ["ours \\(optim.py\\)"] + (["torch.optim.Muon"] if hasattr(torch.optim, "Muon") else [])
+    names = ["ours \\(muon.py\\)"] + (["torch.optim.Muon"] if hasattr(torch.optim, "Muon") else [])
     for name in names:
         fastest, *rounds = figure(rf"{name}: {NUMBER} ms/step \(rounds: "
                                   + ", ".join([NUMBER] * 3) + r"\)", result.stdout)

@@ -161,7 +161,6 @@ def test_sharding_keeps_the_tied_head_and_embedding_one_parameter_and_bfloat16_t
 
 
 @pytest.mark.parametrize("flags, named", [
-    (dict(optimizer="muon"), "--optimizer muon cannot run with --parallel fsdp"),
     (dict(lora_rank=2), "--lora_rank cannot run with --parallel fsdp"),
     (dict(dtype="float16"), "--dtype float16 cannot run with --parallel fsdp"),
     (dict(parallel="zero"), "unknown --parallel 'zero'")])

@@ -15,11 +15,11 @@ import export
 import train
 from gpt_train.checkpoint import model_from_checkpoint
 from config import GPTConfig, TrainConfig, UserError
-from conftest import (assert_same_weights, checkpoint_weights, exit_status, metrics_records,
+from conftest import (assert_same_weights, exit_status, metrics_records,
                       one_error_line, read_checkpoint, tiny_argv, write_corpus)
 from model import build_model, count_parameters, flops_per_token
-from gpt_train.optim import (base_learning_rates, configure_optimizer, newton_schulz,
-                   newton_schulz_dtype)
+from gpt_train.muon import newton_schulz, newton_schulz_dtype
+from gpt_train.optim import base_learning_rates, configure_optimizer
 
 OPTIONS = {
     "rope": {"pos": "rope"},
@@ -337,17 +337,3 @@ def test_the_float16_gradient_scaler_skips_an_overflowing_muon_step_and_takes_th
         changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
         assert changed == ([] if poison else list(before)), changed
     assert scaler.get_scale() == 2.0 ** 15  # halved once, by the overflow
-
-
-@pytest.mark.slow
-def test_two_muon_processes_end_with_the_weights_of_one_with_the_same_global_batch(tmp_path):
-    from conftest import REPO, torchrun
-    data = write_corpus(tmp_path)
-    flags = dict(optimizer="muon", max_iters=6, save_iter=6, eval_iter=6, grad_accum_steps=2)
-    two = torchrun([REPO / "train.py", *tiny_argv(tmp_path / "two", data, batch_size=4, **flags)],
-                   tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
-    train.train(tiny_argv(tmp_path / "one", data, batch_size=8, **flags))
-    ddp, single = (checkpoint_weights(tmp_path / name / "gpt_final.pt") for name in ("two", "one"))
-    assert ddp.keys() == single.keys()
-    assert max((ddp[key] - single[key]).abs().max().item() for key in ddp) < 1e-5
