@@ -15,38 +15,22 @@ Checkpoint loading is checkpoint.py's job, which file of a run directory to load
 tokenizing dataset.py's and tokenizer.py's.
 """
 
-from gpt_train.cli import exit_on_signals
-
-if __name__ == "__main__":
-    exit_on_signals()  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback
-
-import contextlib
-import math
-
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from gpt_train.checkpoint import configs_from_checkpoint, model_from_checkpoint
-from gpt_train.cli import ArgumentParser, fail, run_main
+from gpt_train.cli import (ArgumentParser, add_checkpoint_arguments, exit_on_signals, fail,
+                           run_main)
 from config import DTYPES
-from dataset import check_token_ids, get_dataset, training_and_validation
-from model import IGNORE_INDEX
-from gpt_train.rundir import add_checkpoint_arguments, checkpoint_to_load
-from gpt_train.runtime import autocast_context, check_memory, select_device, select_dtype
-from gpt_train.scoring import piece_lengths, score_batches, summarize
-from gpt_train.tokencache import cached_tokens
 
 
 def parse_evaluate_args(argv=None):
     parser = ArgumentParser(description="Loss, perplexity and bits per byte of a checkpoint.")
     add_checkpoint_arguments(parser)
-    parser.add_argument("--data", default="", help="a UTF-8 text file or directory of *.txt to "
-                        "score; empty = the validation split of the checkpoint's training data")
+    parser.add_argument("--data", default="", help="the text to score, read as train.py reads "
+                        "--data: a UTF-8 text file or directory of *.txt; or documents: "
+                        ".jsonl[.gz], .parquet, or a directory or glob of them; empty = the "
+                        "validation split of the checkpoint's training data")
     parser.add_argument("--stride", type=int, default=0,
                         help="tokens between window starts; 0 = block_size (no overlap)")
     parser.add_argument("--batch_size", type=int, default=32, help="windows per forward pass")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="autocast dtype; auto = bfloat16 on recent GPUs, float32 on the CPU")
     args = parser.parse_args(argv)
@@ -55,6 +39,28 @@ def parse_evaluate_args(argv=None):
     if args.batch_size <= 0:
         fail(f"--batch_size must be positive, got {args.batch_size}")
     return args
+
+
+if __name__ == "__main__":
+    exit_on_signals()  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback
+    run_main(parse_evaluate_args)  # --help and a mistyped flag answer before torch loads
+
+# The flags above are read before these imports: torch takes seconds to load.
+import contextlib  # noqa: E402
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from gpt_train.checkpoint import configs_from_checkpoint, model_from_checkpoint  # noqa: E402
+from dataset import check_token_ids, get_dataset, training_and_validation  # noqa: E402
+from model import IGNORE_INDEX  # noqa: E402
+from gpt_train.progress import progress  # noqa: E402
+from gpt_train.rundir import checkpoint_to_load  # noqa: E402
+from gpt_train.runtime import (autocast_context, check_memory, select_device,  # noqa: E402
+                               select_dtype)
+from gpt_train.scoring import piece_lengths, score_batches, summarize  # noqa: E402
+from gpt_train.tokencache import cached_tokens  # noqa: E402
 
 
 def window_plan(num_tokens, block_size, stride):
@@ -101,9 +107,8 @@ def evaluate_tokens(model, tokenizer, ids, stride=None, batch_size=32,
     if len(ids) < 2:
         fail(f"the text is too short to score: it has {len(ids)} token(s), at least 2 are needed")
     starts, first_scored = window_plan(len(ids), block_size, stride or block_size)
-    batches = window_batches(ids, block_size, starts, first_scored, batch_size)
-    batches = tqdm(batches, total=math.ceil(len(starts) / batch_size), disable=None,  # shown on a terminal only
-                   desc="evaluating", unit="batch", dynamic_ncols=True)
+    batches = progress(window_batches(ids, block_size, starts, first_scored, batch_size),
+                       math.ceil(len(starts) / batch_size), "evaluating", "batches")
     piece_bytes = piece_lengths(tokenizer, next(model.parameters()).device)
     total_nats, num_tokens, num_bytes = score_batches(model, batches, piece_bytes, autocast).tolist()
     return total_nats, int(num_tokens), int(num_bytes)
@@ -134,8 +139,8 @@ def tokens_to_score(checkpoint, tokenizer, data, path):
 
 def main(argv=None):
     args = parse_evaluate_args(argv)
-    path = checkpoint_to_load(args)
     device = select_device(args.device)
+    path = checkpoint_to_load(args)
     dtype = select_dtype(args.dtype, device)
     model, tokenizer, checkpoint = model_from_checkpoint(path, device)
     block_size = model.config.block_size

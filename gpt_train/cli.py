@@ -11,8 +11,11 @@
 - any other command whose reader goes away (`sample.py | head -c 100`, `plot.py | true`) ends
   quietly, with the status a shell gives a command stopped by SIGPIPE, 141
   (`exit_on_closed_output`): there is no one left to write for;
-- `ArgumentParser`: argparse whose mistakes are UserErrors, and `parse_bool` for true/false flags.
-No torch and no project imports, so a script can install all of this before its slow imports.
+- `ArgumentParser`: argparse whose mistakes are UserErrors and whose --help ends each option with
+  its default as it is typed (`shown_default`), `parse_bool` for true/false flags, and the
+  --checkpoint / --checkpoint_dir pair the commands that read a model share.
+No torch and no project imports, so a script can install all of this, and read its flags (--help
+answers at once), before its slow imports.
 What the flags are and mean is config.py's business; the training loop's own signal handling
 (save, then stop) is train.py's.
 """
@@ -183,11 +186,33 @@ def parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def shown_default(value):
+    """A default as a user types it after its flag: true/false, `0.9 0.95`, and `empty` for ''."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(shown_default, value))
+    return "empty" if value == "" else str(value)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with `(default: ...)`, unless it says its default itself (one that
+    is None, such as sample.py's --prompt, must: what happens without the flag is no value)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return text
+        shown = shown_default(action.default).replace("%", "%%")  # help strings are %-formatted
+        return f"{text} (default: {shown})".strip()
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is a UserError: one line and exit status 2, and `-1e-3` or `-inf`
     after a flag is a value (argparse itself takes only `-1` and `-0.5` for negative numbers)."""
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(
             r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
@@ -195,3 +220,12 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         # argparse prints usage and exits 2 itself; one line suits a tool people script
         fail(message)
+
+
+def add_checkpoint_arguments(parser):
+    """--checkpoint and --checkpoint_dir, as sample.py, evaluate.py and export.py take them."""
+    parser.add_argument("--checkpoint", default="", help="a checkpoint file, a Hugging Face GPT-2 "
+                        "directory or model id (gpt2, gpt2-medium, ...); empty = the best in "
+                        "--checkpoint_dir: gpt_best.pt, gpt_final.pt, then the newest step")
+    parser.add_argument("--checkpoint_dir", default="checkpoints",
+                        help="the run directory train.py wrote")

@@ -30,7 +30,7 @@ from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, adapt_defaults,
 from gpt_train.optim import resumed_decay_iters
 from gpt_train.rundir import (accept_an_attempt_that_saved_nothing, exit_if_finished, latest_checkpoint,
                     refuse_to_replace_a_run)
-from gpt_train.runtime import print0
+from gpt_train.runtime import print0, select_device
 
 
 def configure(argv=None):
@@ -66,6 +66,7 @@ def configure(argv=None):
     if given.get("print_config"):
         print0(configs_to_toml(gpt_config, train_config), end="")
         raise SystemExit(0)
+    select_device(train_config.device)  # a device this machine lacks, before the directory's rules
     refuse_to_replace_a_run(train_config, attempt_accepted=attempt)
     return gpt_config, train_config, checkpoint
 

@@ -179,14 +179,6 @@ def find_sampling_checkpoint(directory):
     return latest_checkpoint(directory)
 
 
-def add_checkpoint_arguments(parser):
-    """--checkpoint and --checkpoint_dir, as sample.py, evaluate.py and export.py take them."""
-    parser.add_argument("--checkpoint", default="", help="a checkpoint file, a Hugging Face GPT-2 "
-                        "directory or model id (gpt2, gpt2-medium, ...); empty = the best in "
-                        "--checkpoint_dir: gpt_best.pt, gpt_final.pt, then the newest step")
-    parser.add_argument("--checkpoint_dir", default="checkpoints")
-
-
 def readable_sampling_checkpoint(directory):
     """`find_sampling_checkpoint`'s choice if it reads, else the next that does in the same order
     (gpt_final.pt, then the newest step), said in one line on stderr; None if there is none.

@@ -3,6 +3,8 @@ written only where no user file would be lost. (Its tokenizer and generation in 
 test_export_pipeline.py.)"""
 
 import json
+import os
+import stat
 import sys
 
 import pytest
@@ -154,3 +156,16 @@ def test_an_empty_directory_name_is_an_error_not_the_current_directory(trained_r
     assert status == 2
     assert len(error) == 1 and flag in error[0]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_file_of_an_export_gets_the_users_umask(trained_run, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        export.main(["--checkpoint", str(trained_run / "gpt_final.pt"),
+                     "--out", str(tmp_path / "hf")])
+    finally:
+        os.umask(previous)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "hf").iterdir()}
+    assert set(modes) == set(export.EXPORT_FILES)
+    assert set(modes.values()) == {0o666 & ~umask}, {name: oct(mode) for name, mode in modes.items()}

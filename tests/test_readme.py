@@ -23,6 +23,7 @@ README shows fails. The rules it follows (the README's last section says the sam
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import os
@@ -316,8 +317,14 @@ def run_readme(text, directory, monkeypatch):
 @pytest.mark.slow
 def test_every_command_of_the_readme_runs_in_order_on_a_fresh_copy(tmp_path, monkeypatch):
     copy = fresh_copy(tmp_path / "repository")
+    git = functools.partial(subprocess.run, cwd=copy, capture_output=True, text=True, check=True)
+    git(["git", "init", "-q"])
+    git(["git", "add", "-A"])  # what a clone holds
     walk = run_readme((copy / "README.md").read_text(encoding="utf-8"), copy, monkeypatch)
     assert len(walk.ran) >= 20, walk.ran
+    # what the README had the user create or the commands wrote, git ignores (.gitignore)
+    untracked = git(["git", "status", "--porcelain", "--untracked-files=all"]).stdout
+    assert [line for line in untracked.splitlines() if line.startswith("??")] == []
     assert ("python sample.py --checkpoint_dir runs/hongloumeng --prompt \"宝玉\" "
             "--max_new_tokens 200") in walk.ran
     skipped = dict(walk.skipped)
