@@ -11,13 +11,13 @@ text; bits per byte does not, so it is the figure that compares runs with differ
   with at least block_size - S tokens of context (except near the start).
 - The first token of the text is never scored (nothing precedes it), so it is left out of the
   byte count too.
-Checkpoint loading is checkpoint.py's job, which file of a run directory to load rundir.py's,
+Checkpoint loading is checkpoint.py's job, which file of a run directory to load rundir/reading.py's,
 tokenizing dataset.py's and tokenizer.py's.
 """
 
-from gpt_train.cli import (ArgumentParser, add_checkpoint_arguments, exit_on_signals, fail,
-                           run_main)
+from gpt_train.cli import ArgumentParser, exit_on_signals, fail, run_main
 from config import DTYPES
+from gpt_train.rundir.names import add_checkpoint_arguments
 
 
 def parse_evaluate_args(argv=None):
@@ -56,7 +56,7 @@ from gpt_train.checkpoint import configs_from_checkpoint, model_from_checkpoint 
 from dataset import check_token_ids, get_dataset, training_and_validation  # noqa: E402
 from model import IGNORE_INDEX  # noqa: E402
 from gpt_train.progress import progress  # noqa: E402
-from gpt_train.rundir import checkpoint_to_load  # noqa: E402
+from gpt_train.rundir.reading import checkpoint_to_load  # noqa: E402
 from gpt_train.runtime import (autocast_context, check_memory, select_device,  # noqa: E402
                                select_dtype)
 from gpt_train.scoring import piece_lengths, score_batches, summarize  # noqa: E402

@@ -31,7 +31,7 @@ No file a user has is overwritten, and no export is lost (`check_out_dir`, `inst
 
 Exporting needs the `safetensors` and `tokenizers` packages; loading the result needs
 `transformers`. None is needed to train. Checkpoint loading is checkpoint.py's job, the choice of
-file rundir.py's.
+file rundir/reading.py's.
 """
 
 import json
@@ -41,8 +41,8 @@ import shutil
 import stat
 from pathlib import Path
 
-from gpt_train.cli import (ArgumentParser, add_checkpoint_arguments, exit_on_signals, fail,
-                           parse_bool, run_main)
+from gpt_train.cli import ArgumentParser, exit_on_signals, fail, parse_bool, run_main
+from gpt_train.rundir.names import add_checkpoint_arguments
 
 SOURCE_NAME = "export_source.json"
 # Every file an export writes. A directory holding only these (with our tokenizer_vocab.json)
@@ -77,7 +77,7 @@ from gpt_train.atomic import TEMPORARY_PREFIX, fsync_directory  # noqa: E402
 from gpt_train.checkpoint import model_from_checkpoint, saved_step  # noqa: E402
 from gpt_train.generation import encode_prompt  # noqa: E402
 from model import RMS_NORM_EPS, ROPE_THETA, mlp_hidden_size  # noqa: E402
-from gpt_train.rundir import checkpoint_to_load  # noqa: E402
+from gpt_train.rundir.reading import checkpoint_to_load  # noqa: E402
 from gpt_train.sharded_checkpoint import is_sharded_checkpoint  # noqa: E402
 from gpt_train.tokenizer import END_OF_TEXT  # noqa: E402
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from gpt_train.atomic import atomic_write
 from gpt_train.cli import ArgumentParser, fail, parse_bool, run_main
-from gpt_train.rundir import metrics_path
+from gpt_train.rundir.names import metrics_path
 
 # the formats whose metadata carries `plot_mark` as plain text, and the key it goes under
 MARK_KEYS = {"png": "Subject", "pdf": "Subject", "svg": "Description"}

@@ -6,15 +6,15 @@ streamed to stdout as it is generated (a multi-byte character is printed once it
 and the same --seed gives the same text. A model trained on documents starts an empty prompt at
 a document's start and ends a sample where it ends the document (--stop_at_end_of_text). The
 model and its key/value cache live in model.py, the generation loop in generation.py, checkpoint
-loading in checkpoint.py, the choice of file in rundir.py.
+loading in checkpoint.py, the choice of file in rundir/reading.py.
 """
 
 import math
 import sys
 
-from gpt_train.cli import (ArgumentParser, UserError, add_checkpoint_arguments, exit_on_signals,
-                           fail, parse_bool, run_main)
+from gpt_train.cli import ArgumentParser, UserError, exit_on_signals, fail, parse_bool, run_main
 from config import MAX_SEED
+from gpt_train.rundir.names import add_checkpoint_arguments
 
 # Below this a temperature is greedy decoding in all but name, and the scaled logits overflow.
 SMALLEST_TEMPERATURE = 1e-6
@@ -73,7 +73,7 @@ import torch  # noqa: E402
 
 from gpt_train.checkpoint import model_from_checkpoint  # noqa: E402
 from gpt_train.generation import encode_prompt, generate_text  # noqa: E402
-from gpt_train.rundir import checkpoint_to_load  # noqa: E402
+from gpt_train.rundir.reading import checkpoint_to_load  # noqa: E402
 from gpt_train.runtime import (autocast_context, check_memory, select_device,  # noqa: E402
                                select_dtype, set_seed)
 

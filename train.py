@@ -17,14 +17,14 @@ checkpoints read. Notable details:
 - under torchrun, every rank trains on its slice of the same global batch, and only rank 0 prints
   and writes files;
 - nothing in --checkpoint_dir is replaced unless a flag says so: the rules, and the files they
-  protect, are rundir.py's; this module asks them once (configure.py, before any file is touched)
-  and deletes (--overwrite) or moves aside (a rewind) what a run replaces only once its first
-  steps have passed the finite-loss check;
+  protect, are rundir/rules.py's; this module asks them once (configure.py, before any file is
+  touched) and deletes (--overwrite) or moves aside (a rewind) what a run replaces only once its
+  first steps have passed the finite-loss check;
 - step checkpoints also hold the run's id (what --keep_last deletes is the run's own) and a
   fingerprint of --data (a resume on changed data says so).
 The configuration is resolved in configure.py, the model lives in model.py, batches in dataset.py,
 the optimizer and schedule in optim.py, one optimizer step and the `Run` in step.py, checkpoint
-files in checkpoint.py, the run directory in rundir.py; how the model is spread over ranks
+files in checkpoint.py, the run directory in rundir/; how the model is spread over ranks
 (--parallel ddp or fsdp) in parallel.py, and an FSDP run's sharded step checkpoints in
 sharded_checkpoint.py.
 """
@@ -58,8 +58,10 @@ from model import build_model, count_parameters, crop_block_size, flops_per_toke
 from gpt_train.optim import (Schedule, configure_optimizer, describe_schedule, learning_rate_scheduler,
                    load_optimizer_state, rebase_schedule, schedule_changes)
 from gpt_train.parallel import memory_line, uses_fsdp, wrap_model
-from gpt_train.rundir import (best_path, final_path, hold_run_directory, new_run_id, prepare_run_directory,
-                    sharded_step_path, sharded_temporary_path, step_path)
+from gpt_train.rundir.lock import hold_run_directory
+from gpt_train.rundir.names import (best_path, final_path, sharded_step_path,
+                                    sharded_temporary_path, step_path)
+from gpt_train.rundir.rules import new_run_id, prepare_run_directory
 from gpt_train.runtime import (check_memory, peak_flops, print0, random_states, restore_random_states,
                      setup_runtime)
 from gpt_train.scoring import piece_lengths, score_batches
@@ -218,7 +220,7 @@ def prepare_model(gpt_config, train_config, runtime, checkpoint=None, vocab_limi
 
 def prepare_checkpoint_dir(run, checkpoint=None):
     """Before the first step, on the rank that writes: room for two checkpoints of this model, and
-    what the run replaces (--overwrite), which goes only once its first steps are done (rundir.py).
+    what the run replaces (--overwrite), which goes only once its first steps are done (rundir/rules.py).
     """
     if run.runtime.is_main:
         weights = sum(p.numel() for p in run.model.parameters())

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's modules
 
-from gpt_train.rundir import BEST_NAME, FINAL_NAME, METRICS_NAME, step_path  # noqa: E402
+from gpt_train.rundir.names import BEST_NAME, FINAL_NAME, METRICS_NAME, step_path  # noqa: E402
 from gpt_train.cli import fail, run_main  # noqa: E402
 from config import GPTConfig, TrainConfig, apply_args_to_configs, parse_args  # noqa: E402
 import train  # noqa: E402

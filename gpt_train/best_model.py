@@ -6,7 +6,7 @@ gpt_best.pt); `should_stop` turns true after `patience` evaluations in a row wit
 improvement of at least `min_delta` over the last loss that counted as one (`patience` 0 never
 stops). Its state is four numbers (`state_dict`), saved in every step checkpoint under the key
 "early_stopping", so a resumed run keeps its best-so-far and its count exactly. Writing
-gpt_best.pt is train.py's job, naming it rundir.py's.
+gpt_best.pt is train.py's job, naming it rundir/names.py's.
 """
 
 import math

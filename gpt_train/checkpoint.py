@@ -19,7 +19,7 @@ and what counts as a readable one:
 A sharded step checkpoint (--parallel fsdp, a directory) is written and read by
 sharded_checkpoint.py; `load_checkpoint` reads it as it reads a file.
 What goes *into* a training checkpoint is train.py's business; the names of the files in a run
-directory, and which of them to load, are rundir.py's.
+directory, and which of them to load, are rundir/'s (names.py, reading.py).
 """
 
 import errno

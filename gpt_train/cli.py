@@ -12,8 +12,7 @@
   quietly, with the status a shell gives a command stopped by SIGPIPE, 141
   (`exit_on_closed_output`): there is no one left to write for;
 - `ArgumentParser`: argparse whose mistakes are UserErrors and whose --help ends each option with
-  its default as it is typed (`shown_default`), `parse_bool` for true/false flags, and the
-  --checkpoint / --checkpoint_dir pair the commands that read a model share.
+  its default as it is typed (`shown_default`), and `parse_bool` for true/false flags.
 No torch and no project imports, so a script can install all of this, and read its flags (--help
 answers at once), before its slow imports.
 What the flags are and mean is config.py's business; the training loop's own signal handling
@@ -221,11 +220,3 @@ class ArgumentParser(argparse.ArgumentParser):
         # argparse prints usage and exits 2 itself; one line suits a tool people script
         fail(message)
 
-
-def add_checkpoint_arguments(parser):
-    """--checkpoint and --checkpoint_dir, as sample.py, evaluate.py and export.py take them."""
-    parser.add_argument("--checkpoint", default="", help="a checkpoint file, a Hugging Face GPT-2 "
-                        "directory or model id (gpt2, gpt2-medium, ...); empty = the best in "
-                        "--checkpoint_dir: gpt_best.pt, gpt_final.pt, then the newest step")
-    parser.add_argument("--checkpoint_dir", default="checkpoints",
-                        help="the run directory train.py wrote")

@@ -12,8 +12,8 @@ training settings; for --init_from, the checkpoint's architecture and tokenizer.
   without --lr_decay_iters, a decay that has begun keeps its end (optim.resumed_decay_iters);
 - `--resume auto` resumes the newest readable step checkpoint if there is one, else starts a new
   run (from --init_from if given), so a requeued job can repeat its command.
-Whether the run may write into its --checkpoint_dir is rundir.py's rule, asked from here, so that
-every refusal happens before any file is touched. The dataclasses and their validation are
+Whether the run may write into its --checkpoint_dir is rundir/rules.py's rule, asked from here,
+so that every refusal happens before any file is touched. The dataclasses and their validation are
 config.py's.
 """
 
@@ -28,8 +28,9 @@ from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, adapt_defaults,
                     apply_args_to_configs, check_configs, configs_to_toml, name_the_recipe,
                     parse_args, validate)
 from gpt_train.optim import resumed_decay_iters
-from gpt_train.rundir import (accept_an_attempt_that_saved_nothing, exit_if_finished, latest_checkpoint,
-                    refuse_to_replace_a_run)
+from gpt_train.rundir.reading import latest_checkpoint
+from gpt_train.rundir.rules import (accept_an_attempt_that_saved_nothing, exit_if_finished,
+                                    refuse_to_replace_a_run)
 from gpt_train.runtime import print0, select_device
 
 
@@ -107,7 +108,7 @@ def configure_resume(args, train_config, automatic):
         fail(f"{path} is at step {step} and --max_iters is {train_config.max_iters}: nothing is "
              f"left to train, and nothing was changed; to train further, add a larger "
              f"--max_iters, e.g. --max_iters {2 * step}")
-    return gpt_config, train_config, checkpoint  # later files are set aside (rundir.py)
+    return gpt_config, train_config, checkpoint  # later files are set aside (rundir/rules.py)
 
 
 # The training settings whose saved state a resume loads as it is: a flag that differs cannot apply.

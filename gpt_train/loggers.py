@@ -6,7 +6,7 @@ for. A resumed run continues the same curves: metrics.jsonl drops the records af
 step (at its first record, so a resume that fails before then changes nothing; the file is
 rewritten whole and renamed into place, so a kill then leaves the old file or the new), TensorBoard
 purges its points after it (`purge_step`), and W&B resumes the same run, whose id is kept in the
-checkpoint directory (rundir.py names the files). A destination that cannot be written (a
+checkpoint directory (rundir/names.py names the files). A destination that cannot be written (a
 metrics.jsonl that is a directory or read-only, a `tensorboard` that is a file) is one line before
 the first step. What is measured, and when, is train.py's business.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from gpt_train.atomic import atomic_write
 from gpt_train.cli import ResourceError, fail
 from config import config_to_dict
-from gpt_train.rundir import TENSORBOARD_NAME, WANDB_RUN_ID_NAME, metrics_path
+from gpt_train.rundir.names import TENSORBOARD_NAME, WANDB_RUN_ID_NAME, metrics_path
 
 # record key -> the chart it is drawn in (TensorBoard tag, W&B key); other numbers keep their key
 CHARTS = {"loss": "train/loss", "lr": "train/lr", "muon_lr": "train/muon_lr",

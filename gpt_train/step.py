@@ -41,7 +41,8 @@ from config import GPTConfig, TrainConfig
 from gpt_train.loggers import Loggers
 from gpt_train.optim import current_learning_rates
 from gpt_train.parallel import clip_gradients, pause_gradient_sync, uses_fsdp
-from gpt_train.rundir import RunDirectory, step_checkpoints, step_of
+from gpt_train.rundir.names import step_checkpoints, step_of
+from gpt_train.rundir.rules import RunDirectory
 from gpt_train.runtime import Runtime, print0
 from gpt_train.tokenizer import Tokenizer
 

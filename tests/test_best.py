@@ -13,7 +13,7 @@ from gpt_train.checkpoint import model_from_checkpoint
 from conftest import (REPO, assert_same_weights, exit_status, metrics_records, read_checkpoint,
                       run_stopped_after, tiny_argv, write_corpus)
 from gpt_train.lora import LoRALinear
-from gpt_train.rundir import find_sampling_checkpoint
+from gpt_train.rundir.reading import find_sampling_checkpoint
 
 
 def test_evaluation_follows_eval_iter_whatever_log_iter(tmp_path, corpus_file):

@@ -25,7 +25,8 @@ import train
 from gpt_train.checkpoint import load_checkpoint
 from conftest import (REPO, TWO_PROCESS_FLAGS, assert_same_weights, exit_status, metrics_records,
                       one_error_line, snapshot, tiny_argv, torchrun, write_corpus)
-from gpt_train.rundir import LOCK_NAME, hold_run_directory
+from gpt_train.rundir.lock import hold_run_directory
+from gpt_train.rundir.names import LOCK_NAME
 
 FLAGS = dict(max_iters=8, save_iter=4, log_iter=2, eval_iter=4, dropout=0.1)
 

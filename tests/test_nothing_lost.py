@@ -756,7 +756,7 @@ def test_only_the_tools_own_leftovers_are_removed_and_a_foreign_train_lock_is_re
 
 def test_overwrite_deletes_nothing_when_one_file_cannot_be_deleted(run_dir, corpus, monkeypatch,
                                                                     capsys):
-    from gpt_train import rundir
+    from gpt_train.rundir import moves
 
     real_rename = os.rename
 
@@ -765,7 +765,7 @@ def test_overwrite_deletes_nothing_when_one_file_cannot_be_deleted(run_dir, corp
             raise PermissionError(errno.EACCES, "Permission denied", str(source))
         return real_rename(source, destination)
 
-    monkeypatch.setattr(rundir.os, "rename", rename_except_final)
+    monkeypatch.setattr(moves.os, "rename", rename_except_final)
     refused(capsys, train.train, tiny_argv(run_dir, corpus, overwrite="true"), run_dir,
             "gpt_final.pt", "Permission denied", "no file of the old run was deleted")
 
@@ -821,7 +821,7 @@ def test_a_resume_names_the_checkpoints_data_when_it_is_missing_or_changed(run_d
 def test_a_disk_full_stop_and_the_next_resume_ask_for_the_same_room(run_dir, monkeypatch,
                                                                      capsys):
     from gpt_train import checkpoint
-    from gpt_train import rundir
+    from gpt_train.rundir import rules
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -832,7 +832,7 @@ def test_a_disk_full_stop_and_the_next_resume_ask_for_the_same_room(run_dir, mon
         assert exit_status(train.train, argv) == 1
     stop = one_error_line(capsys.readouterr().err, "No space left on device")
     free = shutil.disk_usage(run_dir)._replace(free=1)
-    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: free)
+    monkeypatch.setattr(rules.shutil, "disk_usage", lambda path: free)
     assert exit_status(train.train, argv) == 2
     start = one_error_line(capsys.readouterr().err, "MiB free")
     needed = [re.search(r"two checkpoints of this model need about ([\d.]+) MiB", line).group(1)

@@ -10,7 +10,7 @@ from gpt_train import generation
 import sample
 from gpt_train.checkpoint import model_from_checkpoint
 from conftest import exit_status, one_error_line, run_cli
-from gpt_train.rundir import find_sampling_checkpoint
+from gpt_train.rundir.reading import find_sampling_checkpoint
 
 
 def sampled_text(capsys, *argv):

@@ -1,0 +1,152 @@
+"""The file operations the run directory's rules ask for, each all or none.
+
+- `set_aside`: files moved into a new superseded/<time>-<label>/, names and bytes kept;
+- `delete_files`: --overwrite's deletion, by way of one folder, so that none goes if one cannot;
+- `remove_step_checkpoint`: --keep_last's deletion of one step checkpoint, file or directory;
+- `remove_leftovers`: what a killed run left, in the tool's own temporary names only;
+- `make_directory`: --checkpoint_dir (or a folder in it) created, or one line why not.
+Which files a run may move or delete, and when, is rules.py's; the names are names.py's.
+"""
+
+import contextlib
+import itertools
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from gpt_train.atomic import TEMPORARY_PREFIX, fsync_directory, remove_temporary_files
+from gpt_train.cli import fail
+from gpt_train.rundir.names import (REPLACED_NAME, SUPERSEDED_NAME, TENSORBOARD_NAME, is_own_name,
+                                    list_names, metrics_path)
+
+REPLACED_PATTERN = re.compile(rf"^\.tmp-{REPLACED_NAME}\.\d+$")
+# an FSDP step checkpoint being written (.sharded), or an old one being replaced (.replaced)
+SHARDED_TEMPORARY_PATTERN = re.compile(r"^\.tmp-gpt_step\d+\.sharded(\.replaced)?$")
+
+
+def check_directory(directory):
+    """--checkpoint_dir names a directory, or nothing yet (it is created)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        fail(f"--checkpoint_dir {directory} is a file, not a directory; give a directory (it is "
+             f"created if missing)")
+
+
+def make_directory(directory):
+    """Create `directory` if missing; one line if it cannot be."""
+    check_directory(directory)
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        fail(f"checkpoint directory {directory} is not writable: {error.strerror or error}")
+
+
+def remove_step_checkpoint(path):
+    """Delete a gpt_step{N}.pt, or an FSDP run's gpt_step{N} directory (renamed away first, so
+    that it is gone at once as a checkpoint, whatever is left of its files on an error)."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        path.unlink(missing_ok=True)
+        return
+    doomed = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.sharded.replaced")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_leftovers(directory):
+    """What a killed run left: its temporary files (.tmp-NAME.PID, for the names this tool writes),
+    the folder of files it was deleting (.tmp-replaced.PID) and an FSDP checkpoint directory it
+    was writing or deleting (.tmp-gpt_step{N}.sharded, .replaced). Nothing else is touched."""
+    remove_temporary_files(directory, is_own_name)
+    for folder in Path(directory).glob(f"{TEMPORARY_PREFIX}*"):
+        own = REPLACED_PATTERN.match(folder.name) or SHARDED_TEMPORARY_PATTERN.match(folder.name)
+        if own and folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def move_files(paths, folder):
+    """Move `paths` into `folder` (names kept), all or none: on a failure the ones moved go back,
+    and the error propagates. Returns the new paths."""
+    moved = []
+    try:
+        for path in paths:
+            destination = Path(folder) / Path(path).name
+            os.rename(path, destination)
+            moved.append((Path(path), destination))
+    except OSError:
+        for path, destination in reversed(moved):
+            with contextlib.suppress(OSError):
+                os.rename(destination, path)
+        raise
+    return [destination for _, destination in moved]
+
+
+def delete_files(directory, paths):
+    """Delete `paths` (--overwrite), all or none: they are moved into one folder first, which
+    then goes; if one cannot be moved, none is deleted and the run stops with one line."""
+    folder = Path(directory) / f"{TEMPORARY_PREFIX}{REPLACED_NAME}.{os.getpid()}"
+    try:
+        folder.mkdir()
+        move_files(paths, folder)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+        fail(f"--overwrite true could not delete {error.filename or directory} "
+             f"({error.strerror or error}); no file of the old run was deleted")
+    shutil.rmtree(folder, ignore_errors=True)
+    fsync_directory(directory)
+
+
+def set_aside(directory, paths, label):
+    """Move `paths` into a new folder superseded/<time>-<label>/ of `directory`, names and bytes
+    kept; after a rewind (label after-step{N}) also keep the whole metrics.jsonl and the
+    TensorBoard events there, whose records past N the resumed run drops or hides. All or
+    nothing: on a failure nothing is moved, and the run stops with one line. Returns the folder."""
+    directory = Path(directory)
+    folder = new_folder(directory / SUPERSEDED_NAME, label)
+    try:
+        if label.startswith("after-step"):
+            keep_a_copy(metrics_path(directory), folder)
+            keep_a_copy(directory / TENSORBOARD_NAME, folder)
+        move_files(paths, folder)
+    except OSError as error:
+        shutil.rmtree(folder, ignore_errors=True)  # only links and copies of files still in place
+        fail(f"could not move {error.filename or list_names(paths)} aside to {folder} "
+             f"({error.strerror or error}); nothing was moved")
+    fsync_directory(directory)
+    return folder
+
+
+def new_folder(parent, label):
+    """A new folder parent/<local time>-<label> (a suffix -2, -3, ... if that name is taken)."""
+    stem = f"{time.strftime('%Y-%m-%dT%H-%M-%S')}-{label}"
+    make_directory(parent)
+    for suffix in itertools.count(1):
+        folder = parent / (stem if suffix == 1 else f"{stem}-{suffix}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+        except OSError as error:
+            fail(f"could not create {folder} to set the later files aside "
+                 f"({error.strerror or error}); nothing was moved")
+
+
+def keep_a_copy(source, folder):
+    """A copy of the file or folder `source` in `folder`, byte for byte (a hard link where the file
+    system has them: no room taken); nothing if `source` is missing."""
+    source, destination = Path(source), Path(folder) / Path(source).name
+    if source.is_dir():
+        shutil.copytree(source, destination, copy_function=link_or_copy)
+    elif source.is_file():
+        link_or_copy(source, destination)
+
+
+def link_or_copy(source, destination):
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
