@@ -8,8 +8,6 @@ test_distributed.py does for DDP.
 
 import errno
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ import torch
 import train
 from gpt_train.checkpoint import load_checkpoint
 from conftest import (REPO, assert_same_weights, checkpoint_weights, exit_status,
-                      metrics_records, one_error_line, tiny_argv, write_corpus)
+                      metrics_records, one_error_line, tiny_argv, torchrun, write_corpus)
 
 FLAGS = dict(n_layer=2, max_iters=8, save_iter=4, log_iter=1, eval_iter=4, dropout=0.1,
              grad_accum_steps=2)
@@ -186,11 +184,7 @@ def test_two_process_fsdp_trains_like_one_process_with_the_same_global_batch(run
     two ranks' checkpoint reads back whole, and resumes in one process saying it is resharded."""
     root, data = runs
     argv = tiny_argv(tmp_path / "two", data, **{**SHARDED, "batch_size": 4, "dropout": 0.0})
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", str(REPO / "train.py"), *argv]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True,
-                              text=True, timeout=180)
+    finished = torchrun([REPO / "train.py", *argv], tmp_path)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert finished.stdout.count("memory per rank (--parallel fsdp, 2 processes)") == 1
     assert sorted(p.name for p in (tmp_path / "two" / "gpt_step8").iterdir()) == \

@@ -342,10 +342,11 @@ def test_the_float16_gradient_scaler_skips_an_overflowing_muon_step_and_takes_th
 
 @pytest.mark.slow
 def test_two_muon_processes_end_with_the_weights_of_one_with_the_same_global_batch(tmp_path):
-    from test_distributed import torchrun
+    from conftest import REPO, torchrun
     data = write_corpus(tmp_path)
     flags = dict(optimizer="muon", max_iters=6, save_iter=6, eval_iter=6, grad_accum_steps=2)
-    two = torchrun(tiny_argv(tmp_path / "two", data, batch_size=4, **flags), tmp_path)
+    two = torchrun([REPO / "train.py", *tiny_argv(tmp_path / "two", data, batch_size=4, **flags)],
+                   tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     train.train(tiny_argv(tmp_path / "one", data, batch_size=8, **flags))
     ddp, single = (checkpoint_weights(tmp_path / name / "gpt_final.pt") for name in ("two", "one"))
