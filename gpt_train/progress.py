@@ -5,8 +5,8 @@ is: on a terminal, a tqdm bar redrawn in place; anywhere else (a log file, a pip
 job's output), where redrawn frames would pile up or never be seen, a plain line with the
 count, the share done, the time so far and the time left: every few seconds (`REPORT_SECONDS`),
 and once the work has run a while, every tenth of its time so far (an hour's work: a line every
-few minutes). Work that ends within those first seconds prints nothing there. What is counted is the caller's
-business; the training loop keeps its own bar.
+few minutes). Work that ends within those first seconds prints nothing there. What is counted
+is the caller's business; the training loop keeps its own bar.
 """
 
 import sys

@@ -193,9 +193,9 @@ def busy_cores_note():
     free = max(1, round(cores - busy))
     if free >= threads:
         return None
-    return (f"other processes keep {busy:.1f} of this machine's {cores} cores busy, and torch's "
-            f"{threads} threads wait for each other on a busy core: steps can take several "
-            f"times as long; --threads {free} runs on the cores that are free")
+    return (f"this machine's {cores} cores are busy with other work (load average {busy:.1f}), "
+            f"and torch's {threads} threads wait for each other on a busy core, so each step can "
+            f"take several times as long; --threads {free} avoids that")
 
 
 def restarted_attempt_store(world_size):

@@ -72,7 +72,8 @@ def test_help_lists_every_field_with_its_default(capsys):
     assert exit_status(train.train, ["--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
     for _, config_field in ALL_FIELDS:
-        pattern = rf"--{config_field.name} [^()]*\(default: {re.escape(shown_default(config_field.default))}\)"
+        shown = re.escape(shown_default(config_field.default))
+        pattern = rf"--{config_field.name} [^()]*\(default: {shown}\)"
         assert re.search(pattern, help_text), f"--{config_field.name} and its default are not in --help"
 
 

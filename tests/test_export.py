@@ -168,4 +168,4 @@ def test_every_file_of_an_export_gets_the_users_umask(trained_run, tmp_path, uma
         os.umask(previous)
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "hf").iterdir()}
     assert set(modes) == set(export.EXPORT_FILES)
-    assert set(modes.values()) == {0o666 & ~umask}, {name: oct(mode) for name, mode in modes.items()}
+    assert set(modes.values()) == {0o666 & ~umask}, {name: oct(m) for name, m in modes.items()}

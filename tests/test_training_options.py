@@ -93,8 +93,8 @@ def test_threads_sets_torchs_threads_and_busy_cores_get_one_line_of_advice(monke
         setup_runtime(TrainConfig(device="cpu"))
         notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note")]
         assert len(notes) == 1
-        assert "other processes keep 1.2 of this machine's 2 cores busy" in notes[0]
-        assert notes[0].endswith("--threads 1 runs on the cores that are free")
+        assert "this machine's 2 cores are busy with other work (load average 1.2)" in notes[0]
+        assert notes[0].endswith("--threads 1 avoids that")
 
         setup_runtime(TrainConfig(device="cpu", threads=1))
         assert torch.get_num_threads() == 1 and "note" not in capsys.readouterr().out
