@@ -73,6 +73,9 @@ class TrainConfig:
     eval_iter: int = 500  # validate every N steps, and at the last
     eval_batches: int = 20  # batches of the validation split per evaluation
     sample_tokens: int = 0  # print a sample of this many tokens at each evaluation; 0 = off
+    eval_tasks: str = ""  # benchmark tasks to score at each evaluation, e.g. hellaswag,piqa
+    tasks_dir: str = ""  # where --eval_tasks' files are: <task>.jsonl anywhere below it
+    eval_tasks_limit: int = 0  # score the first N items of each task; 0 = all
     save_iter: int = 1000  # write gpt_step{N}.pt every N steps, and at the last
     checkpoint_dir: str = "checkpoints"  # the run directory: checkpoints, metrics.jsonl
     keep_last: int = 0  # keep only the newest K step checkpoints; 0 = keep all
@@ -317,7 +320,7 @@ POSITIVE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_si
 NOT_NEGATIVE = ("warmup_iters", "num_workers", "num_proc", "keep_last", "skip_nonfinite",
                 "sample_tokens", "lora_rank", "early_stop_patience", "weight_decay", "grad_clip",
                 "peak_flops", "muon_weight_decay", "early_stop_min_delta", "lr_decay_iters",
-                "threads")
+                "eval_tasks_limit", "threads")
 # name -> (low, high, whether low is allowed, whether high is allowed)
 INTERVALS = {"dropout": (0, 1, True, False), "muon_momentum": (0, 1, True, False),
              "lora_dropout": (0, 1, True, False), "betas": (0, 1, True, False),
@@ -354,6 +357,8 @@ def validate(gpt_config, train_config):
              f"pretrained tokenizer")
     if not t.text_field:
         fail("--text_field must not be empty: name the key or column that holds the text")
+    if t.eval_tasks and not t.tasks_dir:
+        fail("--eval_tasks needs --tasks_dir, the directory holding the tasks' .jsonl files")
     if t.resume and t.init_from:
         fail("--resume continues a run and --init_from starts a new one: give only one")
     # --parallel fsdp (issue 26): what a sharded model cannot do yet

@@ -1,4 +1,9 @@
-"""Score a checkpoint on a text: `python evaluate.py --checkpoint PATH [--data FILE]`.
+"""Score a checkpoint on a text: `python evaluate.py --checkpoint PATH [--data FILE]`, or on
+benchmark tasks: `python evaluate.py --checkpoint PATH --tasks hellaswag,piqa --tasks_dir DIR`.
+
+With --tasks it prints a table of each task's accuracies and their centered mean (the tasks'
+files, formats and scoring are tasks.py's and task_scoring.py's; `--results FILE.json` keeps them).
+On a text:
 
 Prints the mean loss per token, the perplexity, and bits per byte: the total loss in bits divided
 by the UTF-8 bytes of the scored text. Loss and perplexity depend on how the tokenizer cuts the
@@ -15,6 +20,9 @@ Checkpoint loading is checkpoint.py's job, which file of a run directory to load
 tokenizing dataset.py's and tokenizer.py's.
 """
 
+import json
+from pathlib import Path
+
 from gpt_train.cli import ArgumentParser, exit_on_signals, fail, run_main
 from config import DTYPES
 from gpt_train.rundir.names import add_checkpoint_arguments
@@ -29,7 +37,16 @@ def parse_evaluate_args(argv=None):
                         "validation split of the checkpoint's training data")
     parser.add_argument("--stride", type=int, default=0,
                         help="tokens between window starts; 0 = block_size (no overlap)")
-    parser.add_argument("--batch_size", type=int, default=32, help="windows per forward pass")
+    parser.add_argument("--batch_size", type=int, default=32,
+                        help="windows per forward pass (tasks: up to as many tokens)")
+    parser.add_argument("--tasks", default="", help="benchmark tasks to score instead of a text, "
+                        "comma-separated (hellaswag,piqa,arc_easy,winogrande,lambada_openai)")
+    parser.add_argument("--tasks_dir", default="", help="where the tasks' files are: a "
+                        "directory searched for <task>.jsonl (hellaswag: also hellaswag_val.jsonl)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="score only the first N items of each task (0 = all)")
+    parser.add_argument("--results", default="",
+                        help="also write the tasks' figures to this JSON file")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="autocast dtype; auto = bfloat16 on recent GPUs, float32 on the CPU")
@@ -38,7 +55,41 @@ def parse_evaluate_args(argv=None):
         fail(f"--stride must not be negative, got {args.stride}")
     if args.batch_size <= 0:
         fail(f"--batch_size must be positive, got {args.batch_size}")
+    check_task_args(args)
     return args
+
+
+def check_task_args(args):
+    if args.limit < 0:
+        fail(f"--limit must not be negative, got {args.limit}")
+    if not args.tasks:
+        for flag in ("tasks_dir", "limit", "results"):
+            if getattr(args, flag):
+                fail(f"--{flag} goes with --tasks: name the tasks to score")
+        return
+    if not args.tasks_dir:
+        fail("--tasks needs --tasks_dir, the directory holding the tasks' .jsonl files")
+    if args.data or args.stride:
+        fail("--tasks scores benchmark tasks, not a text: leave out --data and --stride")
+    if args.results:
+        check_results_path(Path(args.results))
+
+
+def check_results_path(path):
+    """--results may be new, or an earlier results file of evaluate.py, which it replaces."""
+    if path.is_dir():
+        fail(f"--results {path} is a directory: name a .json file")
+    if not path.exists():
+        if not path.parent.is_dir():
+            fail(f"--results {path}: the directory {path.parent} does not exist")
+        return
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    if not (isinstance(earlier, dict) and earlier.get("written_by") == "evaluate.py"):
+        fail(f"--results {path} exists and is not a results file of evaluate.py: "
+             f"name a new file")
 
 
 if __name__ == "__main__":
@@ -52,6 +103,7 @@ import math  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from gpt_train.atomic import atomic_write  # noqa: E402
 from gpt_train.checkpoint import configs_from_checkpoint, model_from_checkpoint  # noqa: E402
 from dataset import check_token_ids, get_dataset, training_and_validation  # noqa: E402
 from model import IGNORE_INDEX  # noqa: E402
@@ -60,6 +112,7 @@ from gpt_train.rundir.reading import checkpoint_to_load  # noqa: E402
 from gpt_train.runtime import (autocast_context, check_memory, select_device,  # noqa: E402
                                select_dtype)
 from gpt_train.scoring import piece_lengths, score_batches, summarize  # noqa: E402
+from gpt_train.task_scoring import centered_accuracy, format_table, load_tasks  # noqa: E402
 from gpt_train.tokencache import cached_tokens  # noqa: E402
 
 
@@ -137,12 +190,32 @@ def tokens_to_score(checkpoint, tokenizer, data, path):
     return np.asarray(val_tokens), f"validation split of {source}"
 
 
+def evaluate_tasks(args, model, tokenizer, path, autocast):
+    """Score --tasks; print the table; write --results; return the results."""
+    suite = load_tasks(args.tasks, args.tasks_dir, tokenizer, model.config.block_size,
+                       args.limit)
+    results = suite.score(model, args.batch_size, autocast, progress=True)
+    print(f"{path} on {len(results)} task(s) from {args.tasks_dir}"
+          f"{f', the first {args.limit} items of each' if args.limit else ''}:")
+    print(format_table(results))
+    if args.results:
+        report = {"written_by": "evaluate.py", "checkpoint": str(path), "tasks": results,
+                  "centered_accuracy": centered_accuracy(results),
+                  "files": {task.name: str(task.path) for task in suite.tasks}}
+        with atomic_write(args.results) as handle:
+            handle.write((json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    return results
+
+
 def main(argv=None):
     args = parse_evaluate_args(argv)
     device = select_device(args.device)
     path = checkpoint_to_load(args)
     dtype = select_dtype(args.dtype, device)
     model, tokenizer, checkpoint = model_from_checkpoint(path, device)
+    if args.tasks:
+        return evaluate_tasks(args, model, tokenizer, path,
+                              lambda: autocast_context(device, dtype))
     block_size = model.config.block_size
     if args.stride > block_size:
         fail(f"--stride {args.stride} exceeds the model's block_size {block_size}: "

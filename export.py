@@ -79,7 +79,7 @@ from gpt_train.generation import encode_prompt  # noqa: E402
 from model import RMS_NORM_EPS, ROPE_THETA, mlp_hidden_size  # noqa: E402
 from gpt_train.rundir.reading import checkpoint_to_load  # noqa: E402
 from gpt_train.sharded_checkpoint import is_sharded_checkpoint  # noqa: E402
-from gpt_train.tokenizer import END_OF_TEXT  # noqa: E402
+from gpt_train.tokenizer import END_OF_TEXT, import_tokenizers  # noqa: E402
 
 
 # What each Hugging Face family computes, in our options: the family is chosen by --pos and
@@ -290,17 +290,17 @@ def generation_config(tokenizer, gpt_config, special_ids):
     return config
 
 
-def tokenizer_config(tokenizer, block_size):
-    """tokenizer_config.json: the fast tokenizer over tokenizer.json, with no special tokens to
-    add, decoding that leaves spaces as they are, and the end-of-text token (where there is one)
-    as its eos and bos, as GPT-2's."""
+def tokenizer_config(tokenizer_json, block_size, special_ids):
+    """tokenizer_config.json: the fast tokenizer over tokenizer.json, adding no tokens, decoding
+    spaces as they are, with `special_ids`'s bos (the id sample.py starts from: lm-eval puts it
+    before an empty context) and eos where there is one (a model of documents: both its
+    end-of-text token, as GPT-2's). A bos is special: `skip_special_tokens` drops it."""
+    backend = import_tokenizers("exporting the tokenizer").Tokenizer.from_str(tokenizer_json)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
-              "clean_up_tokenization_spaces": False}
-    end_of_text = getattr(tokenizer, "end_of_text", None)
-    if end_of_text is not None:
-        name = tokenizer.backend.id_to_token(end_of_text) if tokenizer.kind == "bpe" else \
-            END_OF_TEXT
-        config.update(eos_token=name, bos_token=name)
+              "clean_up_tokenization_spaces": False,
+              "bos_token": backend.id_to_token(special_ids["bos_token_id"])}
+    if special_ids["eos_token_id"] is not None:
+        config["eos_token"] = backend.id_to_token(special_ids["eos_token_id"])
     return config
 
 
@@ -472,13 +472,15 @@ def export(checkpoint_path, out_dir, overwrite=False):
     check_out_dir(out, overwrite, source)
     model, tokenizer, _ = model_from_checkpoint(checkpoint_path)
     special_ids = special_token_ids(tokenizer)
+    tokenizer_json = tokenizer.hugging_face_json()
     config, weights = hugging_face_model(model, special_ids)
     files = {
         "tokenizer_vocab.json": tokenizer_vocabulary(tokenizer),
         "config.json": config,
         "generation_config.json": generation_config(tokenizer, model.config, special_ids),
-        "tokenizer.json": tokenizer.hugging_face_json(),
-        "tokenizer_config.json": tokenizer_config(tokenizer, model.config.block_size),
+        "tokenizer.json": tokenizer_json,
+        "tokenizer_config.json": tokenizer_config(tokenizer_json, model.config.block_size,
+                                                  special_ids),
         SOURCE_NAME: source,
     }
     existed = out.exists()

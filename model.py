@@ -108,12 +108,18 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        # with earlier positions cached, the new position may see all of them: no mask needed
+        # with earlier positions cached, a new position sees all of them and the new ones up to
+        # itself: one new position needs no mask, several a causal one aligned to the last key
         is_causal = cache is None or cache.length == 0
+        mask = None
+        if not is_causal and time > 1:
+            mask = torch.ones(time, cache.length + time, dtype=torch.bool,
+                              device=x.device).tril(cache.length)
         if cache is not None:
             k, v = cache.append(layer, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal)
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal)
         y = y.transpose(1, 2).contiguous().view(batch, time, channels)
         return self.proj_dropout(self.proj(y))
 

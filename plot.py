@@ -5,7 +5,9 @@ optimizer step:
 - top: the training loss, its smoothed line (an exponential moving average, bias-corrected so it
   does not start near zero), and the validation loss;
 - bottom: the learning rate (with --optimizer muon, AdamW's `lr` on the left axis and Muon's
-  `muon_lr`, ten times larger by default, on the right).
+  `muon_lr`, ten times larger by default, on the right);
+- with --eval_tasks, a panel between them: each task's accuracy (acc_norm where it has one, else
+  acc) and their centered mean (`tasks/centered_accuracy`).
 A dashed vertical line marks each point where the run was resumed (records {"event": "resume"}).
 The picture is drawn on a matplotlib `Figure` with the Agg (file-only) canvas: no window and no
 global pyplot state. matplotlib is optional; only this script needs it. What the records mean
@@ -78,7 +80,7 @@ def read_metrics(path):
     except UnicodeDecodeError:
         fail(f"{path} is not a metrics file: it is not UTF-8 text (train.py writes JSON lines)")
     lines = text.splitlines()
-    series = {"train": [], "val": [], "lr": [], "muon_lr": [], "resumes": []}
+    series = {"train": [], "val": [], "lr": [], "muon_lr": [], "resumes": [], "tasks": {}}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -96,9 +98,29 @@ def read_metrics(path):
             value = record.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 series[name].append((step, float(value)))
+        for key, value in record.items():  # --eval_tasks: "hellaswag/acc_norm", ...
+            if key.endswith(("/acc", "/acc_norm", "/centered_accuracy")) and \
+                    isinstance(value, (int, float)) and math.isfinite(value):
+                series["tasks"].setdefault(key, []).append((step, float(value)))
     if not series["train"] and not series["val"]:
         fail(f"{path} has no loss records yet")
+    for key in [key for key in series["tasks"] if key.endswith("/acc")]:
+        if key + "_norm" in series["tasks"]:  # a task is drawn by acc_norm where it has one
+            del series["tasks"][key]
     return series
+
+
+def draw_tasks(axes, tasks):
+    """Each task's accuracy against the step, in percent, and the centered mean dashed."""
+    for key, points in sorted(tasks.items()):
+        steps, values = zip(*points)
+        centered = key.startswith("tasks/")
+        axes.plot(steps, [100 * value for value in values], marker="o", markersize=3,
+                  linestyle="--" if centered else "-", linewidth=1.5 if centered else 1,
+                  color="black" if centered else None, label=key)
+    axes.set_ylabel("task accuracy (%)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small", loc="upper left")
 
 
 def smooth(values, weight):
@@ -122,8 +144,14 @@ def draw(series, out, smoothing=0.6, title="", mark=""):
     """Render the curves to the image file `out` (its suffix picks the format: png, svg, pdf),
     with `mark` (`plot_mark`) in its metadata."""
     Figure = _import_figure()
-    figure = Figure(figsize=(9, 6), layout="constrained")
-    loss_axes, lr_axes = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    tasks = series.get("tasks")
+    figure = Figure(figsize=(9, 9 if tasks else 6), layout="constrained")
+    if tasks:
+        loss_axes, task_axes, lr_axes = figure.subplots(3, 1, sharex=True,
+                                                        height_ratios=(3, 2, 1))
+        draw_tasks(task_axes, tasks)
+    else:
+        loss_axes, lr_axes = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     if series["train"]:
         steps, losses = zip(*series["train"])
         loss_axes.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss")

@@ -68,6 +68,7 @@ from gpt_train.scoring import piece_lengths, score_batches
 from gpt_train.sharded_checkpoint import (gathered_weights, resharding_note, restore_training_state,
                                 save_sharded_checkpoint)
 from gpt_train.step import LossMeter, Run, graphed_step_for, optimizer_step, recorder_for
+from gpt_train.task_scoring import task_metrics, training_tasks
 from gpt_train.tokencache import data_fingerprint
 from gpt_train.tokenizer import tokenizer_from_state
 
@@ -113,6 +114,7 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
                               num_workers=t.num_workers, pin_memory=runtime.device.type == "cuda")
     val_set = validation_batches(val_tokens, gpt_config.block_size, t.batch_size, t.eval_batches,
                                  runtime.rank, runtime.world_size)
+    tasks = training_tasks(t, tokenizer, gpt_config.block_size)  # --eval_tasks, read once
     model, wrapped_model = prepare_model(gpt_config, t, runtime, checkpoint, tokenizer.vocab_size)
     recorder = recorder_for(runtime.device)
     # FSDP's steps are never recorded as CUDA graphs (step.graph_fallback)
@@ -123,6 +125,7 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
               scheduler, scaler)
     run.graphed_step = graphed_step_for(run, recorder)
     run.data_fingerprint = fingerprint
+    run.tasks = tasks
     return run
 
 
@@ -374,6 +377,7 @@ def log_step(run, meter, step_rates, progress, evaluate):
     run.directory.clear_replaced_files()  # the loss is finite: the run changes its directory
     if evaluate:
         record.update(estimate_loss(run))
+        record.update(task_metrics(run))  # --eval_tasks: hellaswag/acc_norm, ...
         keep_if_best(run, record)
     run.loggers.write(record)
     postfix = {"loss": f"{loss:.4f}", **{name: f"{rate:.2e}" for name, rate in step_rates.items()},

@@ -6,7 +6,8 @@ job's output), where redrawn frames would pile up or never be seen, a plain line
 count, the share done, the time so far and the time left: every few seconds (`REPORT_SECONDS`),
 and once the work has run a while, every tenth of its time so far (an hour's work: a line every
 few minutes). Work that ends within those first seconds prints nothing there. What is counted
-is the caller's business; the training loop keeps its own bar.
+is the caller's business (evaluate.py's batches, task_scoring.py's items); the training loop
+keeps its own bar.
 """
 
 import sys
@@ -17,19 +18,22 @@ from tqdm import tqdm
 REPORT_SECONDS = 5.0  # between two progress lines in a log file
 
 
-def progress(items, total, description, units, file=None):
-    """`items`, one at a time, while the progress is shown on `file` (default: stderr); `units`
-    names what is counted, in the plural ("batches")."""
+def progress(items, total, description, units, size=None, file=None):
+    """`items`, one at a time, while the progress is shown on `file` (default: stderr): `total`
+    `units` ("batches") in all, `size(item)` of them in each item (default: one)."""
     file = file or sys.stderr
+    size = size or (lambda item: 1)
     if getattr(file, "isatty", lambda: False)():
-        yield from tqdm(items, total=total, desc=description, unit=units, dynamic_ncols=True,
-                        file=file)
+        with tqdm(total=total, desc=description, unit=units, dynamic_ncols=True, file=file) as bar:
+            for item in items:
+                yield item  # the caller works on it before asking for the next
+                bar.update(size(item))
         return
     start = last = time.monotonic()
     done, reported = 0, False
     for item in items:
-        yield item  # the caller works on it before asking for the next
-        done += 1
+        yield item
+        done += size(item)
         now = time.monotonic()
         if now - last >= max(REPORT_SECONDS, (now - start) / 10) and done < total:
             last, reported = now, True

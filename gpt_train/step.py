@@ -68,6 +68,7 @@ class Run:
     step: int = 0  # optimizer steps completed
     graphed_step: "GraphedStep | None" = None  # where the step replays as a CUDA graph
     data_fingerprint: str | None = None  # of --data, kept in step checkpoints (tokencache.py)
+    tasks: "TaskSuite | None" = None  # --eval_tasks, scored at each evaluation (task_scoring.py)
     loggers: Loggers = field(init=False)  # metrics.jsonl, TensorBoard, W&B: --log_to
     best: BestModel = field(init=False)  # the best validation loss so far, and early stopping
     directory: RunDirectory = field(init=False)  # --checkpoint_dir, and what the run replaces

@@ -22,6 +22,20 @@ FLAGS = dict(dropout=0.0, batch_size=BATCH, grad_accum_steps=2, max_iters=STEPS,
              eval_iter=4, save_iter=4)
 
 
+def write_tasks(directory):
+    """Three tiny benchmark tasks (multiple choice, schema, language modelling): the flags."""
+    directory.mkdir()
+    lines = {"piqa": [{"query": f"line {i}: the", "choices": ["quick", "lazy dog", "fox"],
+                       "gold": i % 3} for i in range(5)],
+             "winogrande": [{"context_options": [f"line {i}: the quick", f"line {i}: the lazy"],
+                             "continuation": "fox", "gold": i % 2} for i in range(3)],
+             "lambada_openai": [{"context": f"line {i}: the quick brown", "continuation": "fox"}
+                                for i in range(4)]}
+    for name, items in lines.items():
+        (directory / f"{name}.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    return {"eval_tasks": ",".join(lines), "tasks_dir": directory}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, two_process_run):
     """Two torchrun launches and one in-process run, shared by every test of this module, beside
@@ -30,9 +44,11 @@ def runs(tmp_path_factory, two_process_run):
     data = write_corpus(root)
     results = {"root": root}
     # 2 processes x batch B, and 1 process x batch 2B: the same global batch
-    results["ddp"] = torchrun([REPO / "train.py", *tiny_argv(root / "ddp", data, **FLAGS)], root)
+    tasks = write_tasks(root / "tasks")  # --eval_tasks: each rank scores its share of the items
+    results["ddp"] = torchrun([REPO / "train.py", *tiny_argv(root / "ddp", data, **FLAGS, **tasks)],
+                              root)
     import train
-    results["single"] = train.train(tiny_argv(root / "single", data, **{**FLAGS,
+    results["single"] = train.train(tiny_argv(root / "single", data, **{**FLAGS, **tasks,
                                                                         "batch_size": 2 * BATCH}))
     results["dropout"], _, _ = two_process_run
     results["resumed"] = torchrun([REPO / "train.py", "--resume",
@@ -82,6 +98,12 @@ def test_two_processes_evaluate_like_one_process_with_the_same_global_batch(runs
     assert [step for step, _ in ddp_val] == [step for step, _ in single_val] == [4, 8]
     for (_, mine), (_, theirs) in zip(ddp_val, single_val):
         assert mine == pytest.approx(theirs, abs=1e-4)
+    # the task figures too: each rank scored its share, one all-reduce summed them
+    names = ("piqa/acc", "piqa/acc_norm", "winogrande/acc", "lambada_openai/acc",
+             "lambada_openai/perplexity", "tasks/centered_accuracy")
+    ddp_tasks = [r[name] for r in ddp if "val_loss" in r for name in names]
+    single_tasks = [r[name] for r in single if "val_loss" in r for name in names]
+    assert ddp_tasks == pytest.approx(single_tasks, rel=1e-3)
 
 
 def test_two_processes_end_with_the_weights_of_one_process_with_the_same_global_batch(runs):

@@ -1,5 +1,6 @@
 """evaluate.py: every token scored once, loss equal to the model's own, and honest bits per byte."""
 
+import io
 import math
 import re
 
@@ -178,3 +179,15 @@ def test_evaluate_writes_progress_lines_where_no_terminal_shows_a_bar(trained_ru
         assert re.fullmatch(rf"evaluating: {done}/{total} batches \(\d+%\), \d+ s, about \d+ s "
                             rf"left", line), line
     assert re.fullmatch(rf"evaluating: {total} batches in \d+ s", lines[-1]), lines[-1]
+
+
+def test_progress_counts_what_each_item_holds(monkeypatch):
+    monkeypatch.setattr(progress, "REPORT_SECONDS", 0.0)
+    log = io.StringIO()  # a log file: no terminal
+    sizes = [3, 4, 5]  # task_scoring.py's batches hold several items each
+    shown = progress.progress(iter(sizes), 12, "scoring tasks", "items", size=int, file=log)
+    assert list(shown) == sizes
+    first, second, last = log.getvalue().splitlines()
+    assert first.startswith("scoring tasks: 3/12 items (25%), 0 s, about ")
+    assert second.startswith("scoring tasks: 7/12 items (58%), 0 s, about ")
+    assert re.fullmatch(r"scoring tasks: 12 items in \d+ s", last)

@@ -8,7 +8,8 @@ README shows fails. The rules it follows (the README's last section says the sam
   `NAME=value` before a command sets an environment variable, and `> FILE` sends its output to FILE.
 - Skipped, each with its reason: installs (`pip`), downloads (`curl`, `wget`, and any command whose
   comment says it downloads), what needs several processes or a server (`torchrun`, `tensorboard`,
-  anything with `wandb`), the test suite itself (`python -m pytest`), and any command that reads
+  anything with `wandb`), lm-evaluation-harness (`lm_eval`, an optional package), the test suite
+  itself (`python -m pytest`), and any command that reads
   what a skipped command would have written (its --checkpoint_dir or --out).
 - Made up first: the file a skipped download writes (curl -o FILE), and a --data file or directory
   that does not exist yet (the user's own text): a small text with English and Chinese lines.
@@ -46,7 +47,8 @@ ENTRY_POINTS = {"train.py": ("train", "train"), "sample.py": ("sample", "main"),
 
 SKIPPED_PROGRAMS = {"pip": "installs packages", "curl": "downloads", "wget": "downloads",
                     "torchrun": "starts several processes, on GPUs or machines",
-                    "tensorboard": "starts a server", "wandb": "uploads to W&B"}
+                    "tensorboard": "starts a server", "wandb": "uploads to W&B",
+                    "lm_eval": "lm-evaluation-harness, an optional package the tests do not install"}
 # The optional packages (requirements-dev.txt) a command needs: without one, it is skipped.
 OPTIONAL_PACKAGES = {"export.py": ("safetensors", "tokenizers"), "plot.py": ("matplotlib",)}
 
