@@ -9,8 +9,9 @@ README shows fails. The rules it follows (the README's last section says the sam
 - Skipped, each with its reason: installs (`pip`), downloads (`curl`, `wget`, and any command whose
   comment says it downloads), what needs several processes or a server (`torchrun`, `tensorboard`,
   anything with `wandb`), lm-evaluation-harness (`lm_eval`, an optional package), the test suite
-  itself (`python -m pytest`), and any command that reads
-  what a skipped command would have written (its --checkpoint_dir or --out).
+  itself (`python -m pytest`), a command whose optional package is not installed
+  (OPTIONAL_PACKAGES, --log_to's), and any command that reads what a skipped command would have
+  written (its --checkpoint_dir or --out).
 - Made up first: the file a skipped download writes (curl -o FILE), and a --data file or directory
   that does not exist yet (the user's own text): a small text with English and Chinese lines.
 - Shrunk: a training command runs on the CPU without torch.compile, with a tiny model (TINY_MODEL;
@@ -20,6 +21,8 @@ README shows fails. The rules it follows (the README's last section says the sam
 - train.py, sample.py, evaluate.py, export.py and plot.py run in this process through their entry
   point, as their `__main__` block runs it (cli.run_main), in the fresh copy as the working
   directory; anything else runs as a subprocess there.
+- Afterwards git sees no untracked file in the copy: what the README has the user create, and
+  what its commands write, is in .gitignore.
 """
 
 import contextlib
