@@ -5,9 +5,16 @@ name and a key of a `--config` recipe (a TOML file); `parse_args` reads only wha
 (flags over the recipe), and `apply_args_to_configs` lays those values over the defaults (or over
 a checkpoint's saved configs on resume). `validate` checks values that no type can check, and
 `configs_to_toml` writes a recipe back out (`--print_config`). A default the user did not set that
-conflicts with flags they did set adapts, with a note (`adapt_defaults`). How a mistake reaches
-the user (one line, exit status 2) is cli.py's job; how flags are reconciled with a checkpoint's
-configs is configure.py's; what the flags *do* is left to the modules that use them.
+conflicts with flags they did set adapts, with a note (`adapt_defaults`).
+
+What counts as the user's mistake is defined here too, once, for every module and command:
+`UserError`, raised through `fail`, is a mistake in the user's input (a flag, a recipe, a file or
+value they gave); `ArgumentParser` makes argparse's mistakes UserErrors. It lives with the flags
+because most mistakes are flags, and because this file imports nothing of the package: every
+module of gpt_train/ and every command can import it from here. Turning it into one line and exit
+status 2 is gpt_train/cli.py's job (with the machine's failures, exit status 1, and signals); how
+flags are reconciled with a checkpoint's configs is configure.py's; what the flags *do* is left to
+the modules that use them.
 """
 
 import argparse
@@ -20,7 +27,6 @@ import re
 import tomllib
 from dataclasses import dataclass
 
-from gpt_train.cli import ArgumentParser, UserError, fail, parse_bool, shown_default
 
 
 @dataclass
@@ -114,6 +120,64 @@ MAX_SEED = 2**32 - 1  # numpy's generators take seeds below 2**32
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout")
 CHOICES = {"dtype": DTYPES, "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES,
            "parallel": PARALLEL, **ARCHITECTURE_CHOICES}
+
+
+# ------------------------------------------ the command line, and what counts as the user's mistake
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line and exit status 2, never a traceback."""
+
+    exit_status = 2
+
+
+def fail(message):
+    raise UserError(message)
+
+
+def shown_default(value):
+    """A default as a user types it after its flag: true/false, `0.9 0.95`, and `empty` for ''."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(shown_default, value))
+    return "empty" if value == "" else str(value)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with `(default: ...)`, unless it says its default itself (one that
+    is None, such as sample.py's --prompt, must: what happens without the flag is no value)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return text
+        shown = shown_default(action.default).replace("%", "%%")  # help strings are %-formatted
+        return f"{text} (default: {shown})".strip()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a UserError: one line and exit status 2, and `-1e-3` or `-inf`
+    after a flag is a value (argparse itself takes only `-1` and `-0.5` for negative numbers);
+    --help ends each option with its default as it is typed (`HelpFormatter`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+    def error(self, message):
+        # argparse prints usage and exits 2 itself; one line suits a tool people script
+        fail(message)
+
+
+def parse_bool(text):
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _field_comments(config_class):
@@ -361,7 +425,7 @@ def validate(gpt_config, train_config):
         fail("--eval_tasks needs --tasks_dir, the directory holding the tasks' .jsonl files")
     if t.resume and t.init_from:
         fail("--resume continues a run and --init_from starts a new one: give only one")
-    # --parallel fsdp (issue 26): what a sharded model cannot do yet
+    # what a sharded model (--parallel fsdp) cannot do
     if t.parallel == "fsdp" and t.optimizer == "muon":
         fail("--optimizer muon cannot run with --parallel fsdp: its Newton-Schulz step needs each "
              "whole matrix, and FSDP gives every rank a slice of it; use --optimizer adamw, or "

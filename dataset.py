@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gpt_train.cli import fail
-from config import TOKENIZERS
+from config import TOKENIZERS, fail
 from gpt_train.documents import document_files
 from gpt_train.pretrained import tokenizer_from_pretrained
 from gpt_train.tokencache import cached_tokens

@@ -23,8 +23,8 @@ tokenizing dataset.py's and tokenizer.py's.
 import json
 from pathlib import Path
 
-from gpt_train.cli import ArgumentParser, exit_on_signals, fail, run_main
-from config import DTYPES
+from gpt_train.cli import exit_on_signals, run_main
+from config import ArgumentParser, DTYPES, fail
 from gpt_train.rundir.names import add_checkpoint_arguments
 
 

@@ -41,7 +41,8 @@ import shutil
 import stat
 from pathlib import Path
 
-from gpt_train.cli import ArgumentParser, exit_on_signals, fail, parse_bool, run_main
+from gpt_train.cli import exit_on_signals, raise_os_failure, run_main
+from config import ArgumentParser, fail, parse_bool
 from gpt_train.rundir.names import add_checkpoint_arguments
 
 SOURCE_NAME = "export_source.json"
@@ -79,7 +80,7 @@ from gpt_train.generation import encode_prompt  # noqa: E402
 from model import RMS_NORM_EPS, ROPE_THETA, mlp_hidden_size  # noqa: E402
 from gpt_train.rundir.reading import checkpoint_to_load  # noqa: E402
 from gpt_train.sharded_checkpoint import is_sharded_checkpoint  # noqa: E402
-from gpt_train.tokenizer import END_OF_TEXT, import_tokenizers  # noqa: E402
+from gpt_train.tokenizer import import_tokenizers  # noqa: E402
 
 
 # What each Hugging Face family computes, in our options: the family is chosen by --pos and
@@ -495,7 +496,7 @@ def export(checkpoint_path, out_dir, overwrite=False):
         if reason is None:
             raise
         kept = f"{out} is as it was" if existed else "nothing was written"
-        fail(f"could not write the export to {out}: {reason}; {kept}")
+        raise_os_failure(f"could not write the export to {out}: {reason}; {kept}", error)
     return out
 
 

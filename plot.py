@@ -32,7 +32,8 @@ import re
 from pathlib import Path
 
 from gpt_train.atomic import atomic_write
-from gpt_train.cli import ArgumentParser, fail, parse_bool, run_main
+from gpt_train.cli import raise_os_failure, run_main
+from config import ArgumentParser, fail, parse_bool
 from gpt_train.rundir.names import metrics_path
 
 # the formats whose metadata carries `plot_mark` as plain text, and the key it goes under
@@ -188,7 +189,7 @@ def draw(series, out, smoothing=0.6, title="", mark=""):
         with atomic_write(out) as handle:
             figure.savefig(handle, format=image_format, dpi=100, metadata=metadata)
     except (OSError, ValueError) as error:
-        fail(f"could not write {out}: {error}")
+        raise_os_failure(f"could not write {out}: {error}", error)
     return out
 
 

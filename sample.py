@@ -12,8 +12,8 @@ loading in checkpoint.py, the choice of file in rundir/reading.py.
 import math
 import sys
 
-from gpt_train.cli import ArgumentParser, UserError, exit_on_signals, fail, parse_bool, run_main
-from config import MAX_SEED
+from gpt_train.cli import exit_on_signals, run_main
+from config import ArgumentParser, MAX_SEED, UserError, fail, parse_bool
 from gpt_train.rundir.names import add_checkpoint_arguments
 
 # Below this a temperature is greedy decoding in all but name, and the scaled logits overflow.

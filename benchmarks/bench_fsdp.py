@@ -143,13 +143,13 @@ def memory_worker(parallel):
     from config import GPTConfig, TrainConfig
     from model import build_model
     from gpt_train.optim import configure_optimizer
-    from gpt_train.parallel import bytes_per_rank, measured_bytes, wrap_model
+    from gpt_train.parallel import bytes_per_rank, make_parallel, measured_bytes
     from gpt_train.runtime import setup_runtime
 
     train_config = TrainConfig(device="cpu", parallel=parallel)
     runtime = setup_runtime(train_config)
     model = build_model(GPTConfig(**MEMORY_MODEL))
-    wrapped = wrap_model(model, train_config, runtime)
+    wrapped = make_parallel(train_config, runtime).wrap(model)
     optimizer = configure_optimizer(model, train_config)
     tokens = torch.randint(0, MEMORY_MODEL["vocab_size"], (4, MEMORY_MODEL["block_size"]))
     wrapped(input_ids=tokens, labels=tokens, return_logits=False).loss.backward()

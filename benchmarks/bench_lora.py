@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 import torch  # noqa: E402
 
 from bench_train import bare_step_timer, peak_memory, synthetic_tokens  # noqa: E402
-from gpt_train.cli import ArgumentParser, fail, run_main  # noqa: E402
-from config import GPTConfig, TrainConfig, validate  # noqa: E402
+from gpt_train.cli import run_main  # noqa: E402
+from config import ArgumentParser, GPTConfig, TrainConfig, fail, validate  # noqa: E402
 from model import count_parameters  # noqa: E402
 from gpt_train.runtime import setup_runtime  # noqa: E402
 from train import build_run  # noqa: E402

@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 import torch  # noqa: E402
 
-from gpt_train.cli import fail, run_main  # noqa: E402
+from gpt_train.cli import run_main  # noqa: E402
 from config import (GPTConfig, TrainConfig, apply_args_to_configs, build_parser,  # noqa: E402
-                    parse_args)
+                    fail, parse_args)
 from model import build_model  # noqa: E402
 from gpt_train.optim import configure_optimizer, newton_schulz_dtype  # noqa: E402
 

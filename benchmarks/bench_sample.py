@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 import torch  # noqa: E402
 
 from gpt_train.checkpoint import model_from_checkpoint  # noqa: E402
-from gpt_train.cli import ArgumentParser, fail, run_main  # noqa: E402
-from config import DTYPES, GPTConfig, TrainConfig, validate  # noqa: E402
+from gpt_train.cli import run_main  # noqa: E402
+from config import ArgumentParser, DTYPES, GPTConfig, TrainConfig, fail, validate  # noqa: E402
 from model import build_model, count_parameters  # noqa: E402
 from gpt_train.runtime import autocast_context, select_device, select_dtype, set_seed  # noqa: E402
 

@@ -6,7 +6,7 @@ burst of load on a shared machine hits both; the best (lowest) time of each is r
   last step, so the throughput in the record it returns is the loop's own clock over exactly
   those K steps, read after a device synchronisation. The evaluation and checkpoint that end
   each call come after that clock. A first call of W steps warms up (compilation, allocator);
-- the bare step: the run's own step (step.forward_backward, that is forward, backward and
+- the bare step: the run's own step (train.forward_backward, that is forward, backward and
   gradient clipping, then the AdamW step; or the same recorded as a CUDA graph, as the loop runs
   it on CUDA) on one fixed batch already on the device, with no data loading, schedule or logging.
 It prints ms/step, tokens/s, MFU (when the device's peak is known or --peak_flops is given), peak
@@ -28,14 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from gpt_train.cli import fail, parse_bool, run_main  # noqa: E402
-from config import (GPTConfig, TrainConfig, apply_args_to_configs,  # noqa: E402
-                    build_parser, parse_args, validate)
+from gpt_train.cli import run_main  # noqa: E402
+from config import (GPTConfig, TrainConfig, apply_args_to_configs, build_parser, fail, parse_args,
+                    parse_bool, validate)
 from model import flops_per_token  # noqa: E402
 from gpt_train.runtime import peak_flops, print0, setup_runtime  # noqa: E402
 from gpt_train.tokenizer import CharTokenizer  # noqa: E402
-from gpt_train.step import forward_backward  # noqa: E402
-from train import build_run, run_loop  # noqa: E402
+from train import build_run, forward_backward, run_loop  # noqa: E402
 
 SYNTHETIC_TOKENS = 1 << 20  # long enough that random windows rarely repeat
 
@@ -113,7 +112,7 @@ def run_loop_for(run, config, steps):
 
 
 def bare_step_timer(run):
-    """A function timing `steps` bare optimizer steps: step.forward_backward (forward, backward,
+    """A function timing `steps` bare optimizer steps: train.forward_backward (forward, backward,
     unscale, clip) and the AdamW step, or the run's CUDA graph of them, on one fixed batch."""
     runtime, optimizer, scaler = run.runtime, run.optimizer, run.scaler
     batch = tuple(part.to(runtime.device) for part in run.loader.dataset[0])

@@ -26,7 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the repository's modules
 
-from gpt_train.cli import ArgumentParser, fail, run_main  # noqa: E402
+from config import ArgumentParser, fail  # noqa: E402
+from gpt_train.cli import run_main  # noqa: E402
 from gpt_train.tasks import find_task_file, parse_task_names  # noqa: E402
 
 TASK_YAMLS = REPO / "benchmarks" / "lm_eval_tasks"

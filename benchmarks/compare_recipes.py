@@ -26,7 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the repository's modules
 
-from gpt_train.cli import ArgumentParser, fail, run_main  # noqa: E402
+from gpt_train.cli import run_main  # noqa: E402
+from config import ArgumentParser, fail
 
 
 def parse_args(argv=None):

@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's modules
 
 from gpt_train.rundir.names import BEST_NAME, FINAL_NAME, METRICS_NAME, step_path  # noqa: E402
-from gpt_train.cli import fail, run_main  # noqa: E402
-from config import GPTConfig, TrainConfig, apply_args_to_configs, parse_args  # noqa: E402
+from gpt_train.cli import run_main  # noqa: E402
+from config import GPTConfig, TrainConfig, apply_args_to_configs, fail, parse_args  # noqa: E402
 import train  # noqa: E402
 
 DEFAULTS = dict(max_iters=20_000, save_iter=500, keep_last=2, eval_iter=1000, eval_batches=4,

@@ -4,8 +4,8 @@
 evaluation to it. `update` says whether the loss is the lowest so far (then train.py writes
 gpt_best.pt); `should_stop` turns true after `patience` evaluations in a row without an
 improvement of at least `min_delta` over the last loss that counted as one (`patience` 0 never
-stops). Its state is four numbers (`state_dict`), saved in every step checkpoint under the key
-"early_stopping", so a resumed run keeps its best-so-far and its count exactly. Writing
+stops). Its state is four numbers (`state_dict`), saved in every step checkpoint
+(step_checkpoint.py), so a resumed run keeps its best-so-far and its count exactly. Writing
 gpt_best.pt is train.py's job, naming it rundir/names.py's.
 """
 

@@ -18,7 +18,7 @@ and what counts as a readable one:
 - `is_readable`: a cheap look (a memory map, no tensor read) for choosing among a run's files.
 A sharded step checkpoint (--parallel fsdp, a directory) is written and read by
 sharded_checkpoint.py; `load_checkpoint` reads it as it reads a file.
-What goes *into* a training checkpoint is train.py's business; the names of the files in a run
+What a step checkpoint holds beyond this is step_checkpoint.py's; the names of the files in a run
 directory, and which of them to load, are rundir/'s (names.py, reading.py).
 """
 
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from gpt_train.atomic import atomic_write
-from gpt_train.cli import ResourceError, UserError, fail
-from config import GPTConfig, TrainConfig, config_from_dict
+from gpt_train.cli import ResourceError
+from config import GPTConfig, TrainConfig, UserError, config_from_dict, fail
 from config import validate as validate_configs
 from gpt_train.lora import merge_adapters
 from model import build_model

@@ -1,8 +1,13 @@
-"""Process plumbing for every command-line entry point: user errors, signals, exit statuses.
+"""How every command ends: exit statuses, one-line errors, signals, output whose reader goes away.
 
-- `UserError` (a mistake in the user's input, exit status 2) and `ResourceError` (the machine
-  cannot do it, exit status 1), raised through `fail`; `run_main` turns either into one line on
-  stderr, and so does running out of memory;
+The rule, for every command: exit status 2 is the user's input or flags (a `UserError`, defined
+with the flags in config.py and raised through `fail`); 1 is the machine (a `ResourceError`: a
+full disk, out of memory, a lost rank); 130, 143 and 129 are Ctrl-C, SIGTERM and SIGHUP; 0 also
+ends a run that had nothing to train (`NothingToTrain`). Library code raises; only the commands
+exit, through `run_main` (this module exits on their behalf), which turns each of these into one
+line on stderr.
+- `raise_os_failure`: a failed file operation is the machine's (no room, an I/O error) or the
+  user's (a path they gave that cannot be written), by its errno;
 - Ctrl-C, SIGTERM or SIGHUP (the terminal closed, the ssh connection dropped) before the
   training loop takes over (even while torch is still being imported: `exit_on_signals`) is one
   line and exit status 130, 143 or 129 (`EXIT_STATUS`);
@@ -10,16 +15,11 @@
   closed terminal); from then on what is written is dropped, and the program goes on (training);
 - any other command whose reader goes away (`sample.py | head -c 100`, `plot.py | true`) ends
   quietly, with the status a shell gives a command stopped by SIGPIPE, 141
-  (`exit_on_closed_output`): there is no one left to write for;
-- `ArgumentParser`: argparse whose mistakes are UserErrors and whose --help ends each option with
-  its default as it is typed (`shown_default`), and `parse_bool` for true/false flags.
-No torch and no project imports, so a script can install all of this, and read its flags (--help
-answers at once), before its slow imports.
-What the flags are and mean is config.py's business; the training loop's own signal handling
-(save, then stop) is train.py's.
+  (`exit_on_closed_output`): there is no one left to write for.
+No torch, and of the project only config.py, so a script can install all of this before its slow
+imports. The training loop's own signal handling (save, then stop) is train.py's.
 """
 
-import argparse
 import contextlib
 import errno
 import os
@@ -28,21 +28,43 @@ import signal
 import sys
 import threading
 
-
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line and exit status 2, never a traceback."""
-
-    exit_status = 2
+from config import UserError, fail
 
 
 class ResourceError(Exception):
-    """The machine cannot do what was asked (a full disk): one line and exit status 1."""
+    """The machine cannot do what was asked (a full disk, out of memory, a lost rank): one line
+    and exit status 1."""
 
     exit_status = 1
 
 
-def fail(message):
-    raise UserError(message)
+class NothingToTrain(Exception):
+    """A training command that has done what was asked without training: --print_config printed
+    the recipe, --resume auto found its run finished (each says so first). Exit status 0."""
+
+
+# What an OSError's errno says is the machine's failure, not a path the user gave.
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM})
+
+
+def is_machine_failure(error):
+    """Whether `error` (or the OSError behind it) is a full disk, a quota, an I/O error or no
+    memory; a library that reports a failed write in words (safetensors) is read by those words."""
+    cause = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and cause.errno is not None:
+        return cause.errno in MACHINE_ERRNOS
+    return any(os.strerror(number) in str(error) for number in MACHINE_ERRNOS)
+
+
+def raise_os_failure(message, error):
+    """Raise `message` for a failed file operation: a ResourceError (exit status 1) where the
+    machine failed (`is_machine_failure`), else a UserError (2): a path the user gave that cannot
+    be read or written, a name in the way."""
+    if is_machine_failure(error):
+        raise ResourceError(message) from error
+    fail(message)
 
 
 # The conventional exit status of a program stopped by a signal: 128 + the signal's number.
@@ -131,8 +153,9 @@ def output_that_may_close():
 
 
 def run_main(main, argv=None):
-    """Run a command-line entry point; a UserError or ResourceError becomes one line on stderr,
-    and so does running out of memory (the sizes given do not fit this machine)."""
+    """Run a command-line entry point; a UserError or ResourceError becomes one line on stderr
+    and its exit status, and so does running out of memory (the sizes given do not fit this
+    machine, exit status 1)."""
     previous = exit_on_signals()
     try:
         return main(argv)
@@ -145,11 +168,16 @@ def run_main(main, argv=None):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except (MemoryError, RuntimeError) as error:
-        if not is_out_of_memory(error):
+        if is_out_of_memory(error):
+            print(f"error: out of memory: {_first_line(error)}; the sizes given do not fit on this "
+                  f"machine", file=sys.stderr)
+        elif is_lost_rank(error):
+            where = re.compile(r"^\[[^\]]*\]\s*")  # gloo's source file and line
+            print(f"error: another process of this run was lost: "
+                  f"{where.sub('', _first_line(error))}", file=sys.stderr)
+        else:
             raise
-        print(f"error: out of memory: {_first_line(error)}; the sizes given do not fit on this "
-              f"machine", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(ResourceError.exit_status)
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
@@ -171,52 +199,17 @@ def is_out_of_memory(error):
         "can't allocate memory" in str(error) or "out of memory" in str(error)
 
 
+# What torch's process groups raise on the ranks left when another rank dies.
+LOST_RANK_TYPES = ("DistBackendError", "DistNetworkError")
+LOST_RANK_WORDS = ("Connection closed by peer", "Connection reset by peer")
+
+
+def is_lost_rank(error):
+    """A collective whose peer is gone: NCCL's or gloo's error on the ranks that survive."""
+    return type(error).__name__ in LOST_RANK_TYPES or \
+        any(words in str(error) for words in LOST_RANK_WORDS)
+
+
 def _first_line(error):
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
-
-
-def parse_bool(text):
-    lowered = text.lower()
-    if lowered in ("true", "1", "yes", "on"):
-        return True
-    if lowered in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def shown_default(value):
-    """A default as a user types it after its flag: true/false, `0.9 0.95`, and `empty` for ''."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (tuple, list)):
-        return " ".join(map(shown_default, value))
-    return "empty" if value == "" else str(value)
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Each option's help ends with `(default: ...)`, unless it says its default itself (one that
-    is None, such as sample.py's --prompt, must: what happens without the flag is no value)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "(default" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
-            return text
-        shown = shown_default(action.default).replace("%", "%%")  # help strings are %-formatted
-        return f"{text} (default: {shown})".strip()
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is a UserError: one line and exit status 2, and `-1e-3` or `-inf`
-    after a flag is a value (argparse itself takes only `-1` and `-0.5` for negative numbers)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-        self._negative_number_matcher = re.compile(
-            r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
-
-    def error(self, message):
-        # argparse prints usage and exits 2 itself; one line suits a tool people script
-        fail(message)
-

@@ -9,7 +9,8 @@ training settings; for --init_from, the checkpoint's architecture and tokenizer.
   --checkpoint_dir says otherwise; a --max_iters at or below its step leaves nothing to train;
   --lora_rank and --optimizer shape the state it loads, so they cannot change
   (`reject_state_changes`); without --data it reads the saved path (`check_saved_data`);
-  without --lr_decay_iters, a decay that has begun keeps its end (optim.resumed_decay_iters);
+  without --lr_decay_iters, a decay that has begun keeps its end (optim.resumed_decay_iters),
+  and one line says how the rate goes on (`describe_schedule`);
 - `--resume auto` resumes the newest readable step checkpoint if there is one, else starts a new
   run (from --init_from if given), so a requeued job can repeat its command.
 Whether the run may write into its --checkpoint_dir is rundir/rules.py's rule, asked from here,
@@ -19,56 +20,59 @@ config.py's.
 
 import copy
 import glob
-import sys
 from pathlib import Path
 
-from gpt_train.checkpoint import configs_from_checkpoint, load_checkpoint, tokenizer_from_checkpoint
-from gpt_train.cli import UserError, fail
-from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, adapt_defaults,
-                    apply_args_to_configs, check_configs, configs_to_toml, name_the_recipe,
+from config import (ARCHITECTURE_FIELDS, GPTConfig, TrainConfig, UserError, adapt_defaults,
+                    apply_args_to_configs, check_configs, configs_to_toml, fail, name_the_recipe,
                     parse_args, validate)
-from gpt_train.optim import resumed_decay_iters
+from gpt_train.checkpoint import configs_from_checkpoint, load_checkpoint, tokenizer_from_checkpoint
+from gpt_train.cli import NothingToTrain
+from gpt_train.optim import describe_schedule, resumed_decay_iters, schedule_changes
 from gpt_train.rundir.reading import latest_checkpoint
 from gpt_train.rundir.rules import (accept_an_attempt_that_saved_nothing, exit_if_finished,
                                     refuse_to_replace_a_run)
-from gpt_train.runtime import print0, select_device
+from gpt_train.runtime import note, print0, select_device
+from gpt_train.step_checkpoint import resumable_step
 
 
 def configure(argv=None):
     """Flags (over a --config recipe) over the defaults; on --resume or --init_from, over the
-    checkpoint's configs. --print_config prints the result as a recipe and exits.
+    checkpoint's configs. --print_config prints the result as a recipe, and nothing is trained.
 
     Returns (gpt_config, train_config, checkpoint), checkpoint being the loaded file or None.
-    A finished run under --resume auto exits at once. Every refusal happens here, before any
-    file is touched.
+    --print_config, and a finished run under --resume auto, raise NothingToTrain. Every refusal
+    happens here, before any file is touched.
     """
     args = parse_args(argv)
     gpt_config, train_config = apply_args_to_configs(args, GPTConfig(), TrainConfig())
     given = vars(args)
-    checkpoint, attempt = None, False
+    checkpoint, attempt, schedule_line, adapted = None, False, None, []
     automatic = train_config.resume == "auto"
     if automatic:
-        latest = latest_checkpoint(train_config.checkpoint_dir, require_readable=True, report=print0)
+        latest = latest_checkpoint(train_config.checkpoint_dir, require_readable=True, report=note)
         train_config.resume = str(latest or "")
         train_config.init_from = "" if latest else train_config.init_from
     if train_config.resume and train_config.init_from:
         validate(gpt_config, train_config)  # says to give only one, before either file is read
     if train_config.resume:
-        gpt_config, train_config, checkpoint = configure_resume(args, train_config, automatic)
+        gpt_config, train_config, checkpoint, schedule_line = configure_resume(args, train_config,
+                                                                               automatic)
     else:
         if train_config.init_from:
             gpt_config, checkpoint = configure_init_from(given, train_config)
-        for note in adapt_defaults(gpt_config, train_config, given):
-            # under --print_config, stdout is the recipe: a note there would break it
-            print0(f"note: {note}", file=sys.stderr if given.get("print_config") else None)
+        adapted = adapt_defaults(gpt_config, train_config, given)
         if automatic:
             attempt = accept_an_attempt_that_saved_nothing(train_config)
     check_configs(args, gpt_config, train_config)
+    for line in adapted:  # once the configs are valid; a refusal is one line alone
+        note(line)  # on stderr: under --print_config, stdout is the recipe alone
     if given.get("print_config"):
         print0(configs_to_toml(gpt_config, train_config), end="")
-        raise SystemExit(0)
+        raise NothingToTrain
     select_device(train_config.device)  # a device this machine lacks, before the directory's rules
     refuse_to_replace_a_run(train_config, attempt_accepted=attempt)
+    if schedule_line:
+        print0(schedule_line)
     return gpt_config, train_config, checkpoint
 
 
@@ -76,12 +80,14 @@ def configure_resume(args, train_config, automatic):
     """--resume: the checkpoint's configs with the flags given laid over its training settings.
 
     `train_config` holds the flags over the defaults; with `automatic` (--resume auto), its
-    resume is the newest readable step checkpoint, and a finished run exits at once.
+    resume is the newest readable step checkpoint, and a finished run trains nothing. Returns
+    (gpt_config, train_config, checkpoint, the line saying how the learning rate goes on where
+    the flags change the saved schedule, or None).
     """
     given = vars(args)
     path, directory = train_config.resume, train_config.checkpoint_dir
     if path == "latest":
-        path = latest_checkpoint(directory, require_readable=True, report=print0)
+        path = latest_checkpoint(directory, require_readable=True, report=note)
         if path is None:
             fail(f"--resume latest: no readable gpt_step*.pt in {directory}")
     checkpoint = load_checkpoint(path, weights=False)  # a sharded one: weights come in resume()
@@ -103,12 +109,14 @@ def configure_resume(args, train_config, automatic):
         train_config.checkpoint_dir = str(Path(path).parent)
     if automatic:  # a requeued job: whatever is left of the run, if anything, is what to do
         exit_if_finished(Path(path), checkpoint, train_config)
-        return gpt_config, train_config, checkpoint
-    if train_config.max_iters <= step:
+    elif train_config.max_iters <= step:
         fail(f"{path} is at step {step} and --max_iters is {train_config.max_iters}: nothing is "
              f"left to train, and nothing was changed; to train further, add a larger "
              f"--max_iters, e.g. --max_iters {2 * step}")
-    return gpt_config, train_config, checkpoint  # later files are set aside (rundir/rules.py)
+    schedule_line = None  # how the rate goes on, where the flags changed the saved schedule
+    if schedule_changes(saved_train, train_config) and step < train_config.max_iters:
+        schedule_line = describe_schedule(train_config, step, saved_train)
+    return gpt_config, train_config, checkpoint, schedule_line  # later files: rundir/rules.py
 
 
 # The training settings whose saved state a resume loads as it is: a flag that differs cannot apply.
@@ -136,17 +144,6 @@ def check_saved_data(given, saved_train, path):
         fail(f"the checkpoint {path} was trained on --data {data}, which is not found from "
              f"{Path.cwd()} (a relative path is read from where a command runs); give --data "
              f"with that text's path")
-
-
-def resumable_step(checkpoint, path):
-    """The step a checkpoint continues after; a UserError if it is not a step checkpoint."""
-    if "optimizer_state_dict" not in checkpoint:
-        fail(f"{path} holds weights only (a final, best or pretrained model); resume from a "
-             f"gpt_step*.pt, or start a new run from it with --init_from")
-    step = checkpoint.get("step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        fail(f"checkpoint {path} cannot be resumed: its 'step' is missing or damaged ({step!r})")
-    return step
 
 
 def configure_init_from(given, train_config):

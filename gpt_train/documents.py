@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt_train.cli import fail
+from config import fail
 
 DOCUMENT_KINDS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl.gz", ".parquet": "parquet"}
 PIECE_BYTES = 8 << 20  # the source text a piece holds: a few seconds of one core's work

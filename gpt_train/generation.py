@@ -14,7 +14,7 @@ import contextlib
 
 import torch
 
-from gpt_train.cli import UserError
+from config import UserError
 from gpt_train.tokenizer import END_OF_TEXT, StreamDecoder
 
 

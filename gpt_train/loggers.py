@@ -1,25 +1,103 @@
-"""Where a run's metrics go: metrics.jsonl, TensorBoard and Weights & Biases (`--log_to`).
+"""A run's records: measured on the device, printed, and sent where --log_to says.
 
-Every destination receives the same records (the dicts train.py's `log_step` builds) at the same
-steps, and only rank 0 writes. TensorBoard and W&B are optional packages, imported only when asked
-for. A resumed run continues the same curves: metrics.jsonl drops the records after the resumed
-step (at its first record, so a resume that fails before then changes nothing; the file is
-rewritten whole and renamed into place, so a kill then leaves the old file or the new), TensorBoard
-purges its points after it (`purge_step`), and W&B resumes the same run, whose id is kept in the
-checkpoint directory (rundir/names.py names the files). A destination that cannot be written (a
-metrics.jsonl that is a directory or read-only, a `tensorboard` that is a file) is one line before
-the first step. What is measured, and when, is train.py's business.
+- `LossMeter`: the training loss and gradient norm summed on the device between logs and read at
+  log time, so the loop never waits for the device; it also keeps the first non-finite step;
+- `format_record`: the line a record prints (`step 100 | loss 2.4 | ...`);
+- `Loggers`: metrics.jsonl, TensorBoard and Weights & Biases. Every destination receives the same
+  records at the same steps, and only rank 0 writes. TensorBoard and W&B are optional packages,
+  imported only when asked for. A resumed run continues the same curves: metrics.jsonl drops the
+  records after the resumed step (at its first record, so a resume that fails before then
+  changes nothing; the file is rewritten whole and renamed into place, so a kill then leaves the
+  old file or the new), TensorBoard purges its points after it (`purge_step`), and W&B resumes
+  the same run, whose id is kept in the checkpoint directory (rundir/names.py names the files). A
+  destination that cannot be written (a metrics.jsonl that is a directory or read-only, a
+  `tensorboard` that is a file) is one line before the first step.
+What goes into a record, and when one is logged, is train.py's business.
 """
 
 import html
 import json
+import math
 import os
+import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from config import config_to_dict, fail
 from gpt_train.atomic import atomic_write
-from gpt_train.cli import ResourceError, fail
-from config import config_to_dict
+from gpt_train.cli import ResourceError
 from gpt_train.rundir.names import TENSORBOARD_NAME, WANDB_RUN_ID_NAME, metrics_path
+
+class LossMeter:
+    """The training loss and gradient norm summed on the device between logs, and the first
+    non-finite step.
+
+    All stay on the device until `first_bad_step` and `read`, at log time: the loop never waits
+    for the device. The gradients, hence their norm, are the same on every rank.
+    """
+
+    def __init__(self, device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.grad_norm_sum = torch.zeros((), device=device)
+        self.finite_grad_norms = torch.zeros((), device=device)
+        self.steps = 0
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        self.last_loss, self.last_grad_norm = math.nan, None
+        self.clock = time.perf_counter()
+
+    def add(self, step, loss, grad_norm, bad):
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        self.loss_sum += loss
+        finite = torch.isfinite(grad_norm)  # float16: the scaler skips steps whose norm overflowed
+        self.grad_norm_sum += torch.where(finite, grad_norm, 0.0)
+        self.finite_grad_norms += finite
+        self.steps += 1
+
+    def first_bad_step(self, runtime):
+        """The first step whose loss or gradient norm was not finite, on any rank, or None."""
+        if runtime.distributed:  # every rank stops at the first bad step of any rank
+            dist.all_reduce(self.first_bad, op=dist.ReduceOp.MAX)
+        step = int(self.first_bad)
+        return step if step >= 0 else None
+
+    def read(self, runtime):
+        """(mean loss since the last read, mean gradient norm or None, steps, seconds)."""
+        if runtime.distributed:  # the mean over every rank's micro-batches
+            dist.all_reduce(self.loss_sum)
+            self.loss_sum /= runtime.world_size
+        if self.steps:
+            norms = self.finite_grad_norms.clamp(min=1)
+            self.last_loss, grad_norm, finite = torch.stack(
+                [self.loss_sum / self.steps, self.grad_norm_sum / norms, self.finite_grad_norms]
+            ).tolist()
+            self.last_grad_norm = grad_norm if finite else None
+        steps, seconds = self.steps, time.perf_counter() - self.clock
+        for total in (self.loss_sum, self.grad_norm_sum, self.finite_grad_norms):
+            total.zero_()
+        self.steps, self.clock = 0, time.perf_counter()
+        return self.last_loss, self.last_grad_norm, steps, seconds
+
+    def restart_clock(self):
+        """Evaluation and sampling time is not training throughput."""
+        self.clock = time.perf_counter()
+
+
+# The learning rates a record holds, by name: AdamW's, and with --optimizer muon, Muon's.
+RATE_NAMES = ("lr", "muon_lr")
+
+
+def format_record(record):
+    parts = [f"step {record['step']}", f"loss {record['loss']:.4f}"]
+    if "val_loss" in record:
+        parts.append(f"val_loss {record['val_loss']:.4f} ({record['val_bpb']:.3f} bits/byte)")
+    parts += [f"{name} {record[name]:.2e}" for name in RATE_NAMES if name in record]
+    parts.append(f"{record['tokens_per_sec']:,.0f} tok/s")
+    if "mfu" in record:
+        parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    return " | ".join(parts)
+
 
 # record key -> the chart it is drawn in (TensorBoard tag, W&B key); other numbers keep their key
 CHARTS = {"loss": "train/loss", "lr": "train/lr", "muon_lr": "train/muon_lr",

@@ -9,11 +9,11 @@ then a cosine decay, or with --lr_schedule wsd the peak held and a decay at the 
 `LambdaLR`) is a multiplier of each group's base rate, so every group follows the same warmup and
 decay; a resumed run keeps the end of a decay that has begun (`resumed_decay_iters`), and
 `describe_schedule` says in one line what the rate does for the steps ahead. Where the training
-step is recorded as a CUDA graph (step.py), AdamW is `capturable` and each group's learning rate
+step is recorded as a CUDA graph (cuda_graphs.py), AdamW is `capturable` and each group's learning rate
 a device tensor that the schedule fills in place, so replays follow the schedule;
 `load_optimizer_state` lets a checkpoint written in either form resume in the other, and
-`rebase_schedule` fits a resumed schedule to this run's flags. Shared by train.py, step.py and
-the benchmarks; when to step is train.py's job.
+`rebase_schedule` fits a resumed schedule to this run's flags. Shared by train.py,
+step_checkpoint.py and the benchmarks; when to step is train.py's job.
 """
 
 import dataclasses

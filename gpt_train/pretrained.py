@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-from gpt_train.cli import UserError, fail
-from config import GPTConfig, config_to_dict
+from config import GPTConfig, UserError, config_to_dict, fail
 from model import RMS_NORM_EPS, ROPE_THETA, mlp_hidden_size
 from gpt_train.tokenizer import BPETokenizer, import_tokenizers, tokenizer_from_state
 

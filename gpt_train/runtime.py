@@ -3,13 +3,15 @@
 Shared by train.py, sample.py, evaluate.py and the benchmarks, so that every entry point picks
 devices the same way ('auto' = cuda, then mps, then cpu) and rejects a device the machine lacks
 with the same message. Under torchrun, `setup_runtime` joins the process group (NCCL on CUDA, gloo
-on the CPU) and `print0` prints on rank 0 only. `check_memory` compares what a command is about
-to allocate with the memory there is, so a size that cannot fit is one line, not a traceback or
-the kernel's OOM killer. What to do on the device is left to the callers.
+on the CPU). What a command says goes out on rank 0 only: results on stdout (`print0`), notes on
+stderr (`note`); errors are cli.py's. `check_memory` compares what a command is about to allocate
+with the memory there is, so a size that cannot fit is one line, not a traceback or the kernel's
+OOM killer. What to do on the device is left to the callers.
 """
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,8 +19,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from gpt_train.cli import fail
-from config import check_device
+from config import check_device, fail
+from gpt_train.cli import ResourceError
 
 # Peak dense bf16 FLOP/s (no sparsity) of common accelerators, matched against the device name.
 PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("A10G", 125e12),
@@ -51,9 +53,16 @@ def autocast_context(device, dtype):
 
 
 def print0(*args, **kwargs):
-    """Print on rank 0 only (every process is rank 0 outside torchrun)."""
+    """Print a result on rank 0 only (every process is rank 0 outside torchrun): what the run is
+    and does, its records, samples and final figures, on stdout. Notes go through `note`."""
     if int(os.environ.get("RANK", "0")) == 0:
         tqdm.write(" ".join(str(a) for a in args), **kwargs)
+
+
+def note(message):
+    """A note for the user on rank 0: "note: MESSAGE" on stderr, where warnings and the progress
+    bar go (a fallback taken, a setting adapted, a file skipped), so stdout holds results only."""
+    print0(f"note: {message}", file=sys.stderr)
 
 
 def set_seed(seed):
@@ -121,7 +130,7 @@ def available_memory(device):
 
 
 def check_memory(needs):
-    """Fail, naming the flags, if any need does not fit where it is allocated.
+    """A ResourceError naming the flags if any need does not fit where it is allocated.
 
     `needs` holds (what, the flags that set it, bytes, device) lower bounds: a need that exceeds
     the memory there is cannot fit, whatever else happens.
@@ -131,8 +140,9 @@ def check_memory(needs):
         if where not in free:
             free[where] = available_memory(where)
         if free[where] is not None and size > free[where]:
-            fail(f"{what} ({flags}) needs at least {format_bytes(size)} but {where} has "
-                 f"{format_bytes(free[where])} available; use smaller sizes")
+            raise ResourceError(f"{what} ({flags}) needs at least {format_bytes(size)} but "
+                                f"{where} has {format_bytes(free[where])} available; use smaller "
+                                f"sizes")
 
 
 def format_bytes(size):
@@ -144,7 +154,7 @@ def format_bytes(size):
 
 def select_dtype(name, device):
     """The autocast dtype. auto: bfloat16 on CUDA GPUs that have it, float16 on older ones,
-    float32 on the CPU (bfloat16 autocast was slower for small models on the CPUs we measured)."""
+    float32 on the CPU, where bfloat16 autocast makes small models slower (docs/performance.md)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -158,12 +168,10 @@ def setup_runtime(train_config):
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = select_device(train_config.device, local_rank)
-    # --parallel fsdp shards through a process group even in one process (issue 26)
-    fsdp = train_config.parallel == "fsdp"
-    if (world_size > 1 or fsdp) and not dist.is_initialized():
+    if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        store = restarted_attempt_store(world_size) if world_size > 1 else dist.HashStore()
+        store = restarted_attempt_store(world_size)
         own_store = {"store": store, "rank": rank, "world_size": world_size} if store else {}
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None, **own_store)
@@ -176,8 +184,8 @@ def setup_runtime(train_config):
     runtime = Runtime(device, select_dtype(train_config.dtype, device), rank, world_size)
     print0(f"device: {device}" + (f" x {world_size} processes" if world_size > 1 else "")
            + f", dtype: {str(runtime.dtype).removeprefix('torch.')}")
-    if device.type == "cpu" and not train_config.threads and (note := busy_cores_note()):
-        print0(f"note: {note}")
+    if device.type == "cpu" and not train_config.threads and (advice := busy_cores_note()):
+        note(advice)
     return runtime
 
 

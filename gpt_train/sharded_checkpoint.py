@@ -11,11 +11,11 @@ rank's random states, the optimizer's settings) as a plain torch.save file. Nota
 - only tensors go through DCP, which would unpickle anything else without `weights_only`;
 - `gathered_weights` collects the whole model on rank 0 once, for gpt_final.pt and gpt_best.pt,
   which stay plain weights-only files;
-- `restore_training_state` resumes a sharded checkpoint into any number of ranks, sharded or
-  not, and a DDP run's gpt_step{N}.pt into a sharded model; `resharding_note` is the line that
-  says such a resume is not bit-exact.
-Where the directory lives and what it is called is checkpoint.py's business; what goes into the
-run state is train.py's.
+- `load_sharded_training_state` resumes a sharded checkpoint into any number of ranks, sharded
+  or not, and `load_full_training_state` a DDP run's gpt_step{N}.pt into a sharded model;
+  `resharding_note` is the line that says such a resume is not bit-exact.
+What the run state holds, and which of these a resume calls, is step_checkpoint.py's; where the
+directory lives and what it is called, rundir/names.py's.
 """
 
 import os
@@ -35,8 +35,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from gpt_train.atomic import fsync_directory
-from gpt_train.cli import ResourceError, fail
-from gpt_train.optim import load_optimizer_state
+from gpt_train.cli import ResourceError
+from config import fail
 
 RUN_STATE_NAME = "run_state.pt"  # rank 0's part: everything but the model's and optimizer's tensors
 INDEX_NAME = ".metadata"  # DCP's index of every rank's slices
@@ -53,18 +53,15 @@ def save_sharded_checkpoint(state, model, optimizer, path, temporary):
 
     The ranks write into `temporary`; rank 0 adds the run state and renames it to `path`. A write
     that fails on any rank removes `temporary` and raises ResourceError on every rank, leaving
-    earlier checkpoints as they were. The run state gains the optimizer's settings, keyed by
-    parameter name, as "optimizer_state_dict" (its tensors are in DCP's files).
+    earlier checkpoints as they were.
     """
     path, temporary, is_main = Path(path), Path(temporary), dist.get_rank() == 0
     if is_main:
         shutil.rmtree(temporary, ignore_errors=True)  # left by a killed run
     dist.barrier()
     resharded(model)
-    optimizer_state = get_optimizer_state_dict(model, optimizer)
-    tensors = {"model": get_model_state_dict(model), "optimizer": optimizer_state["state"]}
-    state = {**state, "optimizer_state_dict": {"param_groups": optimizer_state["param_groups"]},
-             "sharded": True}
+    tensors = {"model": get_model_state_dict(model),
+               "optimizer": get_optimizer_state_dict(model, optimizer)["state"]}
     try:
         dcp.save(tensors, checkpoint_id=temporary)  # returns once every rank has written
         error = _finish_on_rank_0(state, path, temporary) if is_main else None
@@ -77,6 +74,12 @@ def save_sharded_checkpoint(state, model, optimizer, path, temporary):
             shutil.rmtree(temporary, ignore_errors=True)
         raise ResourceError(f"could not save checkpoint {path}: {errors[0] or error}; earlier "
                             f"checkpoints are intact")
+
+
+def optimizer_settings(model, optimizer):
+    """The optimizer's param_groups, keyed by parameter name: what the run state keeps of a
+    sharded optimizer (its tensors are in DCP's files)."""
+    return get_optimizer_state_dict(resharded(model), optimizer)["param_groups"]
 
 
 def _finish_on_rank_0(state, path, temporary):
@@ -139,21 +142,6 @@ def read_sharded_weights(path):
     return {name.removeprefix(MODEL_PREFIX): tensor for name, tensor in weights.items()}
 
 
-def restore_training_state(model, optimizer, checkpoint, path):
-    """Every rank: the model's and optimizer's state from a sharded checkpoint (resharded to this
-    run's ranks, or unsharded into a DDP run's model), or from a whole-model checkpoint into a
-    sharded model. The optimizer keeps its own form of the learning rate (optim.py)."""
-    if checkpoint.get("sharded", False):
-        groups = checkpoint["optimizer_state_dict"]["param_groups"]
-
-        def load(_):
-            load_sharded_training_state(model, optimizer, path, groups)
-    else:
-        def load(_):
-            load_full_training_state(model, optimizer, checkpoint)
-    load_optimizer_state(optimizer, checkpoint["optimizer_state_dict"], load=load)
-
-
 def load_sharded_training_state(model, optimizer, path, param_groups):
     """Every rank: fill `model` and `optimizer` from a sharded checkpoint, resharded to this
     run's ranks (or unsharded, for a DDP run); `param_groups` are the saved settings."""
@@ -168,15 +156,14 @@ def load_sharded_training_state(model, optimizer, path, param_groups):
                                                 "param_groups": param_groups})
 
 
-def load_full_training_state(model, optimizer, checkpoint):
-    """Every rank: fill a sharded `model` and its `optimizer` from a whole-model checkpoint (a
-    DDP run's gpt_step{N}.pt), each rank keeping its slices."""
+def load_full_training_state(model, optimizer, model_state, saved):
+    """Every rank: fill a sharded `model` and its `optimizer` from a whole model's state and its
+    optimizer's `saved` state (a DDP run's gpt_step{N}.pt), each rank keeping its slices."""
     options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(resharded(model), checkpoint["model_state_dict"], options=options)
+    set_model_state_dict(resharded(model), model_state, options=options)
     # the saved optimizer numbers parameters in the order of its groups, as this one does
     names = {id(p): name for name, p in model.named_parameters()}
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    saved = checkpoint["optimizer_state_dict"]
     by_name = {"state": {order[index]: value for index, value in saved["state"].items()},
                "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
                                 for group in saved["param_groups"]]}
@@ -192,7 +179,7 @@ def resharding_note(saved_world_size, saved_sharded, world_size, parallel):
         return None
     changes = ("random states restart from the seed and the data order changes"
                if saved_world_size != world_size else "gradients are summed in another order")
-    return (f"note: the checkpoint was written by {saved_world_size} process(es) with --parallel "
+    return (f"the checkpoint was written by {saved_world_size} process(es) with --parallel "
             f"{saved_parallel} and this run has {world_size} with --parallel {parallel}: its "
             f"weights and optimizer state are resharded, {changes}; the run continues, but not "
             f"bit-exactly")

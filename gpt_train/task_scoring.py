@@ -32,7 +32,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gpt_train.generation import encode_prompt
-from gpt_train.parallel import uses_fsdp
 from gpt_train.progress import progress as show_progress
 from gpt_train.tasks import encode_task, parse_task_names, read_task
 
@@ -364,6 +363,6 @@ def task_metrics(run):
     run.model.eval()
     results = run.tasks.score(run.model, run.train_config.batch_size, run.runtime.autocast,
                               run.runtime.rank, run.runtime.world_size,
-                              lockstep=uses_fsdp(run.train_config))
+                              lockstep=run.parallel.every_rank_runs_forward)
     run.model.train(was_training)
     return metrics_record(results)

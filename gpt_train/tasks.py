@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt_train.cli import UserError, fail
+from config import UserError, fail
 
 # Each format: the keys that identify it (all must be present) and the kind of item it makes.
 FORMATS = {

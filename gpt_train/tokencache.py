@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from gpt_train.atomic import atomic_write, remove_temporary_files
-from gpt_train.cli import UserError, fail
+from config import UserError, fail
+from gpt_train.cli import raise_os_failure
 from gpt_train.documents import PIECE_BYTES, document_files, file_pieces, piece_documents
 from gpt_train.preparation import default_num_proc, piece_characters, prepare_pieces, tokenize_piece
 from gpt_train.tokenizer import (SAMPLE_BYTES, BPETokenizer, ByteTokenizer, CharTokenizer,
@@ -196,7 +197,8 @@ def cached_tokens(path, kind, cache_dir, val_fraction=0.1, bpe_vocab_size=4096, 
             return tokenizer, np.memmap(bin_path, dtype=meta["dtype"], mode="r",
                                         shape=(meta["num_tokens"],))
     except OSError as error:  # a full disk, a read-only directory, an unreadable source file
-        fail(f"cannot build the token cache in {directory} (--cache_dir): {error}")
+        raise_os_failure(f"cannot build the token cache in {directory} (--cache_dir): {error}",
+                         error)
 
 
 def _text_cache(path, settings, tokenizer, directory, keys, locked, chunk_bytes):

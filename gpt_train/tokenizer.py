@@ -29,7 +29,7 @@ import threading
 
 import numpy as np
 
-from gpt_train.cli import fail
+from config import fail
 
 
 class CharTokenizer:

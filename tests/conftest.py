@@ -101,13 +101,13 @@ def stderr_lines(text):
 def one_error_line(stderr, *fragments):
     """The `error: ...` line a user's mistake ends in, checked to be all that stderr holds.
 
-    Frames of the training progress bar (carriage-return separated) may come first, but the error
-    starts a line of its own, and nothing else (a traceback, a warning) is printed. Each fragment
-    must appear in the line, which is returned.
+    Frames of the training progress bar (carriage-return separated) and notes (`note: ...`, which
+    go to stderr) may come first, but the error starts a line of its own, and nothing else (a
+    traceback, a warning) is printed. Each fragment must appear in the line, which is returned.
     """
     lines = [line for line in stderr.split("\n") if line.strip()]
     messages = [line for line in lines
-                if not all(frame.strip().startswith("training:")
+                if not all(frame.strip().startswith(("training:", "note: "))
                            for frame in line.split("\r") if frame.strip())]
     assert len(messages) == 1 and messages[0].startswith("error: "), stderr
     for fragment in fragments:

@@ -240,15 +240,14 @@ def plant_rank_death(fatal_step):
     # torchrun counts its restarts: only the first attempt dies, so the restarted one can finish
     if os.environ.get("RANK") != "0" or os.environ.get("TORCHELASTIC_RESTART_COUNT") != "0":
         return
-    real_step = train.optimizer_step
+    real_add = train.LossMeter.add
 
-    def step_then_die(run, *args, **kwargs):
-        result = real_step(run, *args, **kwargs)
-        if run.step == fatal_step:
+    def step_then_die(meter, step, *args):  # the loop counts each step it took, right after it
+        real_add(meter, step, *args)
+        if step == fatal_step:
             os.kill(os.getpid(), signal.SIGKILL)
-        return result
 
-    train.optimizer_step = step_then_die
+    train.LossMeter.add = step_then_die
 
 
 FAULTS = {"pause-after-save": plant_pause_after_save, "die-mid-save": plant_death_mid_save,

@@ -119,7 +119,7 @@ def cli_outcomes(cases):
 
 
 def assert_one_clear_line(status, stdout, stderr, phrase):
-    lines = stderr_lines(stderr)
+    lines = [line for line in stderr_lines(stderr) if not line.startswith("note: ")]  # notes first
     assert status == 2, stderr
     assert "Traceback" not in stderr + stdout
     assert len(lines) == 1, stderr

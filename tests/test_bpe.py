@@ -19,7 +19,7 @@ from gpt_train import tokencache
 from gpt_train import generation
 import sample
 import train
-from gpt_train.cli import UserError
+from config import UserError
 from conftest import TINY_TEXT, exit_status, one_error_line, tiny_argv, write_corpus
 from gpt_train.tokenizer import (BPETokenizer, StreamDecoder, even_sample, off_the_main_thread,
                        split_at_line_starts, tokenizer_from_state)

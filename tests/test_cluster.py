@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 
 import pytest
 
@@ -65,9 +66,9 @@ def test_resume_auto_continues_from_the_newest_readable_checkpoint_to_the_uninte
     newest = directory / "gpt_step8.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # unreadable: the one before is taken
     assert exit_status(train.train, tiny_argv(directory, data, resume="auto", **FLAGS)) == 0
-    output = capsys.readouterr().out
-    assert "skipping gpt_step8.pt" in output
-    assert f"resumed from {directory / 'gpt_step4.pt'} after step 4" in output
+    output = capsys.readouterr()
+    assert "note: skipping gpt_step8.pt" in output.err  # a note, on stderr
+    assert f"resumed from {directory / 'gpt_step4.pt'} after step 4" in output.out
     assert_same_weights(directory / "gpt_final.pt", finished_run[0] / "gpt_final.pt")
 
 
@@ -285,8 +286,29 @@ def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_ends_with_the_uninte
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert f"resumed from {tmp_path / 'restarted' / 'gpt_step4.pt'} after step 4" in \
         restarted.stdout
-    assert "data order changes" not in restarted.stdout
+    assert "data order changes" not in restarted.stdout + restarted.stderr
     assert_same_weights(tmp_path / "restarted" / "gpt_final.pt", uninterrupted / "gpt_final.pt")
     losses = [[(r["step"], r["loss"]) for r in metrics_records(directory) if "loss" in r]
               for directory in (tmp_path / "restarted", uninterrupted)]
     assert losses[0] == losses[1]  # steps 1 to 4 of the first attempt, 5 to 8 after the restart
+
+
+@pytest.mark.parametrize("environment, command", [
+    ({}, "python train.py --resume 'runs/a b/gpt_step8.pt'"),
+    ({"TORCHELASTIC_RUN_ID": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_WORLD_SIZE": "1",
+      "TORCHELASTIC_MAX_RESTARTS": "3"},
+     "torchrun --standalone --nproc_per_node 4 --max-restarts 3 train.py --resume "
+     "'runs/a b/gpt_step8.pt'"),
+], ids=["python", "torchrun"])
+def test_a_stopped_run_names_the_command_that_started_it_to_resume(environment, command,
+                                                                   monkeypatch):
+    from gpt_train.stopping import stop_line
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE",
+                 "TORCHELASTIC_MAX_RESTARTS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    line = stop_line(signal.SIGTERM, 8, "runs/a b/gpt_step8.pt")
+    assert line == (f"stopped by SIGTERM after step 8; checkpoint runs/a b/gpt_step8.pt; resume "
+                    f"with: {command}")

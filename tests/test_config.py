@@ -6,10 +6,10 @@ import re
 import pytest
 
 import train
-from gpt_train.cli import UserError, shown_default
-from config import (GPTConfig, TrainConfig, apply_args_to_configs, config_from_dict,
-                    config_to_dict, parse_args, validate)
+from config import (GPTConfig, TrainConfig, UserError, apply_args_to_configs, config_from_dict,
+                    config_to_dict, parse_args, shown_default, validate)
 from conftest import exit_status, one_error_line
+from gpt_train.cli import ResourceError
 
 ALL_FIELDS = [(config_class, f) for config_class in (GPTConfig, TrainConfig)
               for f in dataclasses.fields(config_class)]
@@ -171,3 +171,18 @@ def test_ctrl_c_before_training_starts_is_one_line_and_exit_status_130(capsys):
 
     assert exit_status(interrupted, []) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+@pytest.mark.parametrize("error, status, words", [
+    (UserError("--n_layer must be positive"), 2, "--n_layer must be positive"),
+    (ResourceError("could not save checkpoint: No space left on device"), 1, "No space left"),
+    (MemoryError(), 1, "out of memory"),
+    (RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:1214."), 1,
+     "another process of this run was lost: Connection closed by peer"),
+], ids=["user", "machine", "memory", "lost rank"])
+def test_the_users_input_exits_2_and_the_machine_1_each_in_one_line(error, status, words, capsys):
+    def failing(argv):
+        raise error
+
+    assert exit_status(failing, []) == status
+    one_error_line(capsys.readouterr().err, words)

@@ -13,12 +13,11 @@ import math
 import pytest
 import torch
 
-from gpt_train import fused_loss
-from gpt_train import optim
-from gpt_train import step
+import model as model_module
 import sample
 import train
 from config import TrainConfig
+from gpt_train import cuda_graphs, optim
 from conftest import (TINY_VOCAB, assert_equal_nested, assert_same_run_state, exit_status,
                       logged_steps, one_error_line, read_checkpoint, tiny_argv, tiny_model,
                       write_corpus)
@@ -115,7 +114,7 @@ def watch_recorders(monkeypatch):
     made = []
 
     def recorder_for(device):
-        made.append(step.recorder_for(device))
+        made.append(cuda_graphs.recorder_for(device))
         return made[-1]
 
     monkeypatch.setattr(train, "recorder_for", recorder_for)
@@ -132,7 +131,7 @@ def test_a_cuda_graph_step_matches_the_eager_step_bit_for_bit(tmp_path, monkeypa
     train.train(tiny_argv(tmp_path / "graphed", data, **flags))
     train.train(tiny_argv(tmp_path / "eager", data, cuda_graphs="false", **flags))
 
-    assert isinstance(recorders[0], step.CUDAGraphRecorder)
+    assert isinstance(recorders[0], cuda_graphs.CUDAGraphRecorder)
     assert recorders[0].recordings == 1, "the step was not recorded (see the note in the output)"
     assert logged_steps(tmp_path / "graphed") == logged_steps(tmp_path / "eager")
     assert_same_run_state(tmp_path / "graphed" / "gpt_step10.pt",
@@ -158,7 +157,7 @@ def test_a_cuda_graph_run_resumes_bit_for_bit(tmp_path, monkeypatch, dropout):
 
 @needs_cuda
 def test_the_fused_loss_matches_the_plain_loss_on_cuda_in_bfloat16(monkeypatch):
-    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 512 * 64)  # 4 chunks of 64 rows
+    monkeypatch.setattr(model_module, "CHUNK_ELEMENTS", 512 * 64)  # 4 chunks of 64 rows
     model = tiny_model(vocab_size=512, block_size=64, n_layer=1, n_embd=64).cuda().train()
     x, y = torch.randint(0, 512, (2, 4, 64), device="cuda")
     y[0, :10] = -100

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt_train.cli import UserError
-from config import TrainConfig
+from config import TrainConfig, UserError
 from conftest import TINY_TEXT, write_corpus
 from dataset import (RandomWindows, build_dataloader, get_dataset, split_tokens,
                      validation_batches)

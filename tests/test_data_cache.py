@@ -15,8 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from gpt_train.cli import UserError
-from config import TrainConfig
+from config import TrainConfig, UserError
 from conftest import REPO, TINY_TEXT, write_corpus
 from dataset import RandomWindows, StepSampler, build_dataloader, get_dataset, split_tokens
 from gpt_train.tokencache import cached_tokens, default_cache_dir, iter_text_chunks

@@ -124,8 +124,8 @@ def test_a_two_process_checkpoint_resumed_in_one_process_says_the_data_order_cha
     record = train.train(["--resume", str(runs["dropout"] / "gpt_step4.pt"),
                           "--checkpoint_dir", str(runs["root"] / "one-process")])
     assert record["step"] == STEPS
-    out = capsys.readouterr().out
-    assert "written by 2 process(es) and this run has 1" in out and "data order changes" in out
+    notes = capsys.readouterr().err
+    assert "written by 2 process(es) and this run has 1" in notes and "data order changes" in notes
 
 
 # -------------------------------------------------- why the runs agree: the data, rank by rank

@@ -79,8 +79,8 @@ def test_fine_tuning_starts_from_the_checkpoints_weights_with_a_fresh_step_count
     base_path, _ = base_run
     argv = tiny_argv(tmp_path / "tuned", corpus_b, init_from=base_path, max_iters=4, save_iter=2)
     gpt_config, train_config, checkpoint = train.configure(argv)
-    runtime = setup_runtime(train_config)
-    model, _ = train.prepare_model(gpt_config, train_config, runtime, checkpoint)
+    setup_runtime(train_config)  # seeds every random source, as train() does
+    model = train.prepare_model(gpt_config, train_config, checkpoint)
     assert_same_weights(model.state_dict(), base_path)
     assert f"initialized from {base_path} (step {BASE_STEPS} of its run)" in capsys.readouterr().out
 
@@ -110,8 +110,8 @@ def test_a_smaller_block_size_crops_the_position_embeddings(base_run, corpus_b, 
     argv = tiny_argv(tmp_path / "tuned", corpus_b, init_from=base_path, block_size=8, max_iters=2,
                      save_iter=2, eval_iter=2)
     gpt_config, train_config, checkpoint = train.configure(argv)
-    runtime = setup_runtime(train_config)
-    model, _ = train.prepare_model(gpt_config, train_config, runtime, checkpoint)
+    setup_runtime(train_config)  # seeds every random source, as train() does
+    model = train.prepare_model(gpt_config, train_config, checkpoint)
     base_positions = read_checkpoint(base_path)["model_state_dict"]["position_embedding.weight"]
     assert torch.equal(model.position_embedding.weight.detach(), base_positions[:8])
 

@@ -66,8 +66,8 @@ def test_an_fsdp_run_resumed_from_its_sharded_checkpoint_ends_with_the_uninterru
     record = train.train(["--resume", str(root / "fsdp" / "gpt_step4"),
                           "--checkpoint_dir", str(tmp_path / "resumed")])
     assert record["step"] == 8
-    output = capsys.readouterr().out
-    assert "resumed from" in output and "not bit-exactly" not in output
+    output = capsys.readouterr()
+    assert "resumed from" in output.out and "not bit-exactly" not in output.err
     assert_same_weights(tmp_path / "resumed" / "gpt_final.pt", root / "fsdp" / "gpt_final.pt")
     later = [r["loss"] for r in metrics_records(root / "fsdp") if r["step"] > 4]
     assert [r["loss"] for r in metrics_records(tmp_path / "resumed")] == later
@@ -80,7 +80,7 @@ def test_a_checkpoint_resumes_across_ddp_and_fsdp_saying_it_is_not_bit_exact(
     root, _ = runs
     train.train(["--resume", str(root / source), "--parallel", parallel,
                  "--checkpoint_dir", str(tmp_path / "resumed")])
-    notes = [line for line in capsys.readouterr().out.splitlines() if "bit-exactly" in line]
+    notes = [line for line in capsys.readouterr().err.splitlines() if "bit-exactly" in line]
     assert len(notes) == 1 and f"this run has 1 with --parallel {parallel}" in notes[0]
     # the same weights and optimizer state continue: the end is the uninterrupted run's, rounded
     ours = checkpoint_weights(tmp_path / "resumed" / "gpt_final.pt")
@@ -205,4 +205,4 @@ def test_two_process_fsdp_trains_like_one_process_with_the_same_global_batch(run
     train.train(["--resume", str(tmp_path / "two" / "gpt_step4"),
                  "--checkpoint_dir", str(tmp_path / "resharded")])
     assert "written by 2 process(es) with --parallel fsdp and this run has 1 with --parallel " \
-           "fsdp" in capsys.readouterr().out
+           "fsdp" in capsys.readouterr().err

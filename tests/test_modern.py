@@ -14,8 +14,7 @@ import torch
 import export
 import train
 from gpt_train.checkpoint import model_from_checkpoint
-from gpt_train.cli import UserError
-from config import GPTConfig, TrainConfig
+from config import GPTConfig, TrainConfig, UserError
 from conftest import (assert_same_weights, checkpoint_weights, exit_status, metrics_records,
                       one_error_line, read_checkpoint, tiny_argv, write_corpus)
 from model import build_model, count_parameters, flops_per_token

@@ -51,10 +51,11 @@ def corpus(trained_run):
     return trained_run.parent / "corpus.txt"
 
 
-def refused(capsys, main, argv, directory, *fragments):
-    """Run `main(argv)`: exit status 2, one error line holding `fragments`, `directory` unchanged."""
+def refused(capsys, main, argv, directory, *fragments, status=2):
+    """Run `main(argv)`: exit status 2 (the user's input; 1: the machine), one error line holding
+    `fragments`, `directory` unchanged."""
     before = snapshot(directory)
-    assert exit_status(main, [str(arg) for arg in argv]) == 2
+    assert exit_status(main, [str(arg) for arg in argv]) == status
     line = one_error_line(capsys.readouterr().err, *fragments)
     assert snapshot(directory) == before
     return line
@@ -122,7 +123,7 @@ def test_an_export_onto_a_full_disk_leaves_the_earlier_export_whole(failure, exp
 
     monkeypatch.setattr(safetensors.torch, "save_file", fill_the_disk)
     refused(capsys, export.main, ["--checkpoint", run_dir / "gpt_final.pt", "--out", exported],
-            exported.parent, "No space left on device", f"{exported} is as it was")
+            exported.parent, "No space left on device", f"{exported} is as it was", status=1)
 
 
 @pytest.mark.parametrize("recipe_text", ["overwrite = true\n", "\ufeffn_layer = 1\n"],
@@ -307,7 +308,7 @@ def test_resume_auto_sets_aside_an_attempt_that_saved_nothing_but_never_replaces
     before = snapshot(attempt)
     argv = tiny_argv(attempt, corpus, resume="auto", max_iters=4, save_iter=4)
     assert exit_status(train.train, argv) == 0
-    assert "sets them aside" in capsys.readouterr().out
+    assert "sets them aside" in capsys.readouterr().err
     assert [r["step"] for r in metrics_records(attempt)] == [2, 4]
     assert metrics_records(attempt)[0]["loss"] != 9.0
     [aside] = (attempt / "superseded").iterdir()  # byte for byte, under their own names
@@ -358,9 +359,9 @@ def test_keep_last_prunes_only_the_runs_own_step_files(run_dir, monkeypatch, cap
     argv = ["--resume", "latest", "--checkpoint_dir", run_dir, "--max_iters", 10,
             "--save_iter", 1, "--keep_last", 1]
     assert exit_status(train.train, [str(arg) for arg in argv]) == 0
-    out = capsys.readouterr().out
-    assert "skipping gpt_step100.pt" in out
-    assert out.count("--keep_last 1 could not delete") == 1  # one line, and training went on
+    notes = capsys.readouterr().err
+    assert "skipping gpt_step100.pt" in notes
+    assert notes.count("--keep_last 1 could not delete") == 1  # one line, and training went on
     assert sorted(p.name for p in run_dir.glob("gpt_step*.pt")) == ["gpt_step10.pt",
                                                                      "gpt_step2.pt",
                                                                      "gpt_step4.pt"]
@@ -457,7 +458,7 @@ SIZES = [
 def test_a_size_that_cannot_fit_is_one_line_before_anything_is_allocated(
         run_dir, corpus, flags, named, capsys):
     argv = tiny_argv(run_dir, corpus, overwrite="true") + flags
-    refused(capsys, train.train, argv, run_dir, named, "available")
+    refused(capsys, train.train, argv, run_dir, named, "available", status=1)
 
 
 @pytest.mark.parametrize("error", [MemoryError(), torch.OutOfMemoryError("CUDA out of memory."),
@@ -469,7 +470,7 @@ def test_an_allocation_failure_is_one_line(run_dir, corpus, error, monkeypatch, 
 
     monkeypatch.setattr(train, "build_model", build_model_that_does_not_fit)
     refused(capsys, train.train, tiny_argv(run_dir, corpus, overwrite="true"), run_dir,
-            "out of memory")
+            "out of memory", status=1)
 
 
 SAMPLE_FLAGS = [
@@ -481,14 +482,16 @@ SAMPLE_FLAGS = [
     (["--prompt", "caf\udce9"], "--prompt"),  # how Python receives the bytes caf\xe9
     (["--seed", "-1"], "--seed"),
     (["--device", "cpu:abc"], "--device"),
-    (["--max_new_tokens", str(10**14)], "--max_new_tokens"),
+    (["--max_new_tokens", str(10**14)], "--max_new_tokens"),  # more than the machine holds: 1
 ]
 
 
 @pytest.mark.parametrize("flags, named", SAMPLE_FLAGS, ids=lambda v: v[0] if isinstance(v, list)
                          else None)
 def test_a_bad_sample_flag_is_one_line_naming_it_alone(run_dir, flags, named, capsys):
-    line = refused(capsys, sample.main, ["--checkpoint_dir", run_dir] + flags, run_dir, named)
+    status = 1 if flags[1] == str(10**14) else 2
+    line = refused(capsys, sample.main, ["--checkpoint_dir", run_dir] + flags, run_dir, named,
+                   status=status)
     others = {"--max_new_tokens", "--top_k", "--num_samples"} - {named}
     assert not [flag for flag in others if flag in line]
 
@@ -514,7 +517,7 @@ def test_a_default_that_conflicts_with_a_flag_given_adapts_and_says_so(flags, fi
     gpt_config, train_config, _ = train.configure(flags + ["--checkpoint_dir", str(tmp_path)])
     config = gpt_config if hasattr(gpt_config, field) else train_config
     assert getattr(config, field) == value
-    assert f"note: --{field}" in capsys.readouterr().out
+    assert f"note: --{field}" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------- files that are not right
@@ -833,7 +836,7 @@ def test_a_disk_full_stop_and_the_next_resume_ask_for_the_same_room(run_dir, mon
     stop = one_error_line(capsys.readouterr().err, "No space left on device")
     free = shutil.disk_usage(run_dir)._replace(free=1)
     monkeypatch.setattr(rules.shutil, "disk_usage", lambda path: free)
-    assert exit_status(train.train, argv) == 2
+    assert exit_status(train.train, argv) == 1
     start = one_error_line(capsys.readouterr().err, "MiB free")
     needed = [re.search(r"two checkpoints of this model need about ([\d.]+) MiB", line).group(1)
               for line in (stop, start)]

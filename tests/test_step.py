@@ -1,4 +1,4 @@
-"""The training step recorded and replayed (step.py) and the fused loss (fused_loss.py), on a CPU.
+"""The training step recorded and replayed (cuda_graphs.py) and the fused loss (model.py), on a CPU.
 
 CUDA graphs need a GPU. Here `CallRecorder`, whose replay calls the recorded step again, stands in
 for them, so these tests run the logic a GPU run runs: static input buffers, eager warm-up steps,
@@ -12,11 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gpt_train import fused_loss
-from gpt_train import step
+import model as model_module
 import train
-from gpt_train.checkpoint import load_checkpoint
 from config import GPTConfig, TrainConfig
+from gpt_train import cuda_graphs
+from gpt_train.checkpoint import load_checkpoint
+from gpt_train.parallel import make_parallel
 from conftest import (RUN_STATE_KEYS, assert_equal_nested, assert_same_run_state,
                       checkpoint_weights, logged_steps, read_checkpoint, tiny_argv, tiny_model,
                       write_corpus)
@@ -28,7 +29,7 @@ class Recorders(list):
     """Stands in for train.recorder_for: every run gets a new CallRecorder, listed here."""
 
     def __call__(self, device):
-        self.append(step.CallRecorder())
+        self.append(cuda_graphs.CallRecorder())
         return self[-1]
 
 
@@ -107,7 +108,6 @@ def test_a_resume_in_the_same_process_records_the_step_again(tmp_path, recorders
     data = write_corpus(tmp_path)
     gpt_config, train_config, _ = train.configure(tiny_argv(tmp_path / "run", data))
     run = train.build_run(gpt_config, train_config, setup_runtime(train_config))
-    train.prepare_checkpoint_dir(run)
     train.run_loop(run)  # 8 steps: 3 warm-up, recorded at step 4, replayed to step 8
     first_pass = read_checkpoint(tmp_path / "run" / "gpt_step8.pt")
 
@@ -122,7 +122,7 @@ def test_a_resume_in_the_same_process_records_the_step_again(tmp_path, recorders
         assert_equal_nested(first_pass[key], second_pass[key], key)
 
 
-class FailingRecorder(step.CallRecorder):
+class FailingRecorder(cuda_graphs.CallRecorder):
     """A recorder whose recording fails, as a CUDA graph does when a kernel cannot be captured."""
 
     def record(self, step_function):
@@ -133,7 +133,7 @@ def test_a_step_that_cannot_be_recorded_runs_eagerly_with_a_note(tmp_path, monke
     data = write_corpus(tmp_path)
     monkeypatch.setattr(train, "recorder_for", lambda device: FailingRecorder())
     train.train(tiny_argv(tmp_path / "unrecordable", data))
-    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert notes == ["note: the training step could not be recorded as a CUDA graph (RuntimeError: "
                      "operation not permitted when stream is capturing); it runs eagerly from "
                      "here on"]
@@ -151,17 +151,19 @@ def test_a_step_that_cannot_be_recorded_runs_eagerly_with_a_note(tmp_path, monke
 ])
 def test_graphs_fall_back_to_the_eager_step_where_they_cannot_work(flags, dtype, world_size):
     runtime = SimpleNamespace(dtype=dtype, distributed=world_size > 1)
-    assert step.graph_fallback(TrainConfig(**flags), runtime)
-    run = SimpleNamespace(train_config=TrainConfig(**flags), runtime=runtime)
-    assert step.graphed_step_for(run, step.CallRecorder()) is None
+    parallel = make_parallel(TrainConfig(**flags), runtime)
+    assert cuda_graphs.graph_fallback(TrainConfig(**flags), runtime, parallel)
+    run = SimpleNamespace(train_config=TrainConfig(**flags), runtime=runtime, parallel=parallel)
+    assert train.graphed_step_for(run, cuda_graphs.CallRecorder()) is None
 
 
 def test_graphs_are_used_with_bfloat16_float32_and_compile_and_never_off_cuda():
     for flags, dtype in (({}, torch.bfloat16), ({}, torch.float32),
                          (dict(compile=True), torch.bfloat16)):
         runtime = SimpleNamespace(dtype=dtype, distributed=False)
-        assert step.graph_fallback(TrainConfig(**flags), runtime) == ""
-    assert step.recorder_for(torch.device("cpu")) is None
+        parallel = make_parallel(TrainConfig(**flags), runtime)
+        assert cuda_graphs.graph_fallback(TrainConfig(**flags), runtime, parallel) == ""
+    assert cuda_graphs.recorder_for(torch.device("cpu")) is None
 
 
 # --------------------------------------------------------------------------------- fused loss
@@ -180,7 +182,8 @@ def loss_and_gradients(model, x, y, dtype, return_logits, forward=None):
     (torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-3, 2e-2)])
 def test_the_fused_loss_matches_the_plain_loss_and_its_gradients(
         monkeypatch, dtype, loss_tolerance, gradient_tolerance):
-    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 64 * 16)  # 4 chunks of 13 rows, and one of 12
+    # 4 chunks of 13 rows, and one of 12
+    monkeypatch.setattr(model_module, "CHUNK_ELEMENTS", 64 * 16)
     model = tiny_model(vocab_size=64, n_layer=1).train()
     x, y = torch.randint(0, 64, (2, 4, 16))
     y[0, :5] = -100  # positions that are not scored
@@ -212,14 +215,14 @@ def test_the_fused_loss_leaves_padded_ids_out_as_the_plain_loss_does():
 @pytest.mark.slow
 def test_the_fused_loss_traces_into_one_compiled_graph(monkeypatch):
     # "aot_eager" runs Dynamo and AOTAutograd for real and skips code generation: fast on a CPU
-    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 64 * 32)  # two chunks
+    monkeypatch.setattr(model_module, "CHUNK_ELEMENTS", 64 * 32)  # two chunks
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(64, 32, generator=generator, requires_grad=True)
     weight = torch.randn(64, 32, generator=generator, requires_grad=True)
     labels = torch.randint(0, 64, (64,), generator=generator)
-    compiled = torch.compile(fused_loss.linear_cross_entropy, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(model_module.linear_cross_entropy, backend="aot_eager", fullgraph=True)
     results = []
-    for function in (fused_loss.linear_cross_entropy, compiled):  # fullgraph: no graph breaks
+    for function in (model_module.linear_cross_entropy, compiled):  # fullgraph: no graph breaks
         loss = function(hidden, weight, labels, torch.float32)
         results.append((loss, *torch.autograd.grad(loss, (hidden, weight))))
     torch.testing.assert_close(results[1], results[0])

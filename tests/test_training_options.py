@@ -91,17 +91,17 @@ def test_threads_sets_torchs_threads_and_busy_cores_get_one_line_of_advice(monke
     try:
         torch.set_num_threads(2)  # torch's own choice on 2 cores
         setup_runtime(TrainConfig(device="cpu"))
-        notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note")]
+        notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note")]
         assert len(notes) == 1
         assert "this machine's 2 cores are busy with other work (load average 1.2)" in notes[0]
         assert notes[0].endswith("--threads 1 avoids that")
 
         setup_runtime(TrainConfig(device="cpu", threads=1))
-        assert torch.get_num_threads() == 1 and "note" not in capsys.readouterr().out
+        assert torch.get_num_threads() == 1 and "note" not in capsys.readouterr().err
 
         torch.set_num_threads(2)
         monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.3, 0.3))  # the cores are free
         setup_runtime(TrainConfig(device="cpu"))
-        assert "note" not in capsys.readouterr().out
+        assert "note" not in capsys.readouterr().err
     finally:
         torch.set_num_threads(1)  # what conftest set for the whole suite

@@ -13,7 +13,8 @@ import re
 import socket
 from pathlib import Path
 
-from gpt_train.cli import fail
+from config import fail
+from gpt_train.cli import raise_os_failure
 from gpt_train.rundir.moves import make_directory
 from gpt_train.rundir.names import LOCK_NAME
 
@@ -42,7 +43,8 @@ def hold_run_directory(directory, enabled=True):
     try:
         handle = lock_file(path)
     except OSError as error:
-        fail(f"checkpoint directory {directory} is not writable: {error.strerror or error}")
+        raise_os_failure(f"checkpoint directory {directory} is not writable: "
+                         f"{error.strerror or error}", error)
     try:
         handle.truncate(0)
         handle.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from gpt_train.atomic import TEMPORARY_PREFIX, fsync_directory, remove_temporary_files
-from gpt_train.cli import fail
+from config import fail
+from gpt_train.cli import raise_os_failure
 from gpt_train.rundir.names import (REPLACED_NAME, SUPERSEDED_NAME, TENSORBOARD_NAME, is_own_name,
                                     list_names, metrics_path)
 
@@ -40,7 +41,8 @@ def make_directory(directory):
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        fail(f"checkpoint directory {directory} is not writable: {error.strerror or error}")
+        raise_os_failure(f"checkpoint directory {directory} is not writable: "
+                         f"{error.strerror or error}", error)
 
 
 def remove_step_checkpoint(path):
@@ -93,8 +95,8 @@ def delete_files(directory, paths):
     except OSError as error:
         with contextlib.suppress(OSError):
             folder.rmdir()
-        fail(f"--overwrite true could not delete {error.filename or directory} "
-             f"({error.strerror or error}); no file of the old run was deleted")
+        raise_os_failure(f"--overwrite true could not delete {error.filename or directory} "
+                         f"({error.strerror or error}); no file of the old run was deleted", error)
     shutil.rmtree(folder, ignore_errors=True)
     fsync_directory(directory)
 
@@ -113,8 +115,8 @@ def set_aside(directory, paths, label):
         move_files(paths, folder)
     except OSError as error:
         shutil.rmtree(folder, ignore_errors=True)  # only links and copies of files still in place
-        fail(f"could not move {error.filename or list_names(paths)} aside to {folder} "
-             f"({error.strerror or error}); nothing was moved")
+        raise_os_failure(f"could not move {error.filename or list_names(paths)} aside to "
+                         f"{folder} ({error.strerror or error}); nothing was moved", error)
     fsync_directory(directory)
     return folder
 
@@ -131,8 +133,8 @@ def new_folder(parent, label):
         except FileExistsError:
             continue
         except OSError as error:
-            fail(f"could not create {folder} to set the later files aside "
-                 f"({error.strerror or error}); nothing was moved")
+            raise_os_failure(f"could not create {folder} to set the later files aside "
+                             f"({error.strerror or error}); nothing was moved", error)
 
 
 def keep_a_copy(source, folder):

@@ -12,7 +12,7 @@ How a checkpoint is read, and what counts as readable, is checkpoint.py's; the n
 import sys
 
 from gpt_train.checkpoint import is_readable, load_checkpoint
-from gpt_train.cli import UserError, fail
+from config import UserError, fail
 from gpt_train.rundir.names import best_path, final_path, list_names, step_checkpoints
 
 

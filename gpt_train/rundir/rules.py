@@ -16,23 +16,23 @@ The moves themselves are moves.py's, the names names.py's; which configs a run t
 checkpoint and which from the flags is configure.py's.
 """
 
-import contextlib
 import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from config import fail
 from gpt_train.atomic import TEMPORARY_PREFIX
-from gpt_train.best_model import BestModel
-from gpt_train.checkpoint import saved_step, saved_value
-from gpt_train.cli import fail
+from gpt_train.checkpoint import saved_step
+from gpt_train.cli import NothingToTrain, ResourceError, raise_os_failure
 from gpt_train.rundir.moves import (check_directory, delete_files, make_directory,
                                     remove_leftovers, remove_step_checkpoint, set_aside)
 from gpt_train.rundir.names import (STEP_PATTERN, SUPERSEDED_NAME, best_path, final_path,
                                     is_run_file, list_names, run_files, same_directory,
                                     step_checkpoints, step_of)
-from gpt_train.runtime import print0
+from gpt_train.runtime import note, print0
+from gpt_train.step_checkpoint import resumable_step, run_id_of, saved_best_model
 
 
 def refuse_to_replace_a_run(train_config, attempt_accepted=False):
@@ -65,14 +65,12 @@ def refuse_to_replace_a_run(train_config, attempt_accepted=False):
 
 def exit_if_finished(path, checkpoint, train_config):
     """--resume auto on a finished run: a gpt_final.pt written after the newest step checkpoint,
-    which is at max_iters or an early stop. A requeued job must not train it again (exit status 0)."""
-    t, step, final = train_config, checkpoint.get("step"), final_path(path.parent)
-    if not (isinstance(step, int) and final.is_file()
-            and final.stat().st_mtime_ns >= path.stat().st_mtime_ns):
+    which is at max_iters or an early stop. A requeued job must not train it again: NothingToTrain
+    (exit status 0)."""
+    t, step, final = train_config, resumable_step(checkpoint, path), final_path(path.parent)
+    if not (final.is_file() and final.stat().st_mtime_ns >= path.stat().st_mtime_ns):
         return
-    best = BestModel(t.early_stop_patience, t.early_stop_min_delta)
-    with contextlib.suppress(KeyError, TypeError, ValueError):  # a resume would report damage
-        best.load_state_dict(checkpoint["early_stopping"])
+    best = saved_best_model(checkpoint, t)
     if step >= t.max_iters:
         ending, flag = f"step {step} of --max_iters {t.max_iters}", "a larger --max_iters"
     elif best.should_stop:
@@ -81,7 +79,7 @@ def exit_if_finished(path, checkpoint, train_config):
         return
     print0(f"the run in {path.parent} is finished: {final.name} follows {ending}; nothing to "
            f"train ({flag} continues it)")
-    raise SystemExit(0)
+    raise NothingToTrain
 
 
 def accept_an_attempt_that_saved_nothing(train_config):
@@ -103,9 +101,9 @@ def accept_an_attempt_that_saved_nothing(train_config):
              f"({list_names(unreadable)}); nothing was changed. Look at them (written by another "
              f"version? a damaged disk?), then move them out of {directory}, train into another "
              f"--checkpoint_dir, or replace them with --overwrite true")
-    print0(f"note: --resume auto: {directory} holds no checkpoint to resume, only "
-           f"{list_names(existing)} of an attempt that saved none; this run sets them aside in "
-           f"{Path(directory) / SUPERSEDED_NAME} once its first steps are done")
+    note(f"--resume auto: {directory} holds no checkpoint to resume, only "
+         f"{list_names(existing)} of an attempt that saved none; this run sets them aside in "
+         f"{Path(directory) / SUPERSEDED_NAME} once its first steps are done")
     return True
 
 
@@ -207,15 +205,15 @@ class RunDirectory:
         if keep_last <= 0:
             return
         own = [path for path in step_checkpoints(self.path) if step_of(path) <= up_to_step
-               and saved_value(path, "run_id") == self.run_id]
+               and run_id_of(path) == self.run_id]
         for path in own[:-keep_last]:
             try:
                 remove_step_checkpoint(path)
             except OSError as error:
                 if path not in self.kept:
                     self.kept.add(path)
-                    print0(f"note: --keep_last {keep_last} could not delete {path} "
-                           f"({error.strerror or error}); it is kept and training goes on")
+                    note(f"--keep_last {keep_last} could not delete {path} "
+                         f"({error.strerror or error}); it is kept and training goes on")
 
 
 def new_run_id():
@@ -247,11 +245,13 @@ def check_room_for_checkpoints(directory, bytes_per_checkpoint):
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        fail(f"checkpoint directory {directory} is not writable: {error.strerror or error}")
+        raise_os_failure(f"checkpoint directory {directory} is not writable: "
+                         f"{error.strerror or error}", error)
     free = shutil.disk_usage(directory).free
     if free < 2 * bytes_per_checkpoint:
-        fail(f"checkpoint directory {directory} has {free / 2**20:.1f} MiB free but two checkpoints "
-             f"of this model need about {2 * bytes_per_checkpoint / 2**20:.1f} MiB")
+        raise ResourceError(f"checkpoint directory {directory} has {free / 2**20:.1f} MiB free but "
+                            f"two checkpoints of this model need about "
+                            f"{2 * bytes_per_checkpoint / 2**20:.1f} MiB")
 
 
 def check_movable(paths, reason):
