@@ -13,6 +13,8 @@
   Under data parallelism every rank draws the same global batch and keeps its own slice of it.
   A memory-mapped corpus is read through a fresh map of its file per batch: a worker started by
   pickling the dataset (the spawn start method) reopens the file instead of receiving a copy.
+  A worker (--num_workers) ends with the main process, and one that dies is one line and exit
+  status 1 (`BatchLoader`), never a traceback or a hang.
 - `validation_batches`: a fixed set of evenly spaced windows of the validation split; it uses no
   random state at all, and like the training batches it depends only on the global batch.
 - `check_token_ids`: a mapped token cache holds only ids of its vocabulary (a damaged cache of the
@@ -20,18 +22,24 @@
 Tokenizers live in tokenizer.py; what a batch is used for lives in train.py.
 """
 
+import functools
 import mmap
+import os
 import signal
+import threading
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from config import TOKENIZERS, fail
-from gpt_train.documents import document_files
+from gpt_train.cli import ResourceError
+from gpt_train.cachefiles import CacheSettings
+from gpt_train.documents import is_documents
 from gpt_train.pretrained import tokenizer_from_pretrained
 from gpt_train.tokencache import cached_tokens
 from gpt_train.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
+from gpt_train.workers import end_with_parent
 
 def builtin_corpus():
     try:
@@ -66,8 +74,9 @@ def get_dataset(train_config, tokenizer=None):
 def corpus_tokens(path, train_config, tokenizer=None):
     """(tokenizer, token ids) of a --data or --val_data path, through the token cache."""
     t = train_config
-    return cached_tokens(path, t.tokenizer, t.cache_dir, t.val_fraction, t.bpe_vocab_size,
-                         tokenizer, text_field=t.text_field, num_proc=t.num_proc)
+    settings = CacheSettings(path, t.tokenizer, t.cache_dir, t.val_fraction, t.bpe_vocab_size,
+                             t.text_field, t.num_proc)
+    return cached_tokens(settings, tokenizer)
 
 
 def training_and_validation(tokens, tokenizer, train_config, block_size):
@@ -76,7 +85,7 @@ def training_and_validation(tokens, tokenizer, train_config, block_size):
     (plain text splits where it always did, whatever the tokenizer)."""
     t = train_config
     if not t.val_data:
-        documents = bool(t.data) and document_files(t.data) is not None
+        documents = bool(t.data) and is_documents(t.data)
         return split_tokens(tokens, t.val_fraction, block_size,
                             getattr(tokenizer, "end_of_text", None) if documents else None)
     _, val_tokens = corpus_tokens(t.val_data, t, tokenizer)
@@ -212,15 +221,53 @@ def build_dataloader(windows, stop, start=0, num_workers=0, pin_memory=False):
     # The loader's own generator: creating an iterator draws a worker seed from it, which must
     # not come from (and shift) the global torch generator that dropout uses.
     generator = torch.Generator().manual_seed(windows.seed)
-    return DataLoader(windows, batch_size=None, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, generator=generator,
-                      worker_init_fn=_leave_interrupts_to_the_main_process)
+    return BatchLoader(windows, batch_size=None, sampler=sampler, num_workers=num_workers,
+                       pin_memory=pin_memory, generator=generator,
+                       worker_init_fn=functools.partial(start_worker, parent=os.getpid()))
 
 
-def _leave_interrupts_to_the_main_process(worker_id):
-    """Ctrl-C reaches every process of the terminal, and `timeout`, schedulers and `kill -- -PGID`
-    send SIGTERM to the whole process group: the main process saves a checkpoint and shuts the
-    workers down, so a worker ignores both rather than die under the loader it feeds."""
+class BatchLoader(DataLoader):
+    """torch's DataLoader, but a worker that dies (the OOM killer, a kill) is one line when the
+    next batch is waited for: a ResourceError (exit status 1) naming the worker, the checkpoints
+    written so far untouched.
+
+    torch's own SIGCHLD handler raises the worker's death wherever the main process happens to
+    be (inside the model, or a checkpoint being written), as a traceback; it is set back to what
+    it was, and the loader's own check (every few seconds while a batch is awaited, that each
+    worker is alive) reports the death instead, at the one place it can be answered.
+    """
+
+    def __iter__(self):
+        settable = hasattr(signal, "SIGCHLD") and \
+            threading.current_thread() is threading.main_thread()  # POSIX, the main thread
+        handler = signal.getsignal(signal.SIGCHLD) if settable else None
+        iterator = super().__iter__()
+        if settable and self.num_workers > 0:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL if handler is None else handler)
+        return batches_until_a_worker_dies(iterator)
+
+
+def batches_until_a_worker_dies(iterator):
+    try:
+        yield from iterator
+        return
+    except RuntimeError as error:
+        if not str(error).startswith("DataLoader worker"):  # torch's words for a dead worker
+            raise
+        death = str(error).strip().splitlines()[0].rstrip(". ")
+    # out of the except block, nothing holds the iterator any more (the error's traceback did):
+    # it shuts the other workers down now, not at the interpreter's exit
+    del iterator
+    raise ResourceError(f"{death} (--num_workers; the out-of-memory killer, or a kill); the "
+                        f"checkpoints written so far are kept: resume with --resume latest")
+
+
+def start_worker(worker_id, parent):
+    """A DataLoader worker ends with the main process `parent` (workers.end_with_parent), and
+    leaves Ctrl-C and SIGTERM to it: Ctrl-C reaches every process of the terminal, and `timeout`,
+    schedulers and `kill -- -PGID` send SIGTERM to the whole process group, while the main
+    process saves a checkpoint and shuts the workers down."""
+    end_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

@@ -105,7 +105,8 @@ import torch  # noqa: E402
 
 from gpt_train.atomic import atomic_write  # noqa: E402
 from gpt_train.checkpoint import configs_from_checkpoint, model_from_checkpoint  # noqa: E402
-from dataset import check_token_ids, get_dataset, training_and_validation  # noqa: E402
+from dataset import (check_token_ids, corpus_tokens, get_dataset,  # noqa: E402
+                     training_and_validation)
 from model import IGNORE_INDEX  # noqa: E402
 from gpt_train.progress import progress  # noqa: E402
 from gpt_train.rundir.reading import checkpoint_to_load  # noqa: E402
@@ -113,7 +114,6 @@ from gpt_train.runtime import (autocast_context, check_memory, select_device,  #
                                select_dtype)
 from gpt_train.scoring import piece_lengths, score_batches, summarize  # noqa: E402
 from gpt_train.task_scoring import centered_accuracy, format_table, load_tasks  # noqa: E402
-from gpt_train.tokencache import cached_tokens  # noqa: E402
 
 
 def window_plan(num_tokens, block_size, stride):
@@ -180,8 +180,7 @@ def tokens_to_score(checkpoint, tokenizer, data, path):
     """(ids, description): the text of `data`, or the checkpoint's own validation split."""
     gpt_config, train_config = configs_from_checkpoint(checkpoint, path)
     if data:  # through the token cache: a large file is read in chunks and memory-mapped
-        _, ids = cached_tokens(data, tokenizer.kind, train_config.cache_dir, tokenizer=tokenizer,
-                               text_field=train_config.text_field, num_proc=train_config.num_proc)
+        _, ids = corpus_tokens(data, train_config, tokenizer)  # the cache train.py's runs use
         return np.asarray(check_token_ids(ids, tokenizer.vocab_size, data)), data
     _, tokens = get_dataset(train_config, tokenizer)
     _, val_tokens = training_and_validation(tokens, tokenizer, train_config,

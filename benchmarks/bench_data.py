@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train  # noqa: E402  (needs the repository on sys.path)
 from gpt_train.documents import file_pieces, piece_documents  # noqa: E402
-from gpt_train.tokencache import CHUNK_BYTES, cached_tokens  # noqa: E402
+from gpt_train.cachefiles import CHUNK_BYTES, CacheSettings  # noqa: E402
+from gpt_train.tokencache import cached_tokens  # noqa: E402
 from gpt_train.tokenizer import BPETokenizer, tokenizer_from_state  # noqa: E402
 
 WORDS = ("the of and to in is that for it as with was on be by this are from at or an model "
@@ -94,7 +95,7 @@ def main(argv=None):
         print(f"peak RSS after writing the corpus: {peak_rss_mb():.0f} MB")
 
         clock = time.perf_counter()
-        tokenizer, ids = cached_tokens(str(corpus), "char", cache_dir)
+        tokenizer, ids = cached_tokens(CacheSettings(str(corpus), "char", cache_dir))
         seconds = time.perf_counter() - clock
         print(f"tokenize: {len(ids):,} tokens ({ids.dtype}), vocabulary {tokenizer.vocab_size}, "
               f"{seconds:.1f} s = {size / 1e6 / seconds:.1f} MB/s (chunks of {CHUNK_BYTES >> 20} MB)")
@@ -102,7 +103,7 @@ def main(argv=None):
         del ids
 
         clock = time.perf_counter()
-        cached_tokens(str(corpus), "char", cache_dir)
+        cached_tokens(CacheSettings(str(corpus), "char", cache_dir))
         print(f"reopening the cache: {1000 * (time.perf_counter() - clock):.0f} ms")
 
         clock = time.perf_counter()
@@ -191,7 +192,7 @@ def reference_in_this_process(corpus, state_json, threads):
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     seconds, cpu, tokens = 0.0, 0.0, 0
     for piece in file_pieces(0, "jsonl", Path(corpus)):
-        texts = piece_documents(piece, "text")
+        texts = piece_documents(piece, "text").texts
         clock, cpu_clock = time.perf_counter(), cpu_seconds()
         encodings = encode(texts, add_special_tokens=False)
         seconds += time.perf_counter() - clock
@@ -204,7 +205,8 @@ def our_preparation(corpus, tokenizer, cache_dir, num_proc):
     """(wall seconds, CPU seconds, tokens) of a fresh token cache built by `num_proc` processes."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process is one core
     clock, cpu_clock = time.perf_counter(), cpu_seconds()
-    _, ids = cached_tokens(str(corpus), "bpe", cache_dir, tokenizer=tokenizer, num_proc=num_proc)
+    _, ids = cached_tokens(CacheSettings(str(corpus), "bpe", cache_dir, num_proc=num_proc),
+                                         tokenizer=tokenizer)
     return time.perf_counter() - clock, cpu_seconds() - cpu_clock, len(ids)
 
 
@@ -220,7 +222,7 @@ def documents_benchmark(args):
         print(f"corpus: {megabytes:.1f} MB of jsonl in {time.perf_counter() - clock:.0f} s")
         clock = time.perf_counter()
         sample = [text for piece in list(file_pieces(0, "jsonl", corpus))[:2]
-                  for text in piece_documents(piece, "text")]
+                  for text in piece_documents(piece, "text").texts]
         tokenizer = BPETokenizer.train(sample, args.bpe_vocab_size, end_of_text=True)
         print(f"BPE of {tokenizer.vocab_size:,} tokens learned in "
               f"{time.perf_counter() - clock:.0f} s")

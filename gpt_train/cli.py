@@ -90,9 +90,11 @@ def exit_on_signals():
 
 
 def _exit_on_signal(number, frame):
-    # os.write, not print: the signal may arrive in the middle of a print to stderr
-    with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
-        os.write(2, f"{SIGNAL_LINES[number]}\n".encode())
+    # under torchrun every rank gets the signal: rank 0 says so, once
+    if os.environ.get("RANK", "0") == "0":
+        # os.write, not print: the signal may arrive in the middle of a print to stderr
+        with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+            os.write(2, f"{SIGNAL_LINES[number]}\n".encode())
     raise SystemExit(EXIT_STATUS[number])
 
 

@@ -5,7 +5,9 @@ Three kinds share one small interface (`encode`, `decode`, `vocab_size`, `state_
 - `ByteTokenizer`: the 256 UTF-8 byte values; encodes any text.
 - `BPETokenizer`: byte-level BPE trained with the optional `tokenizers` package; any text
   encodes, and a large corpus is sampled evenly so training takes seconds. A pretrained
-  byte-level BPE (GPT-2's `tokenizer.json`, say) is one too.
+  byte-level BPE (GPT-2's `tokenizer.json`, say) is one too; a `tokenizers` file of another kind
+  (WordLevel, WordPiece, Unigram, a BPE over words) is refused naming it, as is one whose ids do
+  not decode to the text they came from (`check_byte_level_bpe`, `ROUND_TRIP`).
 The end-of-text token. A corpus of documents (jsonl, parquet) keeps them apart with an id that no
 text encodes to, `end_of_text`; a tokenizer built from plain text has none (None), so a text run
 and every tokenizer saved before it existed stay exactly as they were. The id comes after the
@@ -211,6 +213,35 @@ def even_sample(pieces, budget_bytes):
     return [entry[1] for entry in kept]
 
 
+# Text a byte-level BPE must give back byte for byte: spaces (runs of them), a tab, capitals
+ROUND_TRIP = "Two  spaces, a\ttab, CAPITALS and\nnew lines.\n"
+NOT_SUPPORTED = ("only byte-level BPE tokenizers (as GPT-2's tokenizer.json) are supported: their "
+                 "ids decode to the text's own bytes; or train with --tokenizer char, byte or bpe")
+
+
+def check_byte_level_bpe(backend, tokenizer_json):
+    """Refuse, in one line naming it, a `tokenizers` file of another kind: a WordLevel,
+    WordPiece or Unigram model, or a BPE over words rather than bytes, would drop the spaces
+    between its tokens and count the wrong bytes."""
+    model = type(backend.model).__name__
+    if model != "BPE":
+        fail(f"the tokenizer is a {model} model, not a byte-level BPE; {NOT_SUPPORTED}")
+    pre_tokenizer = json.loads(tokenizer_json).get("pre_tokenizer")
+    if "ByteLevel" not in pre_tokenizer_types(pre_tokenizer):
+        kinds = " + ".join(map(str, pre_tokenizer_types(pre_tokenizer))) or "none"
+        fail(f"the tokenizer is a BPE over words, not bytes (its pre-tokenizer: {kinds}); "
+             f"{NOT_SUPPORTED}")
+
+
+def pre_tokenizer_types(pre_tokenizer):
+    """The types of a pre-tokenizer's JSON, those inside a Sequence included."""
+    if not isinstance(pre_tokenizer, dict):
+        return []
+    inner = pre_tokenizer.get("pretokenizers") or []
+    return [pre_tokenizer.get("type")] if not inner else \
+        [kind for part in inner for kind in pre_tokenizer_types(part)]
+
+
 class BPETokenizer:
     """Byte-level BPE, as GPT-2: text becomes UTF-8 bytes, the 256 bytes are ids, and learned
     merges of frequent neighbours add the rest. Any text encodes, and decodes back exactly.
@@ -230,6 +261,7 @@ class BPETokenizer:
             self.backend = tokenizers.Tokenizer.from_str(tokenizer_json)
         except Exception as error:  # the library raises a bare Exception for a malformed file
             fail(f"the saved BPE tokenizer is damaged: {error}")
+        check_byte_level_bpe(self.backend, tokenizer_json)
         byte_of = _byte_level_alphabet()
         vocab = self.backend.get_vocab()
         if sorted(vocab.values()) != list(range(len(vocab))) or \
@@ -247,6 +279,12 @@ class BPETokenizer:
         # encode_batch_fast skips the character offsets we never use (tokenizers >= 0.20)
         self._encode_batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         self.literal_backend = None  # for documents: made on first use (see encode_documents)
+        probe = self.backend.encode(ROUND_TRIP, add_special_tokens=False).ids
+        if b"".join(self.pieces[i] for i in probe) != ROUND_TRIP.encode():
+            fail(f"the BPE tokenizer does not read text back as it was ({ROUND_TRIP!r} comes back "
+                 f"as {b''.join(self.pieces[i] for i in probe).decode(errors='replace')!r}): "
+                 f"a normalizer or a prefix space changes the text, which this tool's bits per "
+                 f"byte and decoding cannot follow")
 
     @classmethod
     def train(cls, chunks, vocab_size, sample_bytes=SAMPLE_BYTES, end_of_text=False):

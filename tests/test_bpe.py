@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from gpt_train import tokencache
+from gpt_train.cachefiles import CacheSettings
 from gpt_train import generation
 import sample
 import train
@@ -239,8 +240,8 @@ def test_bpe_never_learns_a_word_that_only_the_validation_split_contains(tmp_pat
     training_text = "the cat sat on the mat. " * 400
     validation_text = "zyxwvu " * 100  # 700 of 10,300 characters: inside the last 10%
     path = write_corpus(tmp_path, training_text + validation_text)
-    tokenizer, _ = tokencache.cached_tokens(str(path), "bpe", tmp_path / "cache", val_fraction=0.1,
-                                         bpe_vocab_size=300)
+    tokenizer, _ = tokencache.cached_tokens(CacheSettings(str(path), "bpe", tmp_path / "cache",
+                                                          val_fraction=0.1, bpe_vocab_size=300))
     assert not any(b"zyx" in piece for piece in tokenizer.pieces)
 
 

@@ -21,7 +21,8 @@ import sys
 import pytest
 
 import sample
-from gpt_train import tokencache
+from gpt_train import cachefiles, textcache, tokencache
+from gpt_train.cachefiles import CacheSettings
 import train
 from gpt_train.checkpoint import load_checkpoint
 from conftest import (REPO, TWO_PROCESS_FLAGS, assert_same_weights, exit_status, metrics_records,
@@ -224,10 +225,11 @@ def corrupt_damage_tokenizer(bin_path):
 def test_a_damaged_token_cache_is_rebuilt_saying_so_in_one_line(tmp_path, capsys, damage, reason):
     text = write_corpus(tmp_path).read_text()
     cache = tmp_path / "cache"
-    _, ids = tokencache.cached_tokens(str(tmp_path / "corpus.txt"), "char", cache)
+    _, ids = tokencache.cached_tokens(CacheSettings(str(tmp_path / "corpus.txt"), "char", cache))
     damage(cache / os.path.basename(ids.filename))
     capsys.readouterr()
-    tokenizer, ids = tokencache.cached_tokens(str(tmp_path / "corpus.txt"), "char", cache)
+    tokenizer, ids = tokencache.cached_tokens(CacheSettings(str(tmp_path / "corpus.txt"), "char",
+                                                            cache))
     assert tokenizer.decode(ids) == text
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and reason in lines[0] and "rebuilding" in lines[0], lines
@@ -238,7 +240,7 @@ def killed_build(source, cache, moment):
     pid = os.fork()
     if pid == 0:
         try:
-            real_atomic_write = tokencache.atomic_write
+            real_atomic_write = textcache.atomic_write
 
             @contextlib.contextmanager
             def dying_write(path):
@@ -250,8 +252,8 @@ def killed_build(source, cache, moment):
                         handle.flush()
                         os.kill(os.getpid(), signal.SIGKILL)
 
-            tokencache.atomic_write = dying_write
-            tokencache.cached_tokens(str(source), "char", cache)
+            textcache.atomic_write = cachefiles.atomic_write = dying_write
+            tokencache.cached_tokens(CacheSettings(str(source), "char", cache))
         finally:
             os._exit(0)
     _, status = os.waitpid(pid, 0)
@@ -262,11 +264,12 @@ def killed_build(source, cache, moment):
 def test_a_token_cache_build_killed_midway_is_never_taken_for_a_complete_cache(tmp_path, moment):
     source = write_corpus(tmp_path, "an older text\n" * 50)
     cache = tmp_path / "cache"
-    tokencache.cached_tokens(str(source), "char", cache)  # a complete cache of the older text
+    # a complete cache of the older text
+    tokencache.cached_tokens(CacheSettings(str(source), "char", cache))
     new_text = "the text as it is now, longer than before\n" * 60
     source.write_text(new_text)
     killed_build(source, cache, moment)
-    tokenizer, ids = tokencache.cached_tokens(str(source), "char", cache)
+    tokenizer, ids = tokencache.cached_tokens(CacheSettings(str(source), "char", cache))
     assert tokenizer.decode(ids) == new_text
     assert not [p.name for p in cache.iterdir() if p.name.startswith(".tmp-")]
 

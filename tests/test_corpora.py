@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import sample
-from gpt_train import tokencache
+from gpt_train import documentcache, tokencache
+from gpt_train.cachefiles import CacheSettings
 from conftest import (REPO, TINY_TEXT, assert_same_weights, exit_status, one_error_line,
                       read_checkpoint, tiny_argv, write_corpus)
 from dataset import split_tokens
@@ -58,8 +59,8 @@ def test_every_form_caches_each_document_followed_by_the_end_of_text_id(tmp_path
         write_parquet(path)
     else:
         write_jsonl(path, compress=form == "jsonl.gz")
-    tokenizer, ids = tokencache.cached_tokens(str(path), kind, tmp_path / "cache", num_proc=1,
-                                              piece_bytes=1000)
+    tokenizer, ids = tokencache.cached_tokens(CacheSettings(str(path), kind, tmp_path / "cache",
+                                                            num_proc=1, piece_bytes=1000))
     assert tokenizer.end_of_text == tokenizer.vocab_size - 1
     assert np.array_equal(ids, reference_ids(tokenizer))
     assert tokenizer_from_state(tokenizer.state_dict()).state_dict() == tokenizer.state_dict()
@@ -68,8 +69,9 @@ def test_every_form_caches_each_document_followed_by_the_end_of_text_id(tmp_path
 def test_two_processes_write_the_same_bytes_as_one_and_bpe_learns_an_end_of_text(tmp_path):
     pytest.importorskip("tokenizers")
     path = write_jsonl(tmp_path / "corpus.jsonl")
-    built = [tokencache.cached_tokens(str(path), "bpe", tmp_path / f"cache{n}", bpe_vocab_size=300,
-                                      num_proc=n, piece_bytes=700) for n in (1, 2)]
+    built = [tokencache.cached_tokens(CacheSettings(str(path), "bpe", tmp_path / f"cache{n}",
+                                                    bpe_vocab_size=300, num_proc=n,
+                                                    piece_bytes=700)) for n in (1, 2)]
     (one_tokenizer, one), (two_tokenizer, two) = built
     assert one_tokenizer.state_dict() == two_tokenizer.state_dict()
     assert np.array_equal(one, two) and np.array_equal(one, reference_ids(one_tokenizer))
@@ -82,7 +84,8 @@ def test_two_processes_write_the_same_bytes_as_one_and_bpe_learns_an_end_of_text
 KILLED_BUILD = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-from gpt_train import preparation, tokencache
+from gpt_train import documentcache, preparation, tokencache
+from gpt_train.cachefiles import CacheSettings
 pieces = iter(range(10**6))
 real = preparation.tokenize_piece
 def dying(job):
@@ -90,8 +93,8 @@ def dying(job):
         open(job["part"] + ".99.tmp", "wb").write(b"half a piece")
         os.kill(os.getpid(), signal.SIGKILL)
     return real(job)
-tokencache.tokenize_piece = dying
-tokencache.cached_tokens({path!r}, "byte", {cache!r}, num_proc=1, piece_bytes=1000)
+documentcache.tokenize_piece = dying
+tokencache.cached_tokens(CacheSettings({path!r}, "byte", {cache!r}, num_proc=1, piece_bytes=1000))
 """
 
 
@@ -104,14 +107,15 @@ def test_a_build_killed_midway_resumes_from_its_pieces_to_the_same_bytes(tmp_pat
     done = [p for p in (tmp_path / "cache").glob("*.parts/*.bin")]
     assert len(done) == 3  # the pieces finished before the kill
     calls = []
-    real = tokencache.tokenize_piece
-    monkeypatch.setattr(tokencache, "tokenize_piece", lambda job: calls.append(job) or real(job))
-    _, resumed = tokencache.cached_tokens(path, "byte", cache, num_proc=1, piece_bytes=1000)
+    real = documentcache.tokenize_piece
+    monkeypatch.setattr(documentcache, "tokenize_piece", lambda job: calls.append(job) or real(job))
+    _, resumed = tokencache.cached_tokens(CacheSettings(path, "byte", cache, num_proc=1,
+                                                        piece_bytes=1000))
     assert calls and all(job["piece"].index >= 3 for job in calls)
-    _, whole = tokencache.cached_tokens(path, "byte", tmp_path / "fresh", num_proc=1,
-                                        piece_bytes=1000)
+    _, whole = tokencache.cached_tokens(CacheSettings(path, "byte", tmp_path / "fresh", num_proc=1,
+                                                      piece_bytes=1000))
     assert np.asarray(resumed).tobytes() == np.asarray(whole).tobytes()
-    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".bin", ".json", ".lock"]
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".bin", ".json"]
 
 
 def test_a_shard_added_to_a_directory_is_the_only_one_tokenized(tmp_path, monkeypatch):
@@ -119,12 +123,13 @@ def test_a_shard_added_to_a_directory_is_the_only_one_tokenized(tmp_path, monkey
     shards.mkdir()
     for index in range(2):
         write_jsonl(shards / f"part-{index}.jsonl", DOCUMENTS[index * 40:(index + 1) * 40])
-    tokencache.cached_tokens(str(shards), "byte", tmp_path / "cache", num_proc=1)
+    tokencache.cached_tokens(CacheSettings(str(shards), "byte", tmp_path / "cache", num_proc=1))
     write_jsonl(shards / "part-2.jsonl", DOCUMENTS[80:])
     calls = []
-    real = tokencache.tokenize_piece
-    monkeypatch.setattr(tokencache, "tokenize_piece", lambda job: calls.append(job) or real(job))
-    tokenizer, ids = tokencache.cached_tokens(str(shards), "byte", tmp_path / "cache", num_proc=1)
+    real = documentcache.tokenize_piece
+    monkeypatch.setattr(documentcache, "tokenize_piece", lambda job: calls.append(job) or real(job))
+    tokenizer, ids = tokencache.cached_tokens(CacheSettings(str(shards), "byte",
+                                                            tmp_path / "cache", num_proc=1))
     assert [job["piece"].path for job in calls] == [str(shards / "part-2.jsonl")]
     assert np.array_equal(ids, reference_ids(tokenizer))
     assert len(list((tmp_path / "cache").glob("*.bin"))) == 1  # the old stream is gone
@@ -133,15 +138,16 @@ def test_a_shard_added_to_a_directory_is_the_only_one_tokenized(tmp_path, monkey
 def test_a_glob_of_shards_reads_them_in_sorted_order(tmp_path):
     for index in range(3):
         write_jsonl(tmp_path / f"shard-{index}.jsonl.gz", DOCUMENTS[index::3], compress=True)
-    tokenizer, ids = tokencache.cached_tokens(str(tmp_path / "shard-*.jsonl.gz"), "byte",
-                                              tmp_path / "cache", num_proc=1)
+    tokenizer, ids = tokencache.cached_tokens(CacheSettings(str(tmp_path / "shard-*.jsonl.gz"),
+                                                            "byte", tmp_path / "cache", num_proc=1))
     in_order = DOCUMENTS[0::3] + DOCUMENTS[1::3] + DOCUMENTS[2::3]
     assert np.array_equal(ids, reference_ids(tokenizer, in_order))
 
 
 def test_a_plain_text_cache_keeps_its_name_and_its_tokens(tmp_path, corpus_file):
     """A cache an earlier version wrote is found again: its key is made of the same settings."""
-    tokenizer, ids = tokencache.cached_tokens(str(corpus_file), "char", tmp_path / "cache")
+    tokenizer, ids = tokencache.cached_tokens(CacheSettings(str(corpus_file), "char",
+                                                            tmp_path / "cache"))
     settings = {"source": str(corpus_file.resolve()), "kind": "char", "bpe_vocab_size": None,
                 "val_fraction": None}  # the key as the earlier version made it, written out here
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]

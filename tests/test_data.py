@@ -10,6 +10,7 @@ from config import TrainConfig, UserError
 from conftest import TINY_TEXT, write_corpus
 from dataset import (RandomWindows, build_dataloader, get_dataset, split_tokens,
                      validation_batches)
+from gpt_train.cachefiles import CacheSettings
 from gpt_train.tokencache import cached_tokens
 from gpt_train.tokenizer import ByteTokenizer, CharTokenizer, StreamDecoder, tokenizer_from_state
 
@@ -116,18 +117,18 @@ def test_a_data_directory_joins_its_txt_files_in_sorted_order(tmp_path):
 
 def test_the_token_cache_is_rebuilt_when_the_file_changes(tmp_path):
     path = write_corpus(tmp_path, "abcabc")
-    _, first = cached_tokens(str(path), "char", tmp_path / "cache")
-    _, again = cached_tokens(str(path), "char", tmp_path / "cache")
+    _, first = cached_tokens(CacheSettings(str(path), "char", tmp_path / "cache"))
+    _, again = cached_tokens(CacheSettings(str(path), "char", tmp_path / "cache"))
     assert list(again) == list(first) == [0, 1, 2, 0, 1, 2]
     path.write_text("cabbage!", encoding="utf-8")
-    tokenizer, changed = cached_tokens(str(path), "char", tmp_path / "cache")
+    tokenizer, changed = cached_tokens(CacheSettings(str(path), "char", tmp_path / "cache"))
     assert tokenizer.decode(changed) == "cabbage!"
 
 
 def test_a_chinese_file_round_trips_through_the_token_cache(tmp_path):
     text = chinese_text(num_distinct=3000, length=5000)
     path = write_corpus(tmp_path, text)
-    tokenizer, ids = cached_tokens(str(path), "char", tmp_path / "cache")
+    tokenizer, ids = cached_tokens(CacheSettings(str(path), "char", tmp_path / "cache"))
     assert tokenizer.vocab_size == len(set(text))
     assert tokenizer.decode(np.asarray(ids)) == text
 

@@ -18,7 +18,9 @@ from torch.utils.data import DataLoader
 from config import TrainConfig, UserError
 from conftest import REPO, TINY_TEXT, write_corpus
 from dataset import RandomWindows, StepSampler, build_dataloader, get_dataset, split_tokens
-from gpt_train.tokencache import cached_tokens, default_cache_dir, iter_text_chunks
+from gpt_train.cachefiles import CacheSettings, default_cache_dir
+from gpt_train.textcache import iter_text_chunks
+from gpt_train.tokencache import cached_tokens
 from gpt_train.tokenizer import CharTokenizer
 
 # ASCII, 2-byte (é, ß), 3-byte (Chinese) and 4-byte (emoji) characters, mixed on every line
@@ -37,7 +39,7 @@ def cut_characters(text, chunk_bytes):
 
 
 def cache_files(directory):
-    return sorted(p.name for p in Path(directory).iterdir() if not p.name.endswith(".lock"))
+    return sorted(p.name for p in Path(directory).iterdir())
 
 
 # ---------------------------------------------------------------------------- streaming the text
@@ -68,8 +70,8 @@ def test_a_corpus_cached_in_many_small_chunks_round_trips_exactly(tmp_path, kind
         pytest.importorskip("tokenizers")
     path = write_corpus(tmp_path, MIXED_TEXT)
     assert cut_characters(MIXED_TEXT, chunk_bytes) > 100
-    tokenizer, ids = cached_tokens(str(path), kind, tmp_path / "cache", bpe_vocab_size=300,
-                                   chunk_bytes=chunk_bytes)
+    tokenizer, ids = cached_tokens(CacheSettings(str(path), kind, tmp_path / "cache",
+                                                 bpe_vocab_size=300, chunk_bytes=chunk_bytes))
     assert isinstance(ids, np.memmap) and ids.dtype == np.uint16
     assert tokenizer.decode(ids) == MIXED_TEXT
 
@@ -78,7 +80,8 @@ def test_the_char_vocabulary_from_the_streaming_pass_equals_one_built_from_the_w
     # the rarest characters first turn up near the end, so the ids are renumbered after the pass
     text = MIXED_TEXT + "the end: ΩЖ€\n"
     path = write_corpus(tmp_path, text)
-    tokenizer, ids = cached_tokens(str(path), "char", tmp_path / "cache", chunk_bytes=5)
+    tokenizer, ids = cached_tokens(CacheSettings(str(path), "char", tmp_path / "cache",
+                                                 chunk_bytes=5))
     whole = CharTokenizer(text)
     assert tokenizer.chars == whole.chars
     assert np.array_equal(np.asarray(ids), whole.encode(text))
@@ -88,7 +91,8 @@ def test_a_corpus_of_more_than_65536_distinct_characters_is_cached_as_uint32(tmp
     characters = [chr(0x20000 + i) for i in range(70_000)]  # CJK extension planes: 4 UTF-8 bytes
     text = "abc\n" + "".join(characters) + "\nabc"
     path = write_corpus(tmp_path, text)
-    tokenizer, ids = cached_tokens(str(path), "char", tmp_path / "cache", chunk_bytes=4096)
+    tokenizer, ids = cached_tokens(CacheSettings(str(path), "char", tmp_path / "cache",
+                                                 chunk_bytes=4096))
     assert ids.dtype == np.uint32 and tokenizer.vocab_size == 70_000 + 4
     assert tokenizer.decode(ids) == text
     assert Path(ids.filename).stat().st_size == 4 * len(text)
@@ -99,16 +103,17 @@ def test_a_directory_of_files_is_cached_as_their_text_in_sorted_order(tmp_path):
     data.mkdir()
     write_corpus(data, "second 第二\n", name="b.txt")
     write_corpus(data, "first 🙂\n", name="a.txt")
-    tokenizer, ids = cached_tokens(str(data), "char", tmp_path / "cache", chunk_bytes=3)
+    tokenizer, ids = cached_tokens(CacheSettings(str(data), "char", tmp_path / "cache",
+                                                 chunk_bytes=3))
     assert tokenizer.decode(ids) == "first 🙂\nsecond 第二\n"
 
 
 def test_an_unmodified_source_reuses_the_cache_without_writing_it_again(tmp_path):
     path = write_corpus(tmp_path, MIXED_TEXT)
     cache = tmp_path / "cache"
-    _, ids = cached_tokens(str(path), "char", cache)
+    _, ids = cached_tokens(CacheSettings(str(path), "char", cache))
     written = {name: (cache / name).stat() for name in cache_files(cache)}
-    tokenizer, again = cached_tokens(str(path), "char", cache)
+    tokenizer, again = cached_tokens(CacheSettings(str(path), "char", cache))
     assert tokenizer.decode(again) == MIXED_TEXT
     for name, before in written.items():  # a rebuild renames a new file (a new inode) into place
         after = (cache / name).stat()
@@ -120,7 +125,7 @@ def test_an_unmodified_source_reuses_the_cache_without_writing_it_again(tmp_path
 def test_a_modified_source_file_rebuilds_the_cache(tmp_path, change):
     path = write_corpus(tmp_path, MIXED_TEXT)
     cache = tmp_path / "cache"
-    cached_tokens(str(path), "char", cache)
+    cached_tokens(CacheSettings(str(path), "char", cache))
     before = path.stat()
     if change == "same size, new mtime":
         modified = MIXED_TEXT.replace("naïve", "NAÏVE")  # the same number of bytes
@@ -133,7 +138,7 @@ def test_a_modified_source_file_rebuilds_the_cache(tmp_path, change):
     after = path.stat()
     assert (after.st_size == before.st_size) == change.startswith("same size")
     assert (after.st_mtime_ns == before.st_mtime_ns) == change.endswith("same mtime")
-    tokenizer, ids = cached_tokens(str(path), "char", cache)
+    tokenizer, ids = cached_tokens(CacheSettings(str(path), "char", cache))
     assert tokenizer.decode(ids) == modified
     assert len([n for n in cache_files(cache) if n.endswith(".bin")]) == 1  # replaced, not added
 
@@ -156,25 +161,29 @@ def test_a_relative_xdg_cache_home_is_ignored_for_the_home_directory(tmp_path, m
     assert Path(default_cache_dir()) == tmp_path / "home" / ".cache" / "gpt-train" / "tokens"
 
 
-def test_a_failed_build_leaves_neither_a_cache_nor_temporary_files(tmp_path):
+def test_a_failed_build_leaves_neither_a_cache_nor_temporary_files_nor_a_lock(tmp_path):
     path = write_corpus(tmp_path, MIXED_TEXT)
     cache = tmp_path / "cache"
     too_small = CharTokenizer("line 0123456789:\n")  # lacks most of the corpus's characters
     with pytest.raises(UserError, match="never seen"):
-        cached_tokens(str(path), "char", cache, tokenizer=too_small, chunk_bytes=64)
-    assert cache_files(cache) == []
+        cached_tokens(CacheSettings(str(path), "char", cache, chunk_bytes=64), tokenizer=too_small)
+    assert not cache.exists()  # the directory it created, too
+    cache.mkdir()
+    with pytest.raises(UserError, match="never seen"):
+        cached_tokens(CacheSettings(str(path), "char", cache, chunk_bytes=64), tokenizer=too_small)
+    assert list(cache.iterdir()) == []  # one that was there stays, empty
 
 
 def test_a_killed_builds_temporary_file_is_removed_by_the_next_build(tmp_path):
     path = write_corpus(tmp_path, MIXED_TEXT)
     cache = tmp_path / "cache"
-    _, ids = cached_tokens(str(path), "char", cache)
+    _, ids = cached_tokens(CacheSettings(str(path), "char", cache))
     bin_path = Path(ids.filename)
     del ids
     leftover = cache / f".tmp-{bin_path.name}.killed"
     leftover.write_bytes(b"half a cache")
     bin_path.with_suffix(".json").unlink()  # as if the build had been killed before its JSON
-    tokenizer, ids = cached_tokens(str(path), "char", cache)
+    tokenizer, ids = cached_tokens(CacheSettings(str(path), "char", cache))
     assert tokenizer.decode(ids) == MIXED_TEXT
     assert not leftover.exists()
     assert not [name for name in cache_files(cache) if name.startswith(".tmp-")]
@@ -183,22 +192,22 @@ def test_a_killed_builds_temporary_file_is_removed_by_the_next_build(tmp_path):
 def test_a_resume_with_the_runs_own_tokenizer_reuses_its_cache(tmp_path):
     path = write_corpus(tmp_path, MIXED_TEXT)
     cache = tmp_path / "cache"
-    tokenizer, ids = cached_tokens(str(path), "char", cache)
+    tokenizer, ids = cached_tokens(CacheSettings(str(path), "char", cache))
     files = cache_files(cache)
     saved = CharTokenizer(tokenizer.chars)  # as rebuilt from a checkpoint
-    _, resumed = cached_tokens(str(path), "char", cache, tokenizer=saved)
+    _, resumed = cached_tokens(CacheSettings(str(path), "char", cache), tokenizer=saved)
     assert resumed.filename == ids.filename and cache_files(cache) == files
 
 
 def test_a_run_with_another_tokenizer_gets_its_own_cache(tmp_path):
     path = write_corpus(tmp_path, MIXED_TEXT)
     cache = tmp_path / "cache"
-    _, ids = cached_tokens(str(path), "char", cache)
+    _, ids = cached_tokens(CacheSettings(str(path), "char", cache))
     wider = CharTokenizer(MIXED_TEXT + "ABCDEFGH")  # a fine-tuning run's larger vocabulary
-    tokenizer, other = cached_tokens(str(path), "char", cache, tokenizer=wider)
+    tokenizer, other = cached_tokens(CacheSettings(str(path), "char", cache), tokenizer=wider)
     assert other.filename != ids.filename
     assert tokenizer.chars == wider.chars and tokenizer.decode(other) == MIXED_TEXT
-    _, first_again = cached_tokens(str(path), "char", cache)
+    _, first_again = cached_tokens(CacheSettings(str(path), "char", cache))
     assert first_again.filename == ids.filename and np.array_equal(first_again, ids)
 
 
@@ -206,7 +215,7 @@ def test_a_run_with_another_tokenizer_gets_its_own_cache(tmp_path):
 
 def memmapped_train_split(tmp_path, block_size=16):
     path = write_corpus(tmp_path, MIXED_TEXT * 20)  # about 70,000 tokens
-    _, ids = cached_tokens(str(path), "char", tmp_path / "cache")
+    _, ids = cached_tokens(CacheSettings(str(path), "char", tmp_path / "cache"))
     train_tokens, _ = split_tokens(ids, 0.1, block_size)
     return train_tokens
 
@@ -224,7 +233,7 @@ def test_a_dataset_over_a_memmapped_split_pickles_its_file_name_not_its_tokens(t
 
 def test_a_dataset_over_the_validation_split_reads_from_the_right_offset(tmp_path):
     path = write_corpus(tmp_path, MIXED_TEXT * 5)
-    _, ids = cached_tokens(str(path), "char", tmp_path / "cache")
+    _, ids = cached_tokens(CacheSettings(str(path), "char", tmp_path / "cache"))
     _, val_tokens = split_tokens(ids, 0.5, 16)  # starts half-way into the file
     in_memory = RandomWindows(np.array(val_tokens), 16, 8, seed=0)[5]
     from_file = RandomWindows(val_tokens, 16, 8, seed=0)

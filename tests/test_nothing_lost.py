@@ -35,6 +35,7 @@ from conftest import (REPO, assert_same_weights, exit_status, metrics_records, o
                       read_checkpoint, snapshot, tiny_argv, write_corpus)
 from model import build_model
 from robust_helpers import PAUSED_LINE, poison_training_losses
+from gpt_train.cachefiles import CacheSettings
 from gpt_train.tokencache import cached_tokens
 
 SUBPROCESS_SECONDS = 90  # a bound for a hung run; a healthy one takes a few seconds
@@ -195,7 +196,7 @@ def test_plot_into_a_closed_pipe_ends_quietly(run_dir, tmp_path, monkeypatch, ca
 
 def test_a_token_cache_of_the_right_size_but_garbage_content_is_one_line(corpus, tmp_path, capsys):
     cache_dir = tmp_path / "cache"
-    cached_tokens(corpus, "char", cache_dir)
+    cached_tokens(CacheSettings(corpus, "char", cache_dir))
     (cache,) = cache_dir.glob("*.bin")
     cache.write_bytes(bytes(range(256)) * (cache.stat().st_size // 256) +
                       b"\xff" * (cache.stat().st_size % 256))
