@@ -20,14 +20,18 @@ runs in `pipeline("text-generation", model=DIR)` with no other step. It holds:
        "tokenizer_state": {...}}        # this project's tokenizer state (tokenizer.py)
   Decoding ids is concatenating their pieces and reading the bytes as UTF-8.
 - `export_source.json`: where the export came from: {"run": the run directory of the checkpoint
-  (resolved), or the Hugging Face directory or model id; "checkpoint": the file; "step": its step}.
-No file a user has is overwritten, and no export is lost (`check_out_dir`, `install_export`):
+  (resolved), or the Hugging Face directory or model id; "run_id": the run's id, which every
+  checkpoint of a training run holds (null for a Hugging Face model); "checkpoint": the file;
+  "step": its step}.
+No file a user has is overwritten, and no export is lost (`install_export`, and
+gpt_train/export_directory.py for whose export --out holds):
 - the files are written into a temporary directory beside `--out` and moved into place only once
   all are written, so a failed export (a full disk, a kill) leaves the earlier one working;
-- `--out` must be new, empty, or an export of the same run (re-exporting after more training just
-  works); an export of another run, an export that does not say its run (older versions), or a
-  directory with other files needs `--overwrite true`, which replaces the export's files and
-  leaves any others.
+- `--out` must be new, empty, or an export of the same run, known by the run's id, not by its
+  directory (re-exporting after more training just works; a new run trained into the same
+  directory is another run); an export of another run, an export or a checkpoint that does not
+  say its run (older versions), or a directory with other files needs `--overwrite true`, which
+  replaces the export's files and leaves any others.
 
 Exporting needs the `safetensors` and `tokenizers` packages; loading the result needs
 `transformers`. None is needed to train. Checkpoint loading is checkpoint.py's job, the choice of
@@ -44,12 +48,6 @@ from pathlib import Path
 from gpt_train.cli import exit_on_signals, raise_os_failure, run_main
 from config import ArgumentParser, fail, parse_bool
 from gpt_train.rundir.names import add_checkpoint_arguments
-
-SOURCE_NAME = "export_source.json"
-# Every file an export writes. A directory holding only these (with our tokenizer_vocab.json)
-# is an earlier export, which an export of the same run may replace.
-EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                "tokenizer_config.json", "tokenizer_vocab.json", SOURCE_NAME)
 
 
 def parse_export_args(argv=None):
@@ -74,12 +72,13 @@ if __name__ == "__main__":
 # The flags above are read before these imports: torch takes seconds to load.
 import torch  # noqa: E402
 
-from gpt_train.atomic import TEMPORARY_PREFIX, fsync_directory  # noqa: E402
-from gpt_train.checkpoint import model_from_checkpoint, saved_step  # noqa: E402
+from gpt_train.atomic import fsync_directory, temporary_path  # noqa: E402
+from gpt_train.checkpoint import model_from_checkpoint  # noqa: E402
+from gpt_train.export_directory import (SOURCE_NAME, check_out_dir,  # noqa: E402
+                                        earlier_export_source, export_source, remove_leftovers)
 from gpt_train.generation import encode_prompt  # noqa: E402
 from model import RMS_NORM_EPS, ROPE_THETA, mlp_hidden_size  # noqa: E402
 from gpt_train.rundir.reading import checkpoint_to_load  # noqa: E402
-from gpt_train.sharded_checkpoint import is_sharded_checkpoint  # noqa: E402
 from gpt_train.tokenizer import import_tokenizers  # noqa: E402
 
 
@@ -312,56 +311,6 @@ def tokenizer_vocabulary(tokenizer):
             "tokenizer_state": tokenizer.state_dict()}
 
 
-def export_source(checkpoint_path):
-    """export_source.json: the run a checkpoint file belongs to (its directory), or the Hugging
-    Face directory or model id it was read from, with the file and its step."""
-    path = Path(checkpoint_path)
-    if path.is_file() or is_sharded_checkpoint(path):  # a run's file (or FSDP step directory)
-        return {"run": str(path.resolve().parent), "checkpoint": str(path.resolve()),
-                "step": saved_step(path)}
-    name = str(path.resolve()) if path.is_dir() else str(checkpoint_path)
-    return {"run": name, "checkpoint": name, "step": None}
-
-
-def earlier_export_run(directory):
-    """The run an earlier export in `directory` came from; "" for an export that does not say
-    (written by an older version); None if `directory` is not only an export of ours."""
-    names = {path.name for path in directory.iterdir()}
-    if not names <= set(EXPORT_FILES) or "tokenizer_vocab.json" not in names:
-        return None
-    try:
-        vocabulary = json.loads((directory / "tokenizer_vocab.json").read_text(encoding="utf-8"))
-        if not isinstance(vocabulary, dict) or not {"kind", "pieces"} <= vocabulary.keys():
-            return None
-        source = json.loads((directory / SOURCE_NAME).read_text(encoding="utf-8"))
-        return str(source["run"]) if isinstance(source, dict) and "run" in source else ""
-    except FileNotFoundError:
-        return ""
-    except (OSError, ValueError):
-        return None
-
-
-def check_out_dir(out, overwrite, source):
-    """Refuse an --out that would replace files not written by an export of the same run."""
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} exists and is not a directory")
-    if overwrite or not out.exists():
-        return
-    try:
-        earlier_run = None if any(out.iterdir()) else source["run"]  # empty: nothing to lose
-        earlier_run = earlier_export_run(out) if earlier_run is None else earlier_run
-    except OSError as error:
-        fail(f"cannot read --out {out}: {error.strerror or error}")
-    if earlier_run is None:
-        fail(f"--out {out} holds files that are not an earlier export: choose another "
-             f"directory, or pass --overwrite true to write over its files of the same names")
-    if earlier_run != source["run"]:
-        of_what = f"of another run ({earlier_run})" if earlier_run else \
-            f"that does not say which run it came from (no {SOURCE_NAME})"
-        fail(f"--out {out} holds an export {of_what}, not of {source['run']}: choose another "
-             f"--out, or pass --overwrite true to replace it")
-
-
 def _import_save_file():
     try:
         from safetensors.torch import save_file
@@ -394,36 +343,8 @@ def temporary_directory(target):
     """Where the export is written first: beside --out, to be renamed into place (a new --out, or
     an earlier export swapped whole); inside --out where the files move one by one into a
     directory that stays (an empty one, or a user's with --overwrite)."""
-    renamed = not target.exists() or earlier_export_run(target) is not None
-    return (target.parent if renamed else target) / f"{TEMPORARY_PREFIX}{target.name}.{os.getpid()}"
-
-
-def remove_leftovers(target):
-    """Delete what an export killed while writing left behind: a `.tmp-NAME.PID` directory,
-    beside or inside --out, of a process that is gone, holding nothing but export files. (A
-    `.tmp-NAME.PID.old`, an earlier export caught mid-swap, is the user's to look at.)"""
-    if os.name != "posix":
-        return  # no safe way to ask whether the writer is still alive
-    prefix = f"{TEMPORARY_PREFIX}{target.name}."
-    for home in (target.parent, target):
-        if not home.is_dir():
-            continue
-        for path in home.iterdir():
-            pid = path.name[len(prefix):] if path.name.startswith(prefix) else ""
-            if pid.isdigit() and path.is_dir() and not path.is_symlink() and \
-                    not process_alive(int(pid)) and \
-                    {child.name for child in path.iterdir()} <= set(EXPORT_FILES):
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists, as another user's
-        return True
-    return True
+    renamed = not target.exists() or earlier_export_source(target) is not None
+    return temporary_path((target.parent if renamed else target) / target.name)
 
 
 def install_export(temporary, target):

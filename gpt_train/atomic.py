@@ -5,11 +5,13 @@
   leaves the old file or the new one, never a truncated one;
 - a new file gets the permissions of any file the process creates (0666 less the user's umask),
   as `open` gives it: a checkpoint is as readable by a teammate as the other files of the run;
-- every temporary name has the form `.tmp-NAME.PID` (`TEMPORARY_PREFIX`, `TEMPORARY_PATTERN`), so
-  `remove_temporary_files` can delete what a killed process left behind, and nothing else: a
-  user's own `.tmp-notes` or a directory `.tmp-build` is not in that form, or not a file.
-Used by checkpoint.py (checkpoints) and tokencache.py (token caches). What a failed write means to
-the user (a full disk, how much room was needed) is the caller's business.
+- every temporary name this tool writes, file or directory, has one form, `.tmp-NAME.PID` with
+  PID the writer's process id in digits (`temporary_path`, `temporary_parts`), so what a killed
+  process left behind can be found and nothing else: a user's own `.tmp-notes`,
+  `.tmp-gpt_final.pt.bak` or `.tmp-metrics.jsonl.old` is not in that form, and is never removed.
+Used by checkpoint.py (checkpoints), tokencache.py (token caches), rundir/ (its leftovers) and
+export.py (its temporary directory). What a failed write means to the user (a full disk, how much
+room was needed) is the caller's business.
 """
 
 import contextlib
@@ -19,13 +21,20 @@ import re
 from pathlib import Path
 
 TEMPORARY_PREFIX = ".tmp-"
-TEMPORARY_PATTERN = re.compile(rf"^{re.escape(TEMPORARY_PREFIX)}(.+)\.([^.]+)$")  # NAME, PID
+TEMPORARY_PATTERN = re.compile(rf"^{re.escape(TEMPORARY_PREFIX)}(.+)\.(\d+)$")  # NAME, PID
 
 
-def temporary_path(path):
-    """Where `atomic_write` writes `path` before renaming it: .tmp-NAME.PID beside it."""
+def temporary_path(path, pid=None):
+    """Where `path` is written before it is renamed into place: .tmp-NAME.PID beside it, PID
+    this process's id unless given (the ranks of an FSDP save write into rank 0's)."""
     path = Path(path)
-    return path.with_name(f"{TEMPORARY_PREFIX}{path.name}.{os.getpid()}")
+    return path.with_name(f"{TEMPORARY_PREFIX}{path.name}.{os.getpid() if pid is None else pid}")
+
+
+def temporary_parts(name):
+    """(NAME, PID) of a name in the form .tmp-NAME.PID, else None."""
+    match = TEMPORARY_PATTERN.match(name)
+    return (match.group(1), int(match.group(2))) if match else None
 
 
 @contextlib.contextmanager
@@ -66,6 +75,6 @@ def remove_temporary_files(directory, names="*"):
     function of the name). Anything else, however it is named, is left alone."""
     accepts = names if callable(names) else (lambda name: fnmatch.fnmatchcase(name, names))
     for leftover in Path(directory).glob(f"{TEMPORARY_PREFIX}*"):
-        match = TEMPORARY_PATTERN.match(leftover.name)
-        if match and accepts(match.group(1)) and leftover.is_file() and not leftover.is_symlink():
+        parts = temporary_parts(leftover.name)
+        if parts and accepts(parts[0]) and leftover.is_file() and not leftover.is_symlink():
             leftover.unlink(missing_ok=True)

@@ -36,8 +36,8 @@ from config import validate as validate_configs
 from gpt_train.lora import merge_adapters
 from model import build_model
 from gpt_train.pretrained import checkpoint_from_pretrained, is_pretrained
-from gpt_train.sharded_checkpoint import (RUN_STATE_NAME, has_index, is_sharded_checkpoint,
-                                read_sharded_weights)
+from gpt_train.sharded_checkpoint import (INDEX_NAME, RUN_STATE_NAME, damage,
+                                          is_sharded_checkpoint, read_sharded_weights)
 from gpt_train.tokenizer import tokenizer_from_state
 
 REQUIRED_KEYS = ("model_state_dict", "gpt_config", "tokenizer")
@@ -102,9 +102,9 @@ def load_checkpoint(path, map_location="cpu", weights=True):
     if is_sharded_checkpoint(path):
         return load_sharded_checkpoint(Path(path), weights)
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
-        fail(f"checkpoint {path} is a directory; give a file in it, such as "
-             f"{Path(path) / 'gpt_final.pt'} (a directory is read only as a Hugging Face model, "
-             f"with its config.json)")
+        fail(f"checkpoint {path} is a directory that holds no checkpoint: neither an FSDP run's "
+             f"step (run_state.pt, {INDEX_NAME}) nor a Hugging Face model (config.json); give one "
+             f"of those, or a checkpoint file such as {Path(path) / 'gpt_final.pt'}")
     if is_pretrained(path):
         return checkpoint_from_pretrained(path)
     path = Path(path)
@@ -120,11 +120,13 @@ def load_checkpoint(path, map_location="cpu", weights=True):
 
 def load_sharded_checkpoint(path, weights=True):
     """A gpt_step{N} directory's run state; with `weights`, the whole model's weights too."""
+    problem = damage(path)
+    if problem:
+        fail(f"checkpoint {path} is incomplete: {problem}")
     checkpoint = read_saved_file(path / RUN_STATE_NAME)
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint and key != "model_state_dict"]
-    if missing or not has_index(path):
-        fail(f"checkpoint {path} is incomplete: it is missing "
-             f"{', '.join(repr(k) for k in missing) or 'the index of its slices (.metadata)'}")
+    if missing:
+        fail(f"checkpoint {path} is incomplete: it is missing {', '.join(map(repr, missing))}")
     if weights:
         checkpoint["model_state_dict"] = read_sharded_weights(path)
     return checkpoint
@@ -153,17 +155,18 @@ def read_saved_file(path, map_location="cpu"):
 
 def is_readable(path):
     """Whether `path` opens as a checkpoint of this project, read through a memory map without
-    loading its tensors: a truncated or overwritten file does not. (A sharded one: its run state
-    and the index of its slices.)"""
+    loading its tensors: a truncated or overwritten file does not. (A sharded one: its run state,
+    and its slices as long as their index says.)"""
     sharded = is_sharded_checkpoint(path)
+    if sharded and damage(path):
+        return False
     try:
         checkpoint = torch.load(Path(path) / RUN_STATE_NAME if sharded else path,
                                 map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # unreadable for any reason: the caller picks another file
         return False
     required = [key for key in REQUIRED_KEYS if not (sharded and key == "model_state_dict")]
-    return isinstance(checkpoint, dict) and all(key in checkpoint for key in required) and \
-        (not sharded or has_index(path))
+    return isinstance(checkpoint, dict) and all(key in checkpoint for key in required)
 
 
 def saved_value(path, key):

@@ -6,8 +6,11 @@ rank 0 writes with everything else a resume needs (step, configs, tokenizer, sch
 rank's random states, the optimizer's settings) as a plain torch.save file. Notable details:
 - no rank ever holds the whole model to save it; a load reshards, so a checkpoint resumes with
   any number of ranks, or into an unsharded (DDP or single-process) model;
-- the ranks write into a temporary directory, which rank 0 renames to gpt_step{N} only once every
-  rank has finished: the directory appears complete or not at all;
+- the ranks write into rank 0's temporary directory (.tmp-gpt_step{N}.PID), which rank 0 renames
+  to gpt_step{N} only once every rank has finished: the directory appears complete or not at all,
+  and never in place of one already there (the run set its later steps aside when it started);
+- `damage` is the cheap look a reader takes before choosing one: the run state, the index, and
+  every file of slices the index names at the length it says (a truncated slice does not read);
 - only tensors go through DCP, which would unpickle anything else without `weights_only`;
 - `gathered_weights` collects the whole model on rank 0 once, for gpt_final.pt and gpt_best.pt,
   which stay plain weights-only files;
@@ -44,21 +47,23 @@ MODEL_PREFIX = "model."  # DCP flattens nested keys with dots: model.<name>, opt
 
 
 def is_sharded_checkpoint(path):
-    """Whether `path` is a step checkpoint directory written by an FSDP run."""
-    return Path(path).is_dir() and (Path(path) / RUN_STATE_NAME).is_file()
+    """Whether `path` is a step checkpoint directory of an FSDP run, whole or damaged: a directory
+    holding either half (the run state, the index of the slices)."""
+    path = Path(path)
+    return path.is_dir() and ((path / RUN_STATE_NAME).is_file() or (path / INDEX_NAME).is_file())
 
 
 def save_sharded_checkpoint(state, model, optimizer, path, temporary):
     """Every rank: write `state` (the run state) and the sharded model and optimizer to `path`.
 
-    The ranks write into `temporary`; rank 0 adds the run state and renames it to `path`. A write
-    that fails on any rank removes `temporary` and raises ResourceError on every rank, leaving
-    earlier checkpoints as they were.
+    The ranks write into rank 0's `temporary`; rank 0 adds the run state and renames it to `path`.
+    A write that fails on any rank removes `temporary` and raises ResourceError on every rank,
+    leaving earlier checkpoints as they were.
     """
-    path, temporary, is_main = Path(path), Path(temporary), dist.get_rank() == 0
-    if is_main:
-        shutil.rmtree(temporary, ignore_errors=True)  # left by a killed run
-    dist.barrier()
+    path, is_main = Path(path), dist.get_rank() == 0
+    shared = [str(temporary)]
+    dist.broadcast_object_list(shared, src=0)  # its name holds rank 0's process id
+    temporary = Path(shared[0])
     resharded(model)
     tensors = {"model": get_model_state_dict(model),
                "optimizer": get_optimizer_state_dict(model, optimizer)["state"]}
@@ -89,13 +94,9 @@ def _finish_on_rank_0(state, path, temporary):
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        if path.exists():  # the same step written again (a rewound run): the new one replaces it
-            replaced = temporary.with_name(f"{temporary.name}.replaced")
-            os.replace(path, replaced)
-            os.replace(temporary, path)
-            shutil.rmtree(replaced, ignore_errors=True)
-        else:
-            os.replace(temporary, path)
+        if path.exists() or path.is_symlink():  # the run set its later steps aside at its start
+            return f"a {path.name} this run did not write is in the way (it is kept as it is)"
+        os.replace(temporary, path)
         fsync_directory(path.parent)
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
         return _reason(error)
@@ -119,10 +120,28 @@ def _reason(error):
     return cause.strerror or str(cause)
 
 
-def has_index(path):
-    """Whether DCP's index of a sharded checkpoint is present (the files of slices it names are
-    read only on load)."""
-    return (Path(path) / INDEX_NAME).is_file()
+def damage(path):
+    """What is missing from the sharded checkpoint `path`, in a few words, or None if nothing is:
+    its run state, its index, and each file of slices the index names, as long as the index says
+    (no tensor is read)."""
+    path = Path(path)
+    for name, what in ((RUN_STATE_NAME, "the run state"), (INDEX_NAME, "the index of its slices")):
+        if not (path / name).is_file():
+            return f"{what} ({name}) is missing"
+    try:
+        ends = {}
+        for where in FileSystemReader(str(path)).read_metadata().storage_data.values():
+            end = where.offset + where.length
+            ends[where.relative_path] = max(ends.get(where.relative_path, 0), end)
+    except Exception as error:  # torch raises many types for a damaged index
+        return f"the index of its slices ({INDEX_NAME}) is unreadable: {type(error).__name__}"
+    for name, end in sorted(ends.items()):
+        size = (path / name).stat().st_size if (path / name).is_file() else None
+        if size is None:
+            return f"its file of slices {name} is missing"
+        if size < end:
+            return f"its file of slices {name} is truncated ({size:,} of {end:,} bytes)"
+    return None
 
 
 def read_sharded_weights(path):
@@ -147,10 +166,15 @@ def load_sharded_training_state(model, optimizer, path, param_groups):
     run's ranks (or unsharded, for a DDP run); `param_groups` are the saved settings."""
     model_state = get_model_state_dict(resharded(model))
     optimizer_state = get_optimizer_state_dict(model, optimizer)  # creates the state to fill
-    with warnings.catch_warnings():  # a process without a group (DDP alone) is warned it is alone
-        warnings.simplefilter("ignore")
-        dcp.load({"model": model_state, "optimizer": optimizer_state["state"]},
-                 checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    try:
+        with warnings.catch_warnings():  # a process without a group (DDP alone) is warned so
+            warnings.simplefilter("ignore")
+            dcp.load({"model": model_state, "optimizer": optimizer_state["state"]},
+                     checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except CheckpointException as failure:  # raised on every rank, whichever rank read the damage
+        rank, (error, _) = min(failure.failures.items())
+        fail(f"checkpoint {path} is unreadable (corrupt): rank {rank} read "
+             f"{type(error).__name__} from its slices")
     set_model_state_dict(model, model_state)
     set_optimizer_state_dict(model, optimizer, {"state": optimizer_state["state"],
                                                 "param_groups": param_groups})

@@ -15,12 +15,13 @@ needs to continue after step N exactly. Its keys:
   data_state              {"position": micro-batches drawn}: where the sampler continues
   world_size              the processes that wrote it
   early_stopping          the best validation loss so far and its count (best_model.py)
-  run_id                  the run's id: --keep_last deletes only the run's own step checkpoints
+  run_id                  the run's id: --keep_last deletes only the run's own step checkpoints,
+                          and export.py knows an earlier export of the same run
   data_fingerprint        of --data (tokencache.py), when the run read a --data
   sharded                 True in the run state of an FSDP run
 
-gpt_final.pt and gpt_best.pt hold `weights_state`: the first five keys and the whole model's
-plain weights (gpt_best.pt adds val_loss). The compatibility rule: keys are never renamed or
+gpt_final.pt and gpt_best.pt hold `weights_state`: the first five keys, run_id and the whole
+model's plain weights (gpt_best.pt adds val_loss). The compatibility rule: keys are never renamed or
 given another meaning, and a key added later is read with a default where an older checkpoint
 lacks it (early_stopping, run_id, data_fingerprint, world_size, sharded), so every step
 checkpoint ever written resumes. Everything that reads one of these keys asks here
@@ -41,10 +42,10 @@ from gpt_train.sharded_checkpoint import (load_full_training_state, load_sharded
 
 
 def run_summary(run, loss):
-    """The step, loss, configs and tokenizer: what every checkpoint says about its run."""
+    """The step, loss, configs, tokenizer and run id: what every checkpoint says about its run."""
     return {"step": run.step, "loss": loss, "gpt_config": config_to_dict(run.gpt_config),
             "train_config": config_to_dict(run.train_config),
-            "tokenizer": run.tokenizer.state_dict()}
+            "tokenizer": run.tokenizer.state_dict(), "run_id": run.directory.run_id}
 
 
 def weights_state(run, loss):
@@ -76,7 +77,6 @@ def training_state(run, loss):
         "data_state": {"position": run.step * run.train_config.grad_accum_steps},
         "world_size": run.runtime.world_size,
         "early_stopping": run.best.state_dict(),
-        "run_id": run.directory.run_id,
     })
     if run.data_fingerprint:
         state["data_fingerprint"] = run.data_fingerprint

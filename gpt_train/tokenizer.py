@@ -412,8 +412,10 @@ def tokenizer_for_documents(tokenizer):
     if tokenizer.kind == "bpe" and tokenizer.known_end_of_text() is not None:
         return BPETokenizer(tokenizer.tokenizer_json, tokenizer.known_end_of_text(),
                             tokenizer.source)
-    fail(f"this {tokenizer.kind} tokenizer (from the checkpoint) has no end-of-text token to keep "
-         f"the documents of --data apart: continue it on plain text, or train a new model")
+    origin = f" (--tokenizer {tokenizer.source})" if getattr(tokenizer, "source", None) else ""
+    fail(f"this {tokenizer.kind} tokenizer{origin} has no end-of-text token to keep the documents "
+         f"of --data apart, and a model trained with it cannot grow one: give plain text as "
+         f"--data, or train a new model with a tokenizer that has one")
 
 
 ENCODER = {}  # this process's encoding thread: {"pid": ..., "jobs": its queue}

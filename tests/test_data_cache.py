@@ -180,7 +180,7 @@ def test_a_killed_builds_temporary_file_is_removed_by_the_next_build(tmp_path):
     _, ids = cached_tokens(CacheSettings(str(path), "char", cache))
     bin_path = Path(ids.filename)
     del ids
-    leftover = cache / f".tmp-{bin_path.name}.killed"
+    leftover = cache / f".tmp-{bin_path.name}.4194305"  # a killed process's id
     leftover.write_bytes(b"half a cache")
     bin_path.with_suffix(".json").unlink()  # as if the build had been killed before its JSON
     tokenizer, ids = cached_tokens(CacheSettings(str(path), "char", cache))

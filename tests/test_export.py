@@ -13,6 +13,7 @@ import torch
 import export
 import train
 from gpt_train.checkpoint import model_from_checkpoint
+from gpt_train.export_directory import EXPORT_FILES
 from conftest import exit_status, snapshot, tiny_argv, write_corpus
 from gpt_train.tokenizer import tokenizer_from_state
 
@@ -167,5 +168,5 @@ def test_every_file_of_an_export_gets_the_users_umask(trained_run, tmp_path, uma
     finally:
         os.umask(previous)
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "hf").iterdir()}
-    assert set(modes) == set(export.EXPORT_FILES)
+    assert set(modes) == set(EXPORT_FILES)
     assert set(modes.values()) == {0o666 & ~umask}, {name: oct(m) for name, m in modes.items()}

@@ -92,8 +92,8 @@ def test_resume_latest_and_keep_last_see_sharded_checkpoints(runs, tmp_path, cap
     root, data = runs
     directory = tmp_path / "run"
     train.train(tiny_argv(directory, data, **{**SHARDED, "max_iters": 4}))
-    (directory / ".tmp-gpt_step8.sharded").mkdir()  # what a killed save leaves
-    (directory / ".tmp-gpt_step8.sharded" / "__0_0.distcp").write_bytes(b"half")
+    (directory / ".tmp-gpt_step8.4194305").mkdir()  # what a killed save leaves
+    (directory / ".tmp-gpt_step8.4194305" / "__0_0.distcp").write_bytes(b"half")
     train.train(tiny_argv(directory, data, **{**SHARDED, "resume": "latest", "keep_last": 1}))
     assert f"resumed from {directory / 'gpt_step4'} after step 4" in capsys.readouterr().out
     assert sorted(p.name for p in directory.iterdir()) == \

@@ -85,8 +85,14 @@ def exported(run_dir, tmp_path):
 def test_an_export_of_another_run_or_of_no_known_run_is_replaced_only_with_overwrite(
         exported, run_dir, tmp_path, capsys):
     other_run = shutil.copytree(run_dir, tmp_path / "other")
+    final = read_checkpoint(other_run / "gpt_final.pt")
+    torch.save({**final, "run_id": "another run's id"}, other_run / "gpt_final.pt")
     refused(capsys, export.main, ["--checkpoint", other_run / "gpt_final.pt", "--out", exported],
             exported, "holds an export of another run", "--overwrite true")
+    del final["run_id"]  # a checkpoint of an older version
+    torch.save(final, tmp_path / "old.pt")
+    refused(capsys, export.main, ["--checkpoint", tmp_path / "old.pt", "--out", exported],
+            exported, "does not say which run it is of", "--overwrite true")
     (exported / "export_source.json").unlink()  # as an export by an older version
     refused(capsys, export.main, ["--checkpoint", run_dir / "gpt_final.pt", "--out", exported],
             exported, "does not say which run", "--overwrite true")
@@ -98,7 +104,8 @@ def test_an_export_of_another_run_or_of_no_known_run_is_replaced_only_with_overw
 def test_the_same_runs_export_is_replaced_by_a_later_model_of_it(exported, run_dir):
     step4 = snapshot(exported)
     killed, users = exported.parent / ".tmp-hf.999999999", exported.parent / ".tmp-hf.12"
-    for leftover, name in ((killed, "config.json"), (users, "notes.txt")):
+    retired = exported.parent / ".tmp-hf.999999998.old"  # an export caught mid-swap: evidence
+    for leftover, name in ((killed, "config.json"), (users, "notes.txt"), (retired, "config.json")):
         leftover.mkdir()
         (leftover / name).write_text("{}")
     assert export_into(run_dir / "gpt_final.pt", exported) == 0
@@ -106,7 +113,7 @@ def test_the_same_runs_export_is_replaced_by_a_later_model_of_it(exported, run_d
     assert snapshot(exported)["model.safetensors"] != step4["model.safetensors"]
     # what a killed export left goes; a user's directory of a name like it stays
     assert sorted(p.name for p in exported.parent.iterdir() if p.name.startswith(".tmp-")) == \
-        [users.name]
+        [users.name, retired.name]
 
 
 @pytest.mark.parametrize("failure", ["SafetensorError", "OSError"])
@@ -746,16 +753,25 @@ def test_only_the_tools_own_leftovers_are_removed_and_a_foreign_train_lock_is_re
     (directory / ".tmp-build").mkdir(parents=True)
     (directory / ".tmp-build" / "object.o").write_text("the user's build")
     (directory / ".tmp-notes").write_text("the user's notes")
-    (directory / ".tmp-gpt_step2.pt.12345").write_bytes(b"half a checkpoint")  # a killed save
+    for name in (".tmp-gpt_final.pt.bak", ".tmp-metrics.jsonl.old", ".tmp-gpt_step8.sharded/x",
+                 ".tmp-replaced.old/x", ".tmp-gpt_step8.pt.12345.part"):  # like ours, not ours
+        (directory / name).parent.mkdir(exist_ok=True)
+        (directory / name).write_text("the user's")
+    killed = [".tmp-gpt_step2.pt.12345", ".tmp-gpt_step8.4194305/__0_0.distcp",
+              ".tmp-replaced.4194305/gpt_final.pt"]  # what a killed run leaves, in our one form
+    for name in killed:
+        (directory / name).parent.mkdir(exist_ok=True)
+        (directory / name).write_bytes(b"half a checkpoint")
     (directory / "train.lock").write_text("the user's own train.lock")
     argv = tiny_argv(directory, corpus, max_iters=2, save_iter=2, eval_iter=2)
     refused(capsys, train.train, argv, directory, "train.lock", "not a lock of this tool's")
     (directory / "train.lock").unlink()
-    users = {name: content for name, content in snapshot(directory).items() if "step2" not in name}
+    users = {name: content for name, content in snapshot(directory).items() if name not in killed}
     assert exit_status(train.train, argv) == 0
     after = snapshot(directory)
     assert {name: after[name] for name in users} == users
-    assert ".tmp-gpt_step2.pt.12345" not in after
+    assert not [name for name in after if name.split("/")[0] in
+                {leftover.split("/")[0] for leftover in killed}]
 
 
 def test_overwrite_deletes_nothing_when_one_file_cannot_be_deleted(run_dir, corpus, monkeypatch,

@@ -11,20 +11,16 @@ Which files a run may move or delete, and when, is rules.py's; the names are nam
 import contextlib
 import itertools
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 
-from gpt_train.atomic import TEMPORARY_PREFIX, fsync_directory, remove_temporary_files
+from gpt_train.atomic import (TEMPORARY_PREFIX, fsync_directory, remove_temporary_files,
+                              temporary_parts, temporary_path)
 from config import fail
 from gpt_train.cli import raise_os_failure
 from gpt_train.rundir.names import (REPLACED_NAME, SUPERSEDED_NAME, TENSORBOARD_NAME, is_own_name,
-                                    list_names, metrics_path)
-
-REPLACED_PATTERN = re.compile(rf"^\.tmp-{REPLACED_NAME}\.\d+$")
-# an FSDP step checkpoint being written (.sharded), or an old one being replaced (.replaced)
-SHARDED_TEMPORARY_PATTERN = re.compile(r"^\.tmp-gpt_step\d+\.sharded(\.replaced)?$")
+                                    is_step_directory_name, list_names, metrics_path)
 
 
 def check_directory(directory):
@@ -46,24 +42,27 @@ def make_directory(directory):
 
 
 def remove_step_checkpoint(path):
-    """Delete a gpt_step{N}.pt, or an FSDP run's gpt_step{N} directory (renamed away first, so
-    that it is gone at once as a checkpoint, whatever is left of its files on an error)."""
+    """Delete a gpt_step{N}.pt, or an FSDP run's gpt_step{N} directory (renamed to
+    .tmp-replaced.PID first, so that it is gone at once as a checkpoint, whatever is left of its
+    files on an error, and the next run removes the rest as a leftover)."""
     path = Path(path)
     if not path.is_dir() or path.is_symlink():
         path.unlink(missing_ok=True)
         return
-    doomed = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.sharded.replaced")
+    doomed = temporary_path(path.with_name(REPLACED_NAME))
     os.rename(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 
 
 def remove_leftovers(directory):
-    """What a killed run left: its temporary files (.tmp-NAME.PID, for the names this tool writes),
-    the folder of files it was deleting (.tmp-replaced.PID) and an FSDP checkpoint directory it
-    was writing or deleting (.tmp-gpt_step{N}.sharded, .replaced). Nothing else is touched."""
+    """What a killed run left, in the one temporary form .tmp-NAME.PID (atomic.py): its files
+    being written (NAME one of the names a run writes), an FSDP step directory being written
+    (.tmp-gpt_step{N}.PID) and a folder being deleted (.tmp-replaced.PID). Nothing else, however
+    like them it is named, is touched."""
     remove_temporary_files(directory, is_own_name)
     for folder in Path(directory).glob(f"{TEMPORARY_PREFIX}*"):
-        own = REPLACED_PATTERN.match(folder.name) or SHARDED_TEMPORARY_PATTERN.match(folder.name)
+        parts = temporary_parts(folder.name)
+        own = parts and (parts[0] == REPLACED_NAME or is_step_directory_name(parts[0]))
         if own and folder.is_dir() and not folder.is_symlink():
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -88,7 +87,7 @@ def move_files(paths, folder):
 def delete_files(directory, paths):
     """Delete `paths` (--overwrite), all or none: they are moved into one folder first, which
     then goes; if one cannot be moved, none is deleted and the run stops with one line."""
-    folder = Path(directory) / f"{TEMPORARY_PREFIX}{REPLACED_NAME}.{os.getpid()}"
+    folder = temporary_path(Path(directory) / REPLACED_NAME)
     try:
         folder.mkdir()
         move_files(paths, folder)
@@ -124,7 +123,12 @@ def set_aside(directory, paths, label):
 def new_folder(parent, label):
     """A new folder parent/<local time>-<label> (a suffix -2, -3, ... if that name is taken)."""
     stem = f"{time.strftime('%Y-%m-%dT%H-%M-%S')}-{label}"
-    make_directory(parent)
+    try:
+        parent.mkdir(exist_ok=True)
+    except OSError as error:  # a file of that name (rules.py refuses one before training)
+        reason = "a file is in the way" if parent.exists() else error.strerror or error
+        raise_os_failure(f"could not create {parent} to set files aside ({reason}); nothing was "
+                         f"moved", error)
     for suffix in itertools.count(1):
         folder = parent / (stem if suffix == 1 else f"{stem}-{suffix}")
         try:
@@ -133,7 +137,7 @@ def new_folder(parent, label):
         except FileExistsError:
             continue
         except OSError as error:
-            raise_os_failure(f"could not create {folder} to set the later files aside "
+            raise_os_failure(f"could not create {folder} to set files aside "
                              f"({error.strerror or error}); nothing was moved", error)
 
 

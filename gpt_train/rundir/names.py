@@ -4,7 +4,8 @@
   superseded/, ...) are spelled here and nowhere else; under --parallel fsdp a step checkpoint is
   a gpt_step{N} directory, which every rule treats as it treats a gpt_step{N}.pt;
 - `run_files`: what makes a directory hold a run; `step_checkpoints`: its step checkpoints by
-  name, whether or not they read;
+  name, whether or not they read (a damaged one is evidence: the rules set it aside, never
+  delete it unasked);
 - `add_checkpoint_arguments`: the flags a reader names a run's file by.
 Whether a file reads is reading.py's question; what may be replaced is rules.py's.
 """
@@ -12,7 +13,7 @@ Whether a file reads is reading.py's question; what may be replaced is rules.py'
 import re
 from pathlib import Path
 
-from gpt_train.atomic import TEMPORARY_PREFIX
+from gpt_train.atomic import temporary_path
 
 # a step checkpoint: a gpt_step{N}.pt file, or under --parallel fsdp a gpt_step{N} directory
 STEP_PATTERN = re.compile(r"^gpt_step(\d+)(\.pt)?$")
@@ -24,7 +25,6 @@ WANDB_RUN_ID_NAME = "wandb_run_id"  # --log_to wandb: the run a resume continues
 LOCK_NAME = "train.lock"  # not part of the run: present only while a training process holds it
 SUPERSEDED_NAME = "superseded"  # the files a rewind moved aside: superseded/<time>-after-step{N}/
 REPLACED_NAME = "replaced"  # .tmp-replaced.PID/: what --overwrite is deleting, all or none
-RUN_STATE_NAME = "run_state.pt"  # in a gpt_step{N} directory: rank 0's part of the checkpoint
 
 
 def step_path(directory, step):
@@ -38,8 +38,9 @@ def sharded_step_path(directory, step):
 
 
 def sharded_temporary_path(path):
-    """.tmp-gpt_step{N}.sharded: where the ranks write gpt_step{N} before rank 0 renames it."""
-    return Path(path).with_name(f"{TEMPORARY_PREFIX}{Path(path).name}.sharded")
+    """.tmp-gpt_step{N}.PID: where the ranks write gpt_step{N} before rank 0 renames it (PID
+    rank 0's: sharded_checkpoint.py hands rank 0's name to the others)."""
+    return temporary_path(path)
 
 
 def final_path(directory):
@@ -89,14 +90,21 @@ def step_of(path):
     return int(STEP_PATTERN.match(Path(path).name).group(1))
 
 
+def is_step_directory_name(name):
+    """Whether `name` is an FSDP step checkpoint's, gpt_step{N} (no .pt)."""
+    match = STEP_PATTERN.match(name)
+    return bool(match) and not match.group(2)
+
+
 def step_checkpoints(directory):
     """The gpt_step{N}.pt files, and FSDP's gpt_step{N} directories, in `directory`, oldest step
-    first."""
+    first; whether they read or not (one without its run_state.pt, with a truncated slice) is
+    for the reader to find out."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     return sorted((p for p in directory.iterdir() if (match := STEP_PATTERN.match(p.name))
-                   and (p.is_file() if match.group(2) else (p / RUN_STATE_NAME).is_file())),
+                   and (p.is_file() if match.group(2) else p.is_dir())),
                   key=lambda path: (step_of(path), path))
 
 

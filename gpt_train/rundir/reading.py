@@ -9,7 +9,9 @@ file sample.py, evaluate.py and export.py load.
 How a checkpoint is read, and what counts as readable, is checkpoint.py's; the names are names.py's.
 """
 
+import shlex
 import sys
+from pathlib import Path
 
 from gpt_train.checkpoint import is_readable, load_checkpoint
 from config import UserError, fail
@@ -57,7 +59,15 @@ def checkpoint_to_load(args):
     """The --checkpoint given, else the best readable file of --checkpoint_dir, else a UserError."""
     if not args.checkpoint and not args.checkpoint_dir.strip():
         fail("--checkpoint_dir must not be empty (use . for the current directory)")
-    path = args.checkpoint or readable_sampling_checkpoint(args.checkpoint_dir)
+    if args.checkpoint:
+        return args.checkpoint
+    directory = Path(args.checkpoint_dir)
+    train_there = f"`python train.py --checkpoint_dir {shlex.quote(str(directory))}`"
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        fail(f"--checkpoint_dir {directory} {what}: train a model there with {train_there}, "
+             f"or give the --checkpoint_dir a run wrote")
+    path = readable_sampling_checkpoint(directory)
     if not path:
-        fail(f"no checkpoint in {args.checkpoint_dir}/: train a model first with `python train.py`")
+        fail(f"no checkpoint in {directory}/: train a model there with {train_there}")
     return path

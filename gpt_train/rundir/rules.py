@@ -28,9 +28,9 @@ from gpt_train.checkpoint import saved_step
 from gpt_train.cli import NothingToTrain, ResourceError, raise_os_failure
 from gpt_train.rundir.moves import (check_directory, delete_files, make_directory,
                                     remove_leftovers, remove_step_checkpoint, set_aside)
-from gpt_train.rundir.names import (STEP_PATTERN, SUPERSEDED_NAME, best_path, final_path,
-                                    is_run_file, list_names, run_files, same_directory,
-                                    step_checkpoints, step_of)
+from gpt_train.rundir.names import (SUPERSEDED_NAME, best_path, final_path, is_run_file,
+                                    is_step_directory_name, list_names, run_files,
+                                    same_directory, step_checkpoints, step_of)
 from gpt_train.runtime import note, print0
 from gpt_train.step_checkpoint import resumable_step, run_id_of, saved_best_model
 
@@ -49,18 +49,41 @@ def refuse_to_replace_a_run(train_config, attempt_accepted=False):
              f"writes its own checkpoints: the model being fine-tuned would be replaced; give "
              f"another --checkpoint_dir")
     check_directory(t.checkpoint_dir)
-    if t.overwrite or attempt_accepted or (t.resume and same_directory(t.resume, t.checkpoint_dir)):
-        return
-    existing = run_files(t.checkpoint_dir)
+    resumes_in_place = bool(t.resume) and same_directory(t.resume, t.checkpoint_dir)
+    if not (t.overwrite or attempt_accepted or resumes_in_place):
+        refuse_a_directory_holding_a_run(t.checkpoint_dir)
+    check_place_to_set_aside(t)
+
+
+def refuse_a_directory_holding_a_run(directory):
+    """One line naming the run's files and the ways on, if `directory` holds a run."""
+    existing = run_files(directory)
     if existing:
         ways = ["train into another --checkpoint_dir",
                 "replace it with --overwrite true"]
-        command = resume_command(t.checkpoint_dir)
+        command = resume_command(directory)
         if command:
             ways.insert(0, f"continue it with {command}")
         first = ", ".join(ways[:-1])
-        fail(f"{t.checkpoint_dir} already holds a run ({list_names(existing)}); nothing was "
+        fail(f"{directory} already holds a run ({list_names(existing)}); nothing was "
              f"changed. {first[0].upper()}{first[1:]}, or {ways[-1]}")
+
+
+def check_place_to_set_aside(train_config):
+    """Where this run will set files aside, superseded/ must be a folder it can write into (or
+    not be there yet): asked before training starts, on every rank."""
+    t = train_config
+    files, _ = files_set_aside(t, (saved_step(t.resume) or 0) if t.resume else 0)
+    place = Path(t.checkpoint_dir) / SUPERSEDED_NAME
+    if not files or not (place.exists() or place.is_symlink()):
+        return
+    if not place.is_dir():
+        what = "a file" if place.is_file() else "not a folder"
+        fail(f"{place} is {what}, and this run would set {list_names(files)} aside in a folder "
+             f"of that name; nothing was changed; move or rename {place}")
+    if not os.access(place, os.W_OK | os.X_OK):
+        fail(f"{place} is not writable, and this run would set {list_names(files)} aside in it; "
+             f"nothing was changed")
 
 
 def exit_if_finished(path, checkpoint, train_config):
@@ -258,7 +281,7 @@ def check_movable(paths, reason):
     """Fail before training, naming the file, if one of `paths` could not be deleted or moved."""
     for path in paths:
         path = Path(path)
-        if path.is_dir() and not path.is_symlink() and not STEP_PATTERN.match(path.name):
+        if path.is_dir() and not path.is_symlink() and not is_step_directory_name(path.name):
             fail(f"{path} is a directory, where {reason} would replace a file; nothing was "
                  f"changed; move it away first")
         if not os.access(path.parent, os.W_OK | os.X_OK):
