@@ -33,10 +33,10 @@ from dataclasses import dataclass
 class GPTConfig:
     vocab_size: int = 128  # replaced by the tokenizer's vocabulary when the data is known
     block_size: int = 128  # longest context the model attends to, in tokens
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block; must divide n_embd
+    n_embd: int = 128  # width of the residual stream
+    dropout: float = 0.0  # dropout probability; 0 = none
     bias: bool = True  # biases in Linear layers and LayerNorms, as in GPT-2
     pos: str = "learned"  # positions: learned, a table as in GPT-2, or rope, rotary as in Llama
     norm: str = "layernorm"  # layernorm as in GPT-2, or rmsnorm as in Llama
@@ -58,13 +58,13 @@ class TrainConfig:
     num_proc: int = 0  # processes that prepare a corpus of documents; 0 = every core
     num_workers: int = 0  # DataLoader worker processes
     # optimisation
-    batch_size: int = 16
+    batch_size: int = 16  # sequences per micro-batch, per process under torchrun
     grad_accum_steps: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 2e-3
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.1
+    learning_rate: float = 2e-3  # peak learning rate; AdamW's, with --optimizer muon
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW's two betas
+    weight_decay: float = 0.1  # AdamW's, on weight matrices and embeddings only
     grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
-    warmup_iters: int = 100
+    warmup_iters: int = 100  # steps of linear warmup to the peak learning rate
     max_iters: int = 2000  # optimizer steps in the whole run
     min_lr_ratio: float = 0.1  # the decay ends at this fraction of the peak learning rate
     lr_schedule: str = "cosine"  # cosine: warmup, then decay; wsd: warmup, constant, then decay
@@ -75,15 +75,15 @@ class TrainConfig:
     muon_momentum: float = 0.95  # Muon's Nesterov momentum
     muon_weight_decay: float = 0.0  # decoupled weight decay of the Muon matrices
     # logging, evaluation, checkpoints
-    log_iter: int = 50
-    eval_iter: int = 500
-    eval_batches: int = 20
+    log_iter: int = 50  # print and log the training loss every N steps
+    eval_iter: int = 500  # validate every N steps, and at the last
+    eval_batches: int = 20  # batches of the validation split per evaluation
     sample_tokens: int = 0  # print a sample of this many tokens at each evaluation; 0 = off
     eval_tasks: str = ""  # benchmark tasks to score at each evaluation, e.g. hellaswag,piqa
     tasks_dir: str = ""  # where --eval_tasks' files are: <task>.jsonl anywhere below it
     eval_tasks_limit: int = 0  # score the first N items of each task; 0 = all
-    save_iter: int = 1000
-    checkpoint_dir: str = "checkpoints"
+    save_iter: int = 1000  # write gpt_step{N}.pt every N steps, and at the last
+    checkpoint_dir: str = "checkpoints"  # the run directory: checkpoints, metrics.jsonl
     keep_last: int = 0  # keep only the newest K step checkpoints; 0 = keep all
     resume: str = ""  # a checkpoint to continue, "latest", or "auto": latest if any, else a new run
     init_from: str = ""  # a checkpoint, GPT-2 directory or model id like gpt2 to fine-tune from
@@ -95,7 +95,8 @@ class TrainConfig:
     skip_nonfinite: int = 0  # skip up to this many batches with a non-finite loss instead of stopping
     overwrite: bool = False  # replace the run in --checkpoint_dir: its files go once this run starts
     # runtime
-    seed: int = 1337
+    seed: int = 1337  # seeds Python, numpy and torch; fixes the data order
+    threads: int = 0  # CPU threads of torch's operations; 0 = torch's choice, one per core
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
     compile: bool = False  # torch.compile the model
@@ -133,11 +134,34 @@ def fail(message):
     raise UserError(message)
 
 
+def shown_default(value):
+    """A default as a user types it after its flag: true/false, `0.9 0.95`, and `empty` for ''."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(shown_default, value))
+    return "empty" if value == "" else str(value)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with `(default: ...)`, unless it says its default itself (one that
+    is None, such as sample.py's --prompt, must: what happens without the flag is no value)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return text
+        shown = shown_default(action.default).replace("%", "%%")  # help strings are %-formatted
+        return f"{text} (default: {shown})".strip()
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is a UserError: one line and exit status 2, and `-1e-3` or `-inf`
-    after a flag is a value (argparse itself takes only `-1` and `-0.5` for negative numbers)."""
+    after a flag is a value (argparse itself takes only `-1` and `-0.5` for negative numbers);
+    --help ends each option with its default as it is typed (`HelpFormatter`)."""
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(
             r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
@@ -169,7 +193,7 @@ def _field_comments(config_class):
 def _add_field(parser, config_field, comment=""):
     default = config_field.default
     name = f"--{config_field.name}"
-    help_text = f"{comment} (default: {default!r})".strip()
+    help_text = f"{comment} (default: {shown_default(default)})".strip()
     annotation = config_field.type
     if annotation is bool or annotation == "bool":
         parser.add_argument(name, type=parse_bool, metavar="true|false", help=help_text)
@@ -182,7 +206,8 @@ def _add_field(parser, config_field, comment=""):
 def build_parser(description=None):
     parser = ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", metavar="PATH.toml",
-                        help="a recipe: a TOML file of `field = value` lines; flags override it")
+                        help="a recipe: a TOML file of `field = value` lines; flags override it "
+                        "(default: none)")
     for config_class in (GPTConfig, TrainConfig):
         group = parser.add_argument_group(config_class.__name__)
         comments = _field_comments(config_class)
@@ -359,7 +384,7 @@ POSITIVE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_si
 NOT_NEGATIVE = ("warmup_iters", "num_workers", "num_proc", "keep_last", "skip_nonfinite",
                 "sample_tokens", "lora_rank", "early_stop_patience", "weight_decay", "grad_clip",
                 "peak_flops", "muon_weight_decay", "early_stop_min_delta", "lr_decay_iters",
-                "eval_tasks_limit")
+                "eval_tasks_limit", "threads")
 # name -> (low, high, whether low is allowed, whether high is allowed)
 INTERVALS = {"dropout": (0, 1, True, False), "muon_momentum": (0, 1, True, False),
              "lora_dropout": (0, 1, True, False), "betas": (0, 1, True, False),
@@ -446,9 +471,10 @@ def adapt_defaults(gpt_config, train_config, given):
     """
     notes = []
     t, g = train_config, gpt_config
-    if "warmup_iters" not in given and t.warmup_iters > t.max_iters:
+    if "warmup_iters" not in given and t.warmup_iters >= t.max_iters:  # equal: no step decays
         warmup = t.max_iters // 10
-        notes.append(f"--warmup_iters {t.warmup_iters} (the default) exceeds --max_iters "
+        relation = "exceeds" if t.warmup_iters > t.max_iters else "equals, leaving no step to decay"
+        notes.append(f"--warmup_iters {t.warmup_iters} (the default) {relation} --max_iters "
                      f"{t.max_iters}; using --warmup_iters {warmup}, a tenth of the run")
         t.warmup_iters = warmup
     if g.n_head > 0 and g.n_embd > 0 and g.n_embd % g.n_head:

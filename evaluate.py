@@ -20,38 +20,21 @@ Checkpoint loading is checkpoint.py's job, which file of a run directory to load
 tokenizing dataset.py's and tokenizer.py's.
 """
 
-from gpt_train.cli import exit_on_signals
-
-if __name__ == "__main__":
-    exit_on_signals()  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback
-
-import contextlib
 import json
-import math
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from gpt_train.checkpoint import configs_from_checkpoint, model_from_checkpoint
-from gpt_train.cli import run_main
+from gpt_train.cli import exit_on_signals, run_main
 from config import ArgumentParser, DTYPES, fail
-from dataset import check_token_ids, corpus_tokens, get_dataset, training_and_validation
-from model import IGNORE_INDEX
-from gpt_train.atomic import atomic_write
 from gpt_train.rundir.names import add_checkpoint_arguments
-from gpt_train.rundir.reading import checkpoint_to_load
-from gpt_train.runtime import autocast_context, check_memory, select_device, select_dtype
-from gpt_train.scoring import piece_lengths, score_batches, summarize
-from gpt_train.task_scoring import centered_accuracy, format_table, load_tasks
 
 
 def parse_evaluate_args(argv=None):
     parser = ArgumentParser(description="Loss, perplexity and bits per byte of a checkpoint.")
     add_checkpoint_arguments(parser)
-    parser.add_argument("--data", default="", help="a UTF-8 text file or directory of *.txt to "
-                        "score; empty = the validation split of the checkpoint's training data")
+    parser.add_argument("--data", default="", help="the text to score, read as train.py reads "
+                        "--data: a UTF-8 text file or directory of *.txt; or documents: "
+                        ".jsonl[.gz], .parquet, or a directory or glob of them; empty = the "
+                        "validation split of the checkpoint's training data")
     parser.add_argument("--stride", type=int, default=0,
                         help="tokens between window starts; 0 = block_size (no overlap)")
     parser.add_argument("--batch_size", type=int, default=32,
@@ -64,7 +47,7 @@ def parse_evaluate_args(argv=None):
                         help="score only the first N items of each task (0 = all)")
     parser.add_argument("--results", default="",
                         help="also write the tasks' figures to this JSON file")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="autocast dtype; auto = bfloat16 on recent GPUs, float32 on the CPU")
     args = parser.parse_args(argv)
@@ -107,6 +90,30 @@ def check_results_path(path):
     if not (isinstance(earlier, dict) and earlier.get("written_by") == "evaluate.py"):
         fail(f"--results {path} exists and is not a results file of evaluate.py: "
              f"name a new file")
+
+
+if __name__ == "__main__":
+    exit_on_signals()  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback
+    run_main(parse_evaluate_args)  # --help and a mistyped flag answer before torch loads
+
+# The flags above are read before these imports: torch takes seconds to load.
+import contextlib  # noqa: E402
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from gpt_train.atomic import atomic_write  # noqa: E402
+from gpt_train.checkpoint import configs_from_checkpoint, model_from_checkpoint  # noqa: E402
+from dataset import (check_token_ids, corpus_tokens, get_dataset,  # noqa: E402
+                     training_and_validation)
+from model import IGNORE_INDEX  # noqa: E402
+from gpt_train.progress import progress  # noqa: E402
+from gpt_train.rundir.reading import checkpoint_to_load  # noqa: E402
+from gpt_train.runtime import (autocast_context, check_memory, select_device,  # noqa: E402
+                               select_dtype)
+from gpt_train.scoring import piece_lengths, score_batches, summarize  # noqa: E402
+from gpt_train.task_scoring import centered_accuracy, format_table, load_tasks  # noqa: E402
 
 
 def window_plan(num_tokens, block_size, stride):
@@ -153,9 +160,8 @@ def evaluate_tokens(model, tokenizer, ids, stride=None, batch_size=32,
     if len(ids) < 2:
         fail(f"the text is too short to score: it has {len(ids)} token(s), at least 2 are needed")
     starts, first_scored = window_plan(len(ids), block_size, stride or block_size)
-    batches = window_batches(ids, block_size, starts, first_scored, batch_size)
-    batches = tqdm(batches, total=math.ceil(len(starts) / batch_size), disable=None,  # shown on a terminal only
-                   desc="evaluating", unit="batch", dynamic_ncols=True)
+    batches = progress(window_batches(ids, block_size, starts, first_scored, batch_size),
+                       math.ceil(len(starts) / batch_size), "evaluating", "batches")
     piece_bytes = piece_lengths(tokenizer, next(model.parameters()).device)
     total_nats, num_tokens, num_bytes = score_batches(model, batches, piece_bytes, autocast).tolist()
     return total_nats, int(num_tokens), int(num_bytes)
@@ -202,8 +208,8 @@ def evaluate_tasks(args, model, tokenizer, path, autocast):
 
 def main(argv=None):
     args = parse_evaluate_args(argv)
-    path = checkpoint_to_load(args)
     device = select_device(args.device)
+    path = checkpoint_to_load(args)
     dtype = select_dtype(args.dtype, device)
     model, tokenizer, checkpoint = model_from_checkpoint(path, device)
     if args.tasks:

@@ -42,35 +42,44 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
-import torch
-
-from gpt_train.atomic import fsync_directory, temporary_path
-from gpt_train.checkpoint import model_from_checkpoint
-from gpt_train.cli import raise_os_failure, run_main
+from gpt_train.cli import exit_on_signals, raise_os_failure, run_main
 from config import ArgumentParser, fail, parse_bool
-from gpt_train.export_directory import (SOURCE_NAME, check_out_dir, earlier_export_source,
-                                        export_source, remove_leftovers)
-from gpt_train.generation import encode_prompt
-from model import RMS_NORM_EPS, ROPE_THETA, mlp_hidden_size
 from gpt_train.rundir.names import add_checkpoint_arguments
-from gpt_train.rundir.reading import checkpoint_to_load
-from gpt_train.tokenizer import import_tokenizers
 
 
 def parse_export_args(argv=None):
     parser = ArgumentParser(description="Export a checkpoint as a Hugging Face model directory.")
     add_checkpoint_arguments(parser)
-    parser.add_argument("--out", default="hf_model", help="directory to write (default: hf_model)")
+    parser.add_argument("--out", default="hf_model", help="the directory to write: new, empty, "
+                        "or an earlier export of the same run")
     parser.add_argument("--overwrite", type=parse_bool, default=False, metavar="true|false",
                         help="write into a non-empty --out that is not an earlier export of "
-                             "the same run, replacing files of the same names (default: false)")
+                             "the same run, replacing files of the same names")
     args = parser.parse_args(argv)
     for flag in ("out", "checkpoint_dir"):
         if not getattr(args, flag).strip():
             fail(f"--{flag} is empty: name a directory (use . for the current one)")
     return args
+
+
+if __name__ == "__main__":
+    exit_on_signals()  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback
+    run_main(parse_export_args)  # --help and a mistyped flag answer before torch loads
+
+# The flags above are read before these imports: torch takes seconds to load.
+import torch  # noqa: E402
+
+from gpt_train.atomic import fsync_directory, temporary_path  # noqa: E402
+from gpt_train.checkpoint import model_from_checkpoint  # noqa: E402
+from gpt_train.export_directory import (SOURCE_NAME, check_out_dir,  # noqa: E402
+                                        earlier_export_source, export_source, remove_leftovers)
+from gpt_train.generation import encode_prompt  # noqa: E402
+from model import RMS_NORM_EPS, ROPE_THETA, mlp_hidden_size  # noqa: E402
+from gpt_train.rundir.reading import checkpoint_to_load  # noqa: E402
+from gpt_train.tokenizer import import_tokenizers  # noqa: E402
 
 
 # What each Hugging Face family computes, in our options: the family is chosen by --pos and
@@ -320,8 +329,12 @@ def write_files(directory, files, weights, save_file):
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    with open(directory / "model.safetensors", "rb") as handle:
+    weights_path = directory / "model.safetensors"
+    save_file(weights, str(weights_path), metadata={"format": "pt"})
+    # safetensors makes its file readable by its owner alone; it takes the mode the user's umask
+    # gave the files written above, so teammates read the weights as they read the rest
+    os.chmod(weights_path, stat.S_IMODE((directory / "config.json").stat().st_mode))
+    with open(weights_path, "rb") as handle:
         os.fsync(handle.fileno())
     fsync_directory(directory)
 

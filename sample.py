@@ -9,43 +9,35 @@ model and its key/value cache live in model.py, the generation loop in generatio
 loading in checkpoint.py, the choice of file in rundir/reading.py.
 """
 
-from gpt_train.cli import exit_on_signals
-
-if __name__ == "__main__":
-    exit_on_signals()  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback
-
-import argparse
 import math
 import sys
 
-import torch
-
-from gpt_train.checkpoint import model_from_checkpoint
-from gpt_train.cli import run_main
+from gpt_train.cli import exit_on_signals, run_main
 from config import ArgumentParser, MAX_SEED, UserError, fail, parse_bool
-from gpt_train.generation import encode_prompt, generate_text
 from gpt_train.rundir.names import add_checkpoint_arguments
-from gpt_train.rundir.reading import checkpoint_to_load
-from gpt_train.runtime import autocast_context, check_memory, select_device, select_dtype, set_seed
 
 # Below this a temperature is greedy decoding in all but name, and the scaled logits overflow.
 SMALLEST_TEMPERATURE = 1e-6
 
 
 def parse_sample_args(argv=None):
-    parser = ArgumentParser(description="Generate text from a trained checkpoint.",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Generate text from a trained checkpoint.")
     add_checkpoint_arguments(parser)
     parser.add_argument("--prompt", default=None,
-                        help="text the samples continue (default: a newline, when the vocabulary "
-                        "has one)")
-    parser.add_argument("--max_new_tokens", type=int, default=500)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+                        help="text the samples continue (default: a newline, or the start of a "
+                        "document for a model trained on documents)")
+    parser.add_argument("--max_new_tokens", type=int, default=500,
+                        help="tokens to generate per sample")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="divides the logits before sampling; 0 = greedy")
     parser.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest; 0 = all")
-    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
-    parser.add_argument("--num_samples", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--top_p", type=float, default=1.0,
+                        help="sample from the smallest set of tokens holding this probability "
+                        "mass; 1 = off")
+    parser.add_argument("--num_samples", type=int, default=1, help="samples to generate")
+    parser.add_argument("--seed", type=int, default=1337,
+                        help="the same seed gives the same text")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--stop_at_end_of_text", type=parse_bool, default=True,
                         metavar="true|false", help="end a sample where the model ends its "
                         "document (models trained on documents); false goes on past it")
@@ -72,6 +64,20 @@ def parse_sample_args(argv=None):
     return args
 
 
+if __name__ == "__main__":
+    exit_on_signals()  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback
+    run_main(parse_sample_args)  # --help and a mistyped flag answer before torch loads
+
+# The flags above are read before these imports: torch takes seconds to load.
+import torch  # noqa: E402
+
+from gpt_train.checkpoint import model_from_checkpoint  # noqa: E402
+from gpt_train.generation import encode_prompt, generate_text  # noqa: E402
+from gpt_train.rundir.reading import checkpoint_to_load  # noqa: E402
+from gpt_train.runtime import (autocast_context, check_memory, select_device,  # noqa: E402
+                               select_dtype, set_seed)
+
+
 def default_prompt(tokenizer):
     """A newline, where a corpus's lines start; a vocabulary without one starts from its first id,
     and a model of documents at a document's start (encode_prompt: after the end-of-text id)."""
@@ -86,8 +92,8 @@ def default_prompt(tokenizer):
 
 def main(argv=None):
     args = parse_sample_args(argv)
-    path = checkpoint_to_load(args)
     device = select_device(args.device)
+    path = checkpoint_to_load(args)
     set_seed(args.seed)
     model, tokenizer, _ = model_from_checkpoint(path, device)
     prompt = default_prompt(tokenizer) if args.prompt is None else args.prompt

@@ -25,10 +25,12 @@ batches, an early stop, a signal. Notable details:
   (parallel.py).
 """
 
-from gpt_train.cli import exit_on_signals
+from gpt_train.cli import exit_on_signals, run_main
+from config import parse_args
 
 if __name__ == "__main__":
     exit_on_signals()  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback
+    run_main(parse_args)  # --help and a mistyped flag answer before torch loads
 
 import contextlib
 import math
@@ -46,7 +48,7 @@ from model import build_model, count_parameters, crop_block_size, flops_per_toke
 from gpt_train import step_checkpoint
 from gpt_train.best_model import BestModel
 from gpt_train.checkpoint import load_model_state, plain_weights, save_checkpoint
-from gpt_train.cli import NothingToTrain, output_that_may_close, run_main
+from gpt_train.cli import NothingToTrain, output_that_may_close
 from gpt_train.configure import configure
 from gpt_train.cuda_graphs import GraphedStep, graph_fallback, recorder_for
 from gpt_train.generation import generate_text
@@ -139,8 +141,10 @@ def build_run(gpt_config, train_config, runtime, checkpoint=None, tokens=None):
     train_tokens, val_tokens = training_and_validation(ids, tokenizer, t, gpt_config.block_size)
     parallel = make_parallel(t, runtime)
     check_memory(memory_needs(gpt_config, t, runtime, parallel))
-    print0(f"data: {len(ids):,} tokens ({len(train_tokens):,} train, {len(val_tokens):,} "
-           f"validation), {tokenizer.kind} tokenizer, vocabulary {tokenizer.vocab_size}")
+    held_out = " (--val_data)" if t.val_data else ""
+    print0(f"data: {len(train_tokens) + len(val_tokens):,} tokens ({len(train_tokens):,} train, "
+           f"{len(val_tokens):,} validation{held_out}), {tokenizer.kind} tokenizer, "
+           f"vocabulary {tokenizer.vocab_size}")
     windows = RandomWindows(train_tokens, gpt_config.block_size, t.batch_size, t.seed,
                             runtime.rank, runtime.world_size)
     loader = build_dataloader(windows, stop=t.max_iters * t.grad_accum_steps,
@@ -227,6 +231,9 @@ def prepare_model(gpt_config, train_config, checkpoint=None, vocab_limit=None):
     if checkpoint is not None and not t.resume:  # --init_from: start from its weights
         state = crop_block_size(plain_weights(checkpoint, t.init_from), gpt_config.block_size)
         load_model_state(model, state, t.init_from)
+        origin = "a Hugging Face model" if checkpoint.get("pretrained") else \
+            f"step {int(checkpoint.get('step', 0))} of its run"
+        print0(f"initialized from {t.init_from} ({origin})")
     if t.lora_rank:  # after the weights are in, before a resumed run's adapters are
         add_lora(model, t.lora_rank, t.lora_alpha, t.lora_dropout)
     total = sum(p.numel() for p in model.parameters())

@@ -31,7 +31,7 @@ from gpt_train.optim import describe_schedule, resumed_decay_iters, schedule_cha
 from gpt_train.rundir.reading import latest_checkpoint
 from gpt_train.rundir.rules import (accept_an_attempt_that_saved_nothing, exit_if_finished,
                                     refuse_to_replace_a_run)
-from gpt_train.runtime import note, print0
+from gpt_train.runtime import note, print0, select_device
 from gpt_train.step_checkpoint import resumable_step
 
 
@@ -69,6 +69,7 @@ def configure(argv=None):
     if given.get("print_config"):
         print0(configs_to_toml(gpt_config, train_config), end="")
         raise NothingToTrain
+    select_device(train_config.device)  # a device this machine lacks, before the directory's rules
     refuse_to_replace_a_run(train_config, attempt_accepted=attempt)
     if schedule_line:
         print0(schedule_line)

@@ -262,8 +262,9 @@ class TensorBoardLog:
 class WandbLog:
     """A Weights & Biases run: the configs, the scalars and the samples.
 
-    WANDB_MODE=offline writes it under checkpoint_dir/wandb for a later `wandb sync`;
-    WANDB_PROJECT (default gpt-train) and WANDB_ENTITY choose where it goes.
+    Its files go under WANDB_DIR/wandb where that is set (W&B's own convention), else under
+    checkpoint_dir/wandb (WANDB_MODE=offline: for a later `wandb sync`); WANDB_PROJECT (default
+    gpt-train) and WANDB_ENTITY choose where it goes.
     """
 
     def __init__(self, directory, configs):
@@ -282,7 +283,8 @@ class WandbLog:
         run_id = id_path.read_text().strip() if self.resumed and id_path.exists() else None
         try:
             self.run = self.wandb.init(project=os.environ.get("WANDB_PROJECT", "gpt-train"),
-                                       id=run_id, resume="allow", dir=str(self.directory),
+                                       id=run_id, resume="allow",
+                                       dir=os.environ.get("WANDB_DIR") or str(self.directory),
                                        settings=self.wandb.Settings(console="off"))
         except self.wandb.errors.Error as error:
             fail(f"W&B could not start a run ({' '.join(str(error).split())}); "

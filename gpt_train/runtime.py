@@ -84,7 +84,7 @@ def select_device(name, local_rank=0):
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            fail(f"--device {name} was given but CUDA is not available on this machine")
+            fail(f"--device {name} was given but {why_no_cuda()}")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         if device.index >= torch.cuda.device_count():
@@ -92,6 +92,16 @@ def select_device(name, local_rank=0):
     if device.type == "mps" and not torch.backends.mps.is_available():
         fail(f"--device {name} was given but MPS is not available on this machine")
     return device
+
+
+def why_no_cuda():
+    """Why torch sees no CUDA device, and what to do: the build, or the machine."""
+    if torch.version.cuda is None and torch.version.hip is None:
+        return (f"this torch ({torch.__version__}) is a CPU-only build; install a CUDA build "
+                f"(the command for your system is at https://pytorch.org/get-started/locally/) "
+                f"or use --device cpu")
+    return (f"CUDA is not available on this machine (torch {torch.__version__} is built for "
+            f"CUDA {torch.version.cuda or torch.version.hip}, but finds no GPU or driver)")
 
 
 def available_memory(device):
@@ -169,10 +179,31 @@ def setup_runtime(train_config):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if train_config.threads:
+        torch.set_num_threads(train_config.threads)
     runtime = Runtime(device, select_dtype(train_config.dtype, device), rank, world_size)
     print0(f"device: {device}" + (f" x {world_size} processes" if world_size > 1 else "")
            + f", dtype: {str(runtime.dtype).removeprefix('torch.')}")
+    if device.type == "cpu" and not train_config.threads and (advice := busy_cores_note()):
+        note(advice)
     return runtime
+
+
+def busy_cores_note():
+    """One line of advice when other processes keep the cores torch's threads would run on busy,
+    else None. Each of torch's parallel operations waits for its slowest thread, so a thread that
+    shares its core with another process holds up every step: fewer threads run faster then."""
+    threads = torch.get_num_threads()
+    if threads < 2 or not hasattr(os, "getloadavg"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy = os.getloadavg()[0]  # processes running or waiting to, over the last minute
+    free = max(1, round(cores - busy))
+    if free >= threads:
+        return None
+    return (f"this machine's {cores} cores are busy with other work (load average {busy:.1f}), "
+            f"and torch's {threads} threads wait for each other on a busy core, so each step can "
+            f"take several times as long; --threads {free} avoids that")
 
 
 def restarted_attempt_store(world_size):

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from gpt_train.generation import encode_prompt
+from gpt_train.progress import progress as show_progress
 from gpt_train.tasks import encode_task, parse_task_names, read_task
 
 SUMS = ("acc", "acc_norm", "items", "log_likelihood")  # per task, summed over ranks
@@ -217,12 +217,10 @@ class TaskSuite:
         mine = self.shard(rank, world_size)
         batches, candidates = self.batches_of(mine, budget)
         totals = torch.zeros(2, max(candidates, 1), dtype=torch.float64, device=device)
-        bar = tqdm(total=len(mine), disable=None if progress else True, desc="scoring tasks",
-                   unit="item", dynamic_ncols=True)
-        with bar:
-            for batch in batches:
-                score_batch(model, batch, totals, autocast)
-                bar.update(batch.items)
+        shown = show_progress(batches, len(mine), "scoring tasks", "items",
+                              size=lambda batch: batch.items) if progress else batches
+        for batch in shown:  # a bar on a terminal, lines in a log file (progress.py)
+            score_batch(model, batch, totals, autocast)
         if lockstep:
             self.match_forward_passes(model, batches, world_size, budget, autocast)
         outcomes = list(self.outcomes(mine, totals))

@@ -279,6 +279,8 @@ def test_a_token_cache_build_killed_midway_is_never_taken_for_a_complete_cache(t
 @pytest.mark.slow
 def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_ends_with_the_uninterrupted_weights(
         tmp_path, two_process_run):
+    """A 2-process resume at the same world size is exact: the restarted ranks continue from the
+    step-4 checkpoint with the losses and the final weights of the run never killed."""
     uninterrupted, data, _ = two_process_run  # conftest's: the same flags, never killed
     # rank 0 of the first attempt SIGKILLs itself after step 6; the last checkpoint is step 4
     restarted = torchrun([REPO / "tests" / "robust_helpers.py", "rank0-dies-after-step", 6,
@@ -287,7 +289,11 @@ def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_ends_with_the_uninte
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert f"resumed from {tmp_path / 'restarted' / 'gpt_step4.pt'} after step 4" in \
         restarted.stdout
+    assert "data order changes" not in restarted.stdout + restarted.stderr
     assert_same_weights(tmp_path / "restarted" / "gpt_final.pt", uninterrupted / "gpt_final.pt")
+    losses = [[(r["step"], r["loss"]) for r in metrics_records(directory) if "loss" in r]
+              for directory in (tmp_path / "restarted", uninterrupted)]
+    assert losses[0] == losses[1]  # steps 1 to 4 of the first attempt, 5 to 8 after the restart
 
 
 @pytest.mark.parametrize("environment, command", [

@@ -7,7 +7,7 @@ import pytest
 
 import train
 from config import (GPTConfig, TrainConfig, UserError, apply_args_to_configs, config_from_dict,
-                    config_to_dict, parse_args, validate)
+                    config_to_dict, parse_args, shown_default, validate)
 from conftest import exit_status, one_error_line
 from gpt_train.cli import ResourceError
 
@@ -72,7 +72,8 @@ def test_help_lists_every_field_with_its_default(capsys):
     assert exit_status(train.train, ["--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
     for _, config_field in ALL_FIELDS:
-        pattern = rf"--{config_field.name} [^()]*\(default: {re.escape(repr(config_field.default))}\)"
+        shown = re.escape(shown_default(config_field.default))
+        pattern = rf"--{config_field.name} [^()]*\(default: {shown}\)"
         assert re.search(pattern, help_text), f"--{config_field.name} and its default are not in --help"
 
 
@@ -116,7 +117,7 @@ INVALID_VALUES = [
                                                "log_iter", "eval_iter", "eval_batches",
                                                "save_iter", "bpe_vocab_size")],
     *[([f"--{name}", "-1"], name) for name in ("warmup_iters", "num_workers", "keep_last",
-                                                "skip_nonfinite", "sample_tokens")],
+                                                "skip_nonfinite", "sample_tokens", "threads")],
     (["--learning_rate", "0"], "learning_rate"),
     (["--learning_rate", "-0.001"], "learning_rate"),
     (["--weight_decay", "-0.1"], "weight_decay"),

@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,8 +17,8 @@ import pytest
 import sample
 from gpt_train import documentcache, tokencache
 from gpt_train.cachefiles import CacheSettings
-from conftest import (REPO, assert_same_weights, exit_status, one_error_line, read_checkpoint,
-                      tiny_argv)
+from conftest import (REPO, TINY_TEXT, assert_same_weights, exit_status, one_error_line,
+                      read_checkpoint, tiny_argv, write_corpus)
 from dataset import split_tokens
 from gpt_train.tokenizer import (END_OF_TEXT, ByteTokenizer, CharTokenizer, encode_documents,
                        tokenizer_from_state)
@@ -252,6 +253,24 @@ def test_val_data_is_the_validation_set_and_all_of_data_trains(tmp_path):
     train, val = training_and_validation(ids, tokenizer, config, 16)
     assert len(train) == len(ids)
     assert np.array_equal(val, reference_ids(tokenizer, DOCUMENTS[:30]))
+
+
+@pytest.mark.parametrize("val_data", [False, True])
+def test_the_data_line_counts_the_tokens_it_trains_and_validates_on(tmp_path, capsys, val_data):
+    import train
+    held_out_text = TINY_TEXT[:3000]
+    flags = {"val_data": write_corpus(tmp_path, held_out_text, "held_out.txt")} if val_data else {}
+    train.train(tiny_argv(tmp_path / "run", write_corpus(tmp_path), max_iters=2, warmup_iters=1,
+                          **flags))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("data: "))
+    total, trained, validated = (int(figure.replace(",", "")) for figure in re.match(
+        r"data: ([\d,]+) tokens \(([\d,]+) train, ([\d,]+) validation", line).groups())
+    assert total == trained + validated  # one token per character (char tokenizer)
+    if val_data:
+        assert (trained, validated) == (len(TINY_TEXT), len(held_out_text))
+        assert "validation (--val_data)" in line
+    else:
+        assert total == len(TINY_TEXT)
 
 
 @pytest.mark.parametrize("case, fragments", [

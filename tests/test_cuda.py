@@ -14,15 +14,31 @@ import pytest
 import torch
 
 import model as model_module
+import sample
 import train
 from config import TrainConfig
 from gpt_train import cuda_graphs, optim
-from conftest import (TINY_VOCAB, assert_equal_nested, assert_same_run_state, logged_steps,
-                      read_checkpoint, tiny_argv, tiny_model, write_corpus)
+from conftest import (TINY_VOCAB, assert_equal_nested, assert_same_run_state, exit_status,
+                      logged_steps, one_error_line, read_checkpoint, tiny_argv, tiny_model,
+                      write_corpus)
 from gpt_train.runtime import autocast_context
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
+
+def test_cuda_on_a_cpu_only_torch_says_so_before_anything_about_the_run(trained_run, tmp_path,
+                                                                       monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    # trained_run holds a run, which a new run there would be refused for replacing
+    assert exit_status(train.train, ["--device", "cuda", "--checkpoint_dir", str(trained_run)]) == 2
+    one_error_line(capsys.readouterr().err, "--device cuda", "is a CPU-only build",
+                   "pytorch.org", "or use --device cpu")
+    # sample.py with no run to read: the device, too, is named first
+    assert exit_status(sample.main, ["--device", "cuda", "--checkpoint_dir", str(tmp_path)]) == 2
+    one_error_line(capsys.readouterr().err, "is a CPU-only build")
 
 
 def random_batch(device, batch_size=4):

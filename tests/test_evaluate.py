@@ -1,6 +1,8 @@
 """evaluate.py: every token scored once, loss equal to the model's own, and honest bits per byte."""
 
+import io
 import math
+import re
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import torch
 
 import evaluate
 import train
+from gpt_train import progress
 from gpt_train.checkpoint import model_from_checkpoint
 from conftest import TINY_TEXT, exit_status, one_error_line, tiny_argv, write_corpus
 from dataset import builtin_corpus, split_tokens
@@ -163,3 +166,28 @@ def test_a_one_token_text_cannot_be_scored(trained_run, tmp_path, capsys):
                                          "--data", str(data), "--device", "cpu"])
     assert status == 2
     one_error_line(capsys.readouterr().err, "too short")
+
+
+def test_evaluate_writes_progress_lines_where_no_terminal_shows_a_bar(trained_run, monkeypatch,
+                                                                       capsys):
+    monkeypatch.setattr(progress, "REPORT_SECONDS", 0.0)  # a line after every batch
+    evaluate.main(["--checkpoint_dir", str(trained_run), "--batch_size", "16", "--device", "cpu"])
+    lines = capsys.readouterr().err.splitlines()  # capsys's stderr is no terminal, as a log file
+    total = len(lines)  # a line after each batch but the last, and one at the end
+    assert total >= 3
+    for done, line in enumerate(lines[:-1], 1):
+        assert re.fullmatch(rf"evaluating: {done}/{total} batches \(\d+%\), \d+ s, about \d+ s "
+                            rf"left", line), line
+    assert re.fullmatch(rf"evaluating: {total} batches in \d+ s", lines[-1]), lines[-1]
+
+
+def test_progress_counts_what_each_item_holds(monkeypatch):
+    monkeypatch.setattr(progress, "REPORT_SECONDS", 0.0)
+    log = io.StringIO()  # a log file: no terminal
+    sizes = [3, 4, 5]  # task_scoring.py's batches hold several items each
+    shown = progress.progress(iter(sizes), 12, "scoring tasks", "items", size=int, file=log)
+    assert list(shown) == sizes
+    first, second, last = log.getvalue().splitlines()
+    assert first.startswith("scoring tasks: 3/12 items (25%), 0 s, about ")
+    assert second.startswith("scoring tasks: 7/12 items (58%), 0 s, about ")
+    assert re.fullmatch(r"scoring tasks: 12 items in \d+ s", last)

@@ -3,6 +3,8 @@ written only where no user file would be lost. (Its tokenizer and generation in 
 test_export_pipeline.py.)"""
 
 import json
+import os
+import stat
 import sys
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 import export
 import train
 from gpt_train.checkpoint import model_from_checkpoint
+from gpt_train.export_directory import EXPORT_FILES
 from conftest import exit_status, snapshot, tiny_argv, write_corpus
 from gpt_train.tokenizer import tokenizer_from_state
 
@@ -154,3 +157,16 @@ def test_an_empty_directory_name_is_an_error_not_the_current_directory(trained_r
     assert status == 2
     assert len(error) == 1 and flag in error[0]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_file_of_an_export_gets_the_users_umask(trained_run, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        export.main(["--checkpoint", str(trained_run / "gpt_final.pt"),
+                     "--out", str(tmp_path / "hf")])
+    finally:
+        os.umask(previous)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "hf").iterdir()}
+    assert set(modes) == set(EXPORT_FILES)
+    assert set(modes.values()) == {0o666 & ~umask}, {name: oct(m) for name, m in modes.items()}

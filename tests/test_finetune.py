@@ -75,13 +75,14 @@ def test_fine_tuning_lowers_the_loss_on_the_new_corpus_and_keeps_tokenizer_and_a
 
 
 def test_fine_tuning_starts_from_the_checkpoints_weights_with_a_fresh_step_count(
-        base_run, corpus_b, tmp_path):
+        base_run, corpus_b, tmp_path, capsys):
     base_path, _ = base_run
     argv = tiny_argv(tmp_path / "tuned", corpus_b, init_from=base_path, max_iters=4, save_iter=2)
     gpt_config, train_config, checkpoint = train.configure(argv)
     setup_runtime(train_config)  # seeds every random source, as train() does
     model = train.prepare_model(gpt_config, train_config, checkpoint)
     assert_same_weights(model.state_dict(), base_path)
+    assert f"initialized from {base_path} (step {BASE_STEPS} of its run)" in capsys.readouterr().out
 
     record = train.train(argv)
     assert record["step"] == 4  # not BASE_STEPS + 4

@@ -101,9 +101,14 @@ def test_an_offline_wandb_run_holds_the_config_metrics_and_samples_and_resumes_b
         monkeypatch.setenv(name, str(tmp_path / name.lower()))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     checkpoint_dir = tmp_path / "run"
-    train_and_resume(checkpoint_dir, corpus_file, "jsonl,wandb", sample_tokens=12, n_layer=2)
-    first, resumed = sorted((checkpoint_dir / "wandb").glob("offline-run-*"))
+    argv = tiny_argv(checkpoint_dir, corpus_file, log_to="jsonl,wandb", sample_tokens=12, n_layer=2)
+    train.train(argv)  # without WANDB_DIR, W&B's files go under the run directory
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))  # W&B's convention: it wins
+    train.train([*argv, "--resume", str(checkpoint_dir / "gpt_step4.pt"), "--overwrite", "true"])
+    (first,) = (checkpoint_dir / "wandb").glob("offline-run-*")
+    (resumed,) = (tmp_path / "elsewhere" / "wandb").glob("offline-run-*")
     run_id, config, series, samples = wandb_run(first)
     assert (checkpoint_dir / "wandb_run_id").read_text().strip() == run_id
     assert config["n_layer"] == 2 and config["log_to"] == "jsonl,wandb"

@@ -98,7 +98,9 @@ def test_init_from_a_directory_fine_tunes_from_its_evaluated_start_and_lowers_va
     start, end = records[0], records[-1]
     assert start["step"] == 0 and end["step"] == 20
     assert end["val_loss"] < start["val_loss"] - 0.5
-    assert "step 0 (starting model)" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert f"initialized from {directory} (a Hugging Face model)" in output
+    assert "step 0 (starting model)" in output
     tuned = read_checkpoint(run_dir / "gpt_final.pt")
     assert tuned["tokenizer"] == load_checkpoint(directory)["tokenizer"]
     assert tuned["gpt_config"]["block_size"] == 16  # reduced from the model's 32

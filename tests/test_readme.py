@@ -9,8 +9,9 @@ README shows fails. The rules it follows (the README's last section says the sam
 - Skipped, each with its reason: installs (`pip`), downloads (`curl`, `wget`, and any command whose
   comment says it downloads), what needs several processes or a server (`torchrun`, `tensorboard`,
   anything with `wandb`), lm-evaluation-harness (`lm_eval`, an optional package), the test suite
-  itself (`python -m pytest`), and any command that reads
-  what a skipped command would have written (its --checkpoint_dir or --out).
+  itself (`python -m pytest`), a command whose optional package is not installed
+  (OPTIONAL_PACKAGES, --log_to's), and any command that reads what a skipped command would have
+  written (its --checkpoint_dir or --out).
 - Made up first: the file a skipped download writes (curl -o FILE), and a --data file or directory
   that does not exist yet (the user's own text): a small text with English and Chinese lines.
 - Shrunk: a training command runs on the CPU without torch.compile, with a tiny model (TINY_MODEL;
@@ -20,10 +21,13 @@ README shows fails. The rules it follows (the README's last section says the sam
 - train.py, sample.py, evaluate.py, export.py and plot.py run in this process through their entry
   point, as their `__main__` block runs it (cli.run_main), in the fresh copy as the working
   directory; anything else runs as a subprocess there.
+- Afterwards git sees no untracked file in the copy: what the README has the user create, and
+  what its commands write, is in .gitignore.
 """
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import os
@@ -318,8 +322,14 @@ def run_readme(text, directory, monkeypatch):
 @pytest.mark.slow
 def test_every_command_of_the_readme_runs_in_order_on_a_fresh_copy(tmp_path, monkeypatch):
     copy = fresh_copy(tmp_path / "repository")
+    git = functools.partial(subprocess.run, cwd=copy, capture_output=True, text=True, check=True)
+    git(["git", "init", "-q"])
+    git(["git", "add", "-A"])  # what a clone holds
     walk = run_readme((copy / "README.md").read_text(encoding="utf-8"), copy, monkeypatch)
     assert len(walk.ran) >= 20, walk.ran
+    # what the README had the user create or the commands wrote, git ignores (.gitignore)
+    untracked = git(["git", "status", "--porcelain", "--untracked-files=all"]).stdout
+    assert [line for line in untracked.splitlines() if line.startswith("??")] == []
     assert ("python sample.py --checkpoint_dir runs/hongloumeng --prompt \"宝玉\" "
             "--max_new_tokens 200") in walk.ran
     skipped = dict(walk.skipped)

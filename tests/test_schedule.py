@@ -119,14 +119,18 @@ def test_a_run_that_diverges_before_its_first_checkpoint_does_not_claim_one(tmp_
     assert "intact" not in line and "--skip_nonfinite N" not in line
 
 
-def test_print_config_writes_only_the_recipe_to_stdout_and_its_notes_to_stderr(tmp_path, capsys):
-    # --max_iters 30 against the default --warmup_iters 100: a note that the warmup adapts
-    assert exit_status(train.train, ["--max_iters", "30", "--print_config"]) == 0
+@pytest.mark.parametrize("max_iters, relation", [(30, "exceeds"),
+                                                 (100, "equals, leaving no step to decay")])
+def test_print_config_writes_only_the_recipe_to_stdout_and_its_notes_to_stderr(
+        tmp_path, capsys, max_iters, relation):
+    # --max_iters at or below the default --warmup_iters 100: a note that the warmup adapts
+    assert exit_status(train.train, ["--max_iters", str(max_iters), "--print_config"]) == 0
     captured = capsys.readouterr()
-    assert "note: --warmup_iters 100 (the default) exceeds --max_iters 30" in captured.err
+    assert f"note: --warmup_iters 100 (the default) {relation} --max_iters {max_iters}; using " \
+           f"--warmup_iters {max_iters // 10}, a tenth of the run" in captured.err
     recipe = tmp_path / "r.toml"
     recipe.write_text(captured.out)
-    assert tomllib.loads(captured.out)["warmup_iters"] == 3
+    assert tomllib.loads(captured.out)["warmup_iters"] == max_iters // 10
     assert exit_status(train.train, ["--config", str(recipe), "--print_config"]) == 0
     assert capsys.readouterr().out == captured.out
 

@@ -1,6 +1,7 @@
 """Training options whose effect is only visible from outside: compiled runs, samples, MFU."""
 
 import functools
+import os
 import re
 
 import pytest
@@ -80,3 +81,27 @@ def test_without_a_known_peak_only_tokens_per_second_is_reported(tmp_path, capsy
     records = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert "tokens_per_sec" in records and "mfu" not in records
     assert "mfu" not in capsys.readouterr().out
+
+
+def test_threads_sets_torchs_threads_and_busy_cores_get_one_line_of_advice(monkeypatch, capsys):
+    from config import TrainConfig
+    from gpt_train.runtime import setup_runtime
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 0.9))  # another process: one core
+    try:
+        torch.set_num_threads(2)  # torch's own choice on 2 cores
+        setup_runtime(TrainConfig(device="cpu"))
+        notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note")]
+        assert len(notes) == 1
+        assert "this machine's 2 cores are busy with other work (load average 1.2)" in notes[0]
+        assert notes[0].endswith("--threads 1 avoids that")
+
+        setup_runtime(TrainConfig(device="cpu", threads=1))
+        assert torch.get_num_threads() == 1 and "note" not in capsys.readouterr().err
+
+        torch.set_num_threads(2)
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.3, 0.3))  # the cores are free
+        setup_runtime(TrainConfig(device="cpu"))
+        assert "note" not in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(1)  # what conftest set for the whole suite

@@ -120,4 +120,5 @@ def add_checkpoint_arguments(parser):
     parser.add_argument("--checkpoint", default="", help="a checkpoint file, a Hugging Face GPT-2 "
                         "directory or model id (gpt2, gpt2-medium, ...); empty = the best in "
                         "--checkpoint_dir: gpt_best.pt, gpt_final.pt, then the newest step")
-    parser.add_argument("--checkpoint_dir", default="checkpoints")
+    parser.add_argument("--checkpoint_dir", default="checkpoints",
+                        help="the run directory train.py wrote")
