@@ -226,6 +226,15 @@ def build_dataloader(windows, stop, start=0, num_workers=0, pin_memory=False):
                        worker_init_fn=functools.partial(start_worker, parent=os.getpid()))
 
 
+def batches(loader):
+    """The loader's batches; closing this generator shuts its worker processes down at once."""
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    finally:
+        del iterator
+
+
 class BatchLoader(DataLoader):
     """torch's DataLoader, but a worker that dies (the OOM killer, a kill) is one line when the
     next batch is waited for: a ResourceError (exit status 1) naming the worker, the checkpoints

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from config import GPTConfig, TrainConfig, UserError, fail
-from dataset import (RandomWindows, build_dataloader, get_dataset, training_and_validation,
+from dataset import (RandomWindows, batches, build_dataloader, get_dataset, training_and_validation,
                      validation_batches)
 from model import build_model, count_parameters, crop_block_size, flops_per_token
 from gpt_train import step_checkpoint
@@ -461,15 +461,6 @@ def progress_bar(run):
            f"{run.runtime.world_size}")
     return tqdm(total=t.max_iters, initial=run.step, disable=not run.runtime.is_main,
                 dynamic_ncols=True, desc="training")
-
-
-def batches(loader):
-    """The loader's batches; closing this generator shuts its worker processes down at once."""
-    iterator = iter(loader)
-    try:
-        yield from iterator
-    finally:
-        del iterator
 
 
 def print_training_sample(run):

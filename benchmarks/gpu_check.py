@@ -144,7 +144,7 @@ def format_summary(record, separator=" | "):
 def table(args, extra):
     path = out_dir() / "rows.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    lines = ["| what | result | today (issue 15) |", "| --- | --- | --- |"]
+    lines = ["| what | result | reported before the GPU work |", "| --- | --- | --- |"]
     for record in records:
         result = "; ".join([format_summary(record, ", "), *record["notes"]])
         lines.append(f"| {record['name']} | {result.replace('|', '/')} | {record['today']} |")

@@ -62,7 +62,7 @@ def refused(capsys, main, argv, directory, *fragments, status=2):
     return line
 
 
-# --- exports, plots, recipes, loading (issue 24 round two) ---
+# --- exports, plots, recipes, loading ---
 
 def status_of(main, *argv):
     """The exit status of `main` run as its script runs it, with `argv` (paths and all)."""
@@ -692,7 +692,7 @@ def test_sigterm_to_the_whole_process_group_with_a_worker_saves_and_exits_143(tm
         assert sign_of_trouble not in errors
 
 
-# --- the run directory (issue 24 round two) ---
+# --- the run directory ---
 
 def test_overwrite_on_a_rewind_deletes_the_later_files_and_never_the_set_aside_ones(run_dir,
                                                                                     corpus):
