@@ -198,7 +198,7 @@ def busy_cores_note():
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     busy = os.getloadavg()[0]  # processes running or waiting to, over the last minute
-    free = max(1, round(cores - busy))
+    free = max(1, cores - int(busy))  # a core counts as taken once a whole core's worth is busy
     if free >= threads:
         return None
     return (f"this machine's {cores} cores are busy with other work (load average {busy:.1f}), "

@@ -96,6 +96,10 @@ def test_threads_sets_torchs_threads_and_busy_cores_get_one_line_of_advice(monke
         assert "this machine's 2 cores are busy with other work (load average 1.2)" in notes[0]
         assert notes[0].endswith("--threads 1 avoids that")
 
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.8, 0.5, 0.4))  # less than a core's worth
+        setup_runtime(TrainConfig(device="cpu"))
+        assert "note" not in capsys.readouterr().err
+
         setup_runtime(TrainConfig(device="cpu", threads=1))
         assert torch.get_num_threads() == 1 and "note" not in capsys.readouterr().err
 
