@@ -473,9 +473,10 @@ def adapt_defaults(gpt_config, train_config, given):
     t, g = train_config, gpt_config
     if "warmup_iters" not in given and t.warmup_iters >= t.max_iters:  # equal: no step decays
         warmup = t.max_iters // 10
-        relation = "exceeds" if t.warmup_iters > t.max_iters else "equals, leaving no step to decay"
+        relation = "exceeds" if t.warmup_iters > t.max_iters else "equals"
         notes.append(f"--warmup_iters {t.warmup_iters} (the default) {relation} --max_iters "
-                     f"{t.max_iters}; using --warmup_iters {warmup}, a tenth of the run")
+                     f"{t.max_iters}, leaving no step to decay the learning rate; using "
+                     f"--warmup_iters {warmup}, a tenth of the run")
         t.warmup_iters = warmup
     if g.n_head > 0 and g.n_embd > 0 and g.n_embd % g.n_head:
         if "n_head" not in given:

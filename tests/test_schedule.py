@@ -120,14 +120,15 @@ def test_a_run_that_diverges_before_its_first_checkpoint_does_not_claim_one(tmp_
 
 
 @pytest.mark.parametrize("max_iters, relation", [(30, "exceeds"),
-                                                 (100, "equals, leaving no step to decay")])
+                                                 (100, "equals")])
 def test_print_config_writes_only_the_recipe_to_stdout_and_its_notes_to_stderr(
         tmp_path, capsys, max_iters, relation):
     # --max_iters at or below the default --warmup_iters 100: a note that the warmup adapts
     assert exit_status(train.train, ["--max_iters", str(max_iters), "--print_config"]) == 0
     captured = capsys.readouterr()
-    assert f"note: --warmup_iters 100 (the default) {relation} --max_iters {max_iters}; using " \
-           f"--warmup_iters {max_iters // 10}, a tenth of the run" in captured.err
+    assert f"note: --warmup_iters 100 (the default) {relation} --max_iters {max_iters}, leaving " \
+           f"no step to decay the learning rate; using --warmup_iters {max_iters // 10}, a " \
+           f"tenth of the run" in captured.err
     recipe = tmp_path / "r.toml"
     recipe.write_text(captured.out)
     assert tomllib.loads(captured.out)["warmup_iters"] == max_iters // 10
