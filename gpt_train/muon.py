@@ -27,11 +27,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from gpt_train.parallel import local_tensor
-
 # The quintic Newton-Schulz coefficients of Keller Jordan's Muon, chosen for the steepest slope at
 # zero: five steps bring every singular value into about [0.7, 1.2], which is as good as exactly 1.
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def local_tensor(tensor):
+    """This rank's part of a tensor: its slice if it is sharded, else the tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class MuonWithAdamW(torch.optim.Optimizer):

@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from config import fail
 from gpt_train.checkpoint import save_checkpoint
 from gpt_train.lora import merged_state_dict
+from gpt_train.muon import local_tensor
 from gpt_train.rundir.names import sharded_step_path, sharded_temporary_path, step_path
 from gpt_train.runtime import format_bytes
 from gpt_train.sharded_checkpoint import gathered_weights, save_sharded_checkpoint
@@ -215,11 +216,6 @@ def _fsdp_sync_paused(model):
         yield
     finally:
         model.set_requires_gradient_sync(True)
-
-
-def local_tensor(tensor):
-    """This rank's part of a tensor: its slice if it is sharded, else the tensor."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def bytes_per_rank(model):

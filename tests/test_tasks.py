@@ -60,6 +60,7 @@ def write_tasks(directory, tasks=TASKS, nested=True):
 @pytest.fixture(scope="module")
 def bpe_run(tmp_path_factory):
     """A tiny BPE model trained for 10 steps, its export, and the task files."""
+    pytest.importorskip("tokenizers")
     root = tmp_path_factory.mktemp("tasks")
     data = write_corpus(root)
     train.train(tiny_argv(root / "run", data, tokenizer="bpe", bpe_vocab_size=300, max_iters=10,
